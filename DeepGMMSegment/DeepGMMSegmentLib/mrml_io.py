@@ -1,0 +1,539 @@
+"""MRML adapter: volume nodes <-> numpy arrays, resampling, ROI/mask, and writing the outputs.
+
+Everything here uses only MRML/VTK classes that exist both inside Slicer and in the ``slicer-core``
+wheel (no Qt, no ``slicer.app``), so it runs in the Slicer application and in plain pytest alike.
+
+Conventions
+-----------
+* Arrays are in numpy order (K, J, I) = (slice, row, column), as ``slicer.util.arrayFromVolume``.
+* A :class:`VolumeGeometry` holds the grid of the *first* input: its shape and its IJK->RAS matrix
+  (including any linear parent transform, i.e. in world coordinates). Every other input, the mask
+  and all outputs live on that grid.
+* A *region* is a tuple of three ``slice`` objects (k, j, i) into that grid (used for an ROI).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import vtk
+from vtk.util import numpy_support
+
+import slicer
+
+from .preview import class_colors
+
+#: Segment tag holding the 1-based class index; identifies the segments this module owns.
+CLASS_INDEX_TAG = "DeepGMMSegment.ClassIndex"
+#: Node reference role from the output segmentation to its per-class probability volumes.
+PROBABILITY_REFERENCE_ROLE = "DeepGMMSegmentProbability"
+#: Attribute on a probability volume holding its 1-based class index.
+PROBABILITY_CLASS_ATTRIBUTE = "DeepGMMSegment.ClassIndex"
+
+# A point counts as inside a volume when it lies within half a voxel of the outermost voxel
+# centres (the voxel's own extent), with a little slack for rounding of the matrices.
+_INSIDE_SLACK = 1e-4
+
+
+def className(classIndex: int) -> str:
+    """Name of the segment of 1-based class ``classIndex`` ("Class 1", "Class 2", ...)."""
+    return f"Class {classIndex}"
+
+
+def classColors(numberOfClasses: int) -> list[tuple[float, float, float]]:
+    """Fixed, distinct RGB colours (0..1) for classes 1..K; the palette is the core preview's."""
+    return [tuple(float(c) for c in color) for color in class_colors(numberOfClasses)]
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """A voxel grid: numpy shape (K, J, I) and the 4x4 IJK->RAS (world) matrix."""
+
+    shape: tuple[int, int, int]
+    ijkToRas: np.ndarray
+
+    @property
+    def spacingKji(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (K, J, I), the order the core engine expects."""
+        columnNorms = np.linalg.norm(self.ijkToRas[:3, :3], axis=0)
+        return (float(columnNorms[2]), float(columnNorms[1]), float(columnNorms[0]))
+
+    @property
+    def voxelVolumeMl(self) -> float:
+        """Volume of one voxel in millilitres (mm^3 / 1000)."""
+        return abs(float(np.linalg.det(self.ijkToRas[:3, :3]))) / 1000.0
+
+    def vtkMatrix(self) -> vtk.vtkMatrix4x4:
+        """The IJK->RAS matrix as a ``vtkMatrix4x4``."""
+        matrix = vtk.vtkMatrix4x4()
+        for row in range(4):
+            for column in range(4):
+                matrix.SetElement(row, column, float(self.ijkToRas[row, column]))
+        return matrix
+
+    def orientedImage(self, array: np.ndarray | None = None) -> "slicer.vtkOrientedImageData":
+        """A ``vtkOrientedImageData`` on this grid, filled from ``array`` (uint8) if given."""
+        image = slicer.vtkOrientedImageData()
+        image.SetDimensions(self.shape[2], self.shape[1], self.shape[0])
+        image.SetImageToWorldMatrix(self.vtkMatrix())
+        if array is not None:
+            image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+            flat = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+            flat[:] = np.ascontiguousarray(array, dtype=np.uint8).ravel()
+            image.Modified()
+        return image
+
+
+def _matrixToNumpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def parentTransformToWorld(node) -> np.ndarray:
+    """4x4 matrix from the node's coordinates to world RAS (identity without a parent transform).
+
+    Raises ``ValueError`` for a non-linear parent transform: it cannot be expressed on a grid.
+    """
+    transformNode = node.GetParentTransformNode()
+    if transformNode is None:
+        return np.eye(4)
+    if not transformNode.IsTransformToWorldLinear():
+        raise ValueError(
+            f"'{node.GetName()}' is under the non-linear transform '{transformNode.GetName()}'. "
+            "Harden the transform (Transforms module) or resample the volume first.")
+    matrix = vtk.vtkMatrix4x4()
+    transformNode.GetMatrixTransformToWorld(matrix)
+    return _matrixToNumpy(matrix)
+
+
+def volumeGeometry(volumeNode) -> VolumeGeometry:
+    """Grid of a volume node in world coordinates (IJK->RAS including linear parent transforms)."""
+    imageData = volumeNode.GetImageData() if volumeNode is not None else None
+    if imageData is None:
+        name = volumeNode.GetName() if volumeNode is not None else "None"
+        raise ValueError(f"Volume '{name}' has no image data. Load or select a volume with voxels.")
+    dimensions = imageData.GetDimensions()
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    ijkToRas = parentTransformToWorld(volumeNode) @ _matrixToNumpy(matrix)
+    return VolumeGeometry(shape=(dimensions[2], dimensions[1], dimensions[0]), ijkToRas=ijkToRas)
+
+
+def localGeometry(volumeNode) -> VolumeGeometry:
+    """Grid of a volume node in its own coordinates (ignoring parent transforms)."""
+    dimensions = volumeNode.GetImageData().GetDimensions()
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return VolumeGeometry(shape=(dimensions[2], dimensions[1], dimensions[0]), ijkToRas=_matrixToNumpy(matrix))
+
+
+# --------------------------------------------------------------------------------------------
+# Volume nodes <-> arrays
+
+
+def arrayFromVolumeNode(volumeNode) -> np.ndarray:
+    """A copy of a scalar volume's voxels as a (K, J, I) array (the node is not touched)."""
+    imageData = volumeNode.GetImageData() if volumeNode is not None else None
+    if imageData is None:
+        name = volumeNode.GetName() if volumeNode is not None else "None"
+        raise ValueError(f"Volume '{name}' has no image data. Load or select a volume with voxels.")
+    if imageData.GetNumberOfScalarComponents() != 1:
+        raise ValueError(
+            f"Volume '{volumeNode.GetName()}' has {imageData.GetNumberOfScalarComponents()} components per "
+            "voxel; DeepGMMSegment needs scalar volumes. Split it into scalar volumes (Vector to Scalar Volume "
+            "module) and pass each one as an input.")
+    dimensions = imageData.GetDimensions()
+    flat = numpy_support.vtk_to_numpy(imageData.GetPointData().GetScalars())
+    return np.array(flat, copy=True).reshape(dimensions[2], dimensions[1], dimensions[0])
+
+
+def updateVolumeNodeFromArray(volumeNode, array: np.ndarray, geometry: VolumeGeometry) -> None:
+    """Replace a volume node's voxels by ``array`` (K, J, I) on ``geometry`` (node coordinates)."""
+    array = np.ascontiguousarray(array)
+    if array.shape != tuple(geometry.shape):
+        raise ValueError(f"Array shape {array.shape} does not match the grid {geometry.shape}.")
+    imageData = vtk.vtkImageData()
+    imageData.SetDimensions(geometry.shape[2], geometry.shape[1], geometry.shape[0])
+    vtkArray = numpy_support.numpy_to_vtk(array.ravel(), deep=True,
+                                          array_type=numpy_support.get_vtk_array_type(array.dtype))
+    vtkArray.SetNumberOfComponents(1)
+    imageData.GetPointData().SetScalars(vtkArray)
+    wasModifying = volumeNode.StartModify()
+    volumeNode.SetIJKToRASMatrix(geometry.vtkMatrix())
+    volumeNode.SetAndObserveImageData(imageData)
+    volumeNode.EndModify(wasModifying)
+
+
+# --------------------------------------------------------------------------------------------
+# Resampling onto the first input's grid
+
+
+def _trilinearSlab(source: np.ndarray, coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trilinear interpolation of ``source`` (K, J, I) at continuous (i, j, k) ``coordinates`` (3, N).
+
+    Returns the values (float32) and whether each point lies inside the source's extent. Points
+    within the outermost half voxel are clamped to the edge voxel (constant extrapolation there).
+    """
+    sizes = np.array([source.shape[2], source.shape[1], source.shape[0]], dtype=float)[:, None]
+    inside = np.all((coordinates >= -0.5 - _INSIDE_SLACK) & (coordinates <= sizes - 0.5 + _INSIDE_SLACK), axis=0)
+    clamped = np.clip(coordinates, 0.0, sizes - 1.0)
+    lower = np.floor(clamped).astype(np.intp)
+    lower = np.minimum(lower, (sizes - 2).clip(min=0).astype(np.intp))
+    fraction = clamped - lower
+    upper = np.minimum(lower + 1, (sizes - 1).astype(np.intp))
+    i0, j0, k0 = lower
+    i1, j1, k1 = upper
+    fi, fj, fk = fraction
+    values = np.zeros(coordinates.shape[1], dtype=np.float64)
+    for kIndex, kWeight in ((k0, 1.0 - fk), (k1, fk)):
+        for jIndex, jWeight in ((j0, 1.0 - fj), (j1, fj)):
+            for iIndex, iWeight in ((i0, 1.0 - fi), (i1, fi)):
+                values += source[kIndex, jIndex, iIndex] * (kWeight * jWeight * iWeight)
+    return values.astype(np.float32), inside
+
+
+def _nearestSlab(source: np.ndarray, coordinates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour lookup of ``source`` at (i, j, k) ``coordinates``; same contract as trilinear."""
+    sizes = np.array([source.shape[2], source.shape[1], source.shape[0]], dtype=float)[:, None]
+    inside = np.all((coordinates >= -0.5 - _INSIDE_SLACK) & (coordinates <= sizes - 0.5 + _INSIDE_SLACK), axis=0)
+    index = np.clip(np.rint(coordinates), 0, sizes - 1).astype(np.intp)
+    return source[index[2], index[1], index[0]], inside
+
+
+def resampleArray(source: np.ndarray, sourceGeometry: VolumeGeometry, targetGeometry: VolumeGeometry,
+                  interpolation: str = "linear") -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``source`` from its grid onto ``targetGeometry`` through world (RAS) coordinates.
+
+    Works for any (oblique, flipped) orientation: each target voxel centre is mapped to RAS and
+    from there into the source's continuous IJK. Returns (values, inside): values are float32 for
+    "linear" (trilinear) and the source dtype for "nearest"; ``inside`` is True where the target
+    voxel centre lies inside the source volume (outside voxels get the nearest edge value).
+    """
+    if interpolation not in ("linear", "nearest"):
+        raise ValueError(f"Unknown interpolation '{interpolation}'; use 'linear' or 'nearest'.")
+    sampler = _trilinearSlab if interpolation == "linear" else _nearestSlab
+    targetToSource = np.linalg.inv(sourceGeometry.ijkToRas) @ targetGeometry.ijkToRas
+    nk, nj, ni = targetGeometry.shape
+    dtype = np.float32 if interpolation == "linear" else source.dtype
+    values = np.empty((nk, nj, ni), dtype=dtype)
+    inside = np.empty((nk, nj, ni), dtype=bool)
+    jGrid, iGrid = np.meshgrid(np.arange(nj, dtype=float), np.arange(ni, dtype=float), indexing="ij")
+    planeIjk = np.stack([iGrid.ravel(), jGrid.ravel(), np.zeros(iGrid.size), np.ones(iGrid.size)])
+    # One target slice at a time keeps the coordinate arrays small for large volumes.
+    for k in range(nk):
+        planeIjk[2] = k
+        sourceIjk = (targetToSource @ planeIjk)[:3]
+        sliceValues, sliceInside = sampler(source, sourceIjk)
+        values[k] = sliceValues.reshape(nj, ni)
+        inside[k] = sliceInside.reshape(nj, ni)
+    return values, inside
+
+
+def sameGrid(first: VolumeGeometry, second: VolumeGeometry, tolerance: float = 1e-5) -> bool:
+    """True when two geometries are the same voxel grid (shape and IJK->RAS)."""
+    return tuple(first.shape) == tuple(second.shape) and np.allclose(first.ijkToRas, second.ijkToRas,
+                                                                     atol=tolerance, rtol=0.0)
+
+
+def channelsOnReferenceGrid(inputVolumes: Sequence) -> tuple[list[np.ndarray], np.ndarray, VolumeGeometry]:
+    """Read every input onto the first input's grid.
+
+    Returns (channels, covered, geometry): one float32 (K, J, I) array per input, a boolean array
+    that is True where every input has data (inputs on other grids may cover only part of the
+    first one), and the first input's world geometry. Raises ``ValueError`` naming the input
+    when an input does not overlap the first one at all.
+    """
+    referenceGeometry = volumeGeometry(inputVolumes[0])
+    channels = [arrayFromVolumeNode(inputVolumes[0]).astype(np.float32, copy=False)]
+    covered = np.ones(referenceGeometry.shape, dtype=bool)
+    for volumeNode in inputVolumes[1:]:
+        geometry = volumeGeometry(volumeNode)
+        source = arrayFromVolumeNode(volumeNode)
+        if sameGrid(geometry, referenceGeometry):
+            channels.append(source.astype(np.float32, copy=False))
+            continue
+        values, inside = resampleArray(source, geometry, referenceGeometry, "linear")
+        if not inside.any():
+            raise ValueError(
+                f"Input '{volumeNode.GetName()}' does not overlap the first input '{inputVolumes[0].GetName()}' "
+                "in space. Check that both show the same subject and are registered (Transforms or General "
+                "Registration), or remove this input.")
+        if not inside.all():
+            logging.info("DeepGMMSegment: '%s' covers %.1f%% of '%s'; voxels outside it are left unlabelled.",
+                         volumeNode.GetName(), 100.0 * inside.mean(), inputVolumes[0].GetName())
+        channels.append(values)
+        covered &= inside
+    return channels, covered, referenceGeometry
+
+
+# --------------------------------------------------------------------------------------------
+# ROI and mask
+
+
+def roiRegion(roiNode, referenceVolume) -> tuple[slice, slice, slice]:
+    """The ROI's bounding box on the reference volume's grid as (k, j, i) slices.
+
+    Uses Slicer's Crop Volume rule (``vtkSlicerCropVolumeLogic.GetVoxelBasedCropOutputExtent``) so
+    the region is exactly what Crop Volume would keep. Raises ``ValueError`` when the ROI lies
+    outside the volume.
+    """
+    extent = [0] * 6
+    ok = slicer.vtkSlicerCropVolumeLogic.GetVoxelBasedCropOutputExtent(roiNode, referenceVolume, extent, True)
+    if not ok or extent[1] < extent[0] or extent[3] < extent[2] or extent[5] < extent[4]:
+        raise ValueError(
+            f"The ROI '{roiNode.GetName()}' does not overlap the volume '{referenceVolume.GetName()}'. "
+            "Move or resize the ROI box so it covers the region to segment.")
+    return (slice(extent[4], extent[5] + 1), slice(extent[2], extent[3] + 1), slice(extent[0], extent[1] + 1))
+
+
+def mergedLabelmapArray(segmentationNode, segmentIds: Sequence[str], labelValues: Sequence[int],
+                        geometry: VolumeGeometry) -> np.ndarray:
+    """Segments rasterised on ``geometry`` (world) as one uint8/uint16 array: segment n -> labelValues[n].
+
+    Segments are resampled (nearest neighbour) when their own geometry differs; nothing in the
+    scene is created or modified.
+    """
+    if not segmentIds:
+        return np.zeros(geometry.shape, dtype=np.uint8)
+    # The merged labelmap is computed in the segmentation's own coordinates; bring the grid there.
+    worldToSegmentation = np.linalg.inv(parentTransformToWorld(segmentationNode))
+    localGrid = VolumeGeometry(geometry.shape, worldToSegmentation @ geometry.ijkToRas)
+    ids = vtk.vtkStringArray()
+    for segmentId in segmentIds:
+        ids.InsertNextValue(segmentId)
+    values = vtk.vtkIntArray()
+    for value in labelValues:
+        values.InsertNextValue(int(value))
+    merged = slicer.vtkOrientedImageData()
+    ok = segmentationNode.GenerateMergedLabelmapForAllSegments(
+        merged, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY, localGrid.orientedImage(), ids, values)
+    if not ok:
+        raise ValueError(f"Could not rasterise segments of '{segmentationNode.GetName()}' on the input grid.")
+    dimensions = merged.GetDimensions()
+    extent = merged.GetExtent()
+    flat = numpy_support.vtk_to_numpy(merged.GetPointData().GetScalars())
+    array = np.array(flat, copy=True).reshape(dimensions[2], dimensions[1], dimensions[0])
+    if tuple(extent) != (0, geometry.shape[2] - 1, 0, geometry.shape[1] - 1, 0, geometry.shape[0] - 1):
+        full = np.zeros(geometry.shape, dtype=array.dtype)
+        lo = [max(extent[2 * a], 0) for a in range(3)]
+        hi = [min(extent[2 * a + 1], geometry.shape[2 - a] - 1) for a in range(3)]
+        if all(lo[a] <= hi[a] for a in range(3)):
+            full[lo[2]:hi[2] + 1, lo[1]:hi[1] + 1, lo[0]:hi[0] + 1] = array[
+                lo[2] - extent[4]:hi[2] - extent[4] + 1,
+                lo[1] - extent[2]:hi[1] - extent[2] + 1,
+                lo[0] - extent[0]:hi[0] - extent[0] + 1]
+        array = full
+    return array
+
+
+def maskFromSegment(segmentationNode, segmentId: str, geometry: VolumeGeometry) -> np.ndarray:
+    """Boolean array on ``geometry``: True inside the segment ``segmentId`` of ``segmentationNode``."""
+    if segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
+        raise ValueError(
+            f"The mask segment '{segmentId}' does not exist in '{segmentationNode.GetName()}'. "
+            "Pick a segment of that segmentation (segment ids, not names).")
+    return mergedLabelmapArray(segmentationNode, [segmentId], [1], geometry) > 0
+
+
+def maskFromLabelmapVolume(labelmapNode, geometry: VolumeGeometry) -> np.ndarray:
+    """Boolean array on ``geometry``: True where the labelmap is nonzero (nearest-neighbour resampled)."""
+    labels = arrayFromVolumeNode(labelmapNode)
+    labelGeometry = volumeGeometry(labelmapNode)
+    if sameGrid(labelGeometry, geometry):
+        return labels != 0
+    values, inside = resampleArray(labels, labelGeometry, geometry, "nearest")
+    return (values != 0) & inside
+
+
+# --------------------------------------------------------------------------------------------
+# Output segmentation
+
+
+def classSegmentIds(segmentationNode) -> dict[int, str]:
+    """Map class index -> segment id for the class segments this module wrote into the node."""
+    segmentation = segmentationNode.GetSegmentation()
+    result = {}
+    for n in range(segmentation.GetNumberOfSegments()):
+        segment = segmentation.GetNthSegment(n)
+        tagValue = vtk.reference("")
+        if segment.GetTag(CLASS_INDEX_TAG, tagValue):
+            try:
+                result[int(str(tagValue))] = segmentation.GetNthSegmentID(n)
+            except ValueError:
+                continue
+    return result
+
+
+def readClassLabels(segmentationNode, geometry: VolumeGeometry) -> np.ndarray:
+    """The class labels (0 = none, k = class k) of an existing output, rasterised on ``geometry``."""
+    classIds = classSegmentIds(segmentationNode)
+    indices = sorted(classIds)
+    return mergedLabelmapArray(segmentationNode, [classIds[k] for k in indices], indices, geometry)
+
+
+def writeClassSegments(segmentationNode, labels: np.ndarray, numberOfClasses: int, referenceVolume) -> None:
+    """Write ``labels`` (0..K on the reference volume's grid) as one segment per class.
+
+    Existing class segments keep their id, name, colour and display settings and get new voxels;
+    missing ones are added as "Class k" with the fixed palette; class segments beyond K are
+    removed. Segments this module did not write are left alone.
+    """
+    geometry = localGeometry(referenceVolume)
+    colors = classColors(numberOfClasses)
+    segmentation = segmentationNode.GetSegmentation()
+    existing = classSegmentIds(segmentationNode)
+    wasModifying = segmentationNode.StartModify()
+    try:
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
+        if segmentationNode.GetParentTransformNode() is not referenceVolume.GetParentTransformNode():
+            segmentationNode.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())
+        for classIndex, segmentId in existing.items():
+            if classIndex > numberOfClasses:
+                segmentation.RemoveSegment(segmentId)
+        for classIndex in range(1, numberOfClasses + 1):
+            image = geometry.orientedImage(labels == classIndex)
+            segmentId = existing.get(classIndex)
+            if segmentId is not None:
+                slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                    image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
+                continue
+            segmentId = segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(
+                image, className(classIndex), colors[classIndex - 1])
+            if not segmentId:
+                raise RuntimeError(
+                    "Could not add a segment. In a bare MRML scene create a vtkSlicerSegmentationsModuleLogic "
+                    "for the scene first (it registers the segmentation converters).")
+            segmentation.GetSegment(segmentId).SetTag(CLASS_INDEX_TAG, str(classIndex))
+        # Classes never overlap, so all of them fit in one shared labelmap layer (compact .seg.nrrd).
+        segmentation.CollapseBinaryLabelmaps(False)
+    finally:
+        segmentationNode.EndModify(wasModifying)
+
+
+# --------------------------------------------------------------------------------------------
+# Probability volumes and subject hierarchy
+
+
+def probabilityVolumes(segmentationNode) -> dict[int, object]:
+    """Map class index -> probability volume node referenced by an output segmentation."""
+    result = {}
+    for n in range(segmentationNode.GetNumberOfNodeReferences(PROBABILITY_REFERENCE_ROLE)):
+        node = segmentationNode.GetNthNodeReference(PROBABILITY_REFERENCE_ROLE, n)
+        if node is None:
+            continue
+        try:
+            result[int(node.GetAttribute(PROBABILITY_CLASS_ATTRIBUTE))] = node
+        except (TypeError, ValueError):
+            continue
+    return result
+
+
+def writeProbabilityVolumes(segmentationNode, probabilities: np.ndarray, referenceVolume,
+                            region: tuple[slice, slice, slice] | None = None) -> list:
+    """Create or update one float32 volume (0..1) per class on the reference volume's grid.
+
+    ``probabilities`` is (K, k, j, i): the full grid, or the ``region`` only, in which case the
+    voxels outside the region keep their previous values (zero for new volumes). The volumes are
+    referenced from the segmentation node (role :data:`PROBABILITY_REFERENCE_ROLE`), so a rerun
+    into the same output updates them. Returns the volumes in class order.
+    """
+    scene = segmentationNode.GetScene()
+    geometry = localGeometry(referenceVolume)
+    numberOfClasses = probabilities.shape[0]
+    existing = probabilityVolumes(segmentationNode)
+    for classIndex, node in existing.items():
+        if classIndex > numberOfClasses:
+            # Removing the node also drops the segmentation's reference to it.
+            scene.RemoveNode(node)
+    volumes = []
+    for classIndex in range(1, numberOfClasses + 1):
+        node = existing.get(classIndex)
+        classProbability = probabilities[classIndex - 1].astype(np.float32, copy=False)
+        if region is None:
+            full = classProbability
+        else:
+            full = np.zeros(geometry.shape, dtype=np.float32)
+            if node is not None and node.GetImageData() is not None:
+                full = _previousOnGrid(node, referenceVolume, geometry)
+            full[region] = classProbability
+        if node is None:
+            node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
+                                           f"{segmentationNode.GetName()} {className(classIndex)} probability")
+            node.SetAttribute(PROBABILITY_CLASS_ATTRIBUTE, str(classIndex))
+            segmentationNode.AddNodeReferenceID(PROBABILITY_REFERENCE_ROLE, node.GetID())
+        updateVolumeNodeFromArray(node, full, geometry)
+        if node.GetParentTransformNode() is not referenceVolume.GetParentTransformNode():
+            node.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())
+        if node.GetDisplayNode() is None:
+            node.CreateDefaultDisplayNodes()
+        displayNode = node.GetDisplayNode()
+        if displayNode is not None:
+            displayNode.AutoWindowLevelOff()
+            displayNode.SetWindowLevelMinMax(0.0, 1.0)
+        volumes.append(node)
+    return volumes
+
+
+def _previousOnGrid(volumeNode, referenceVolume, geometry: VolumeGeometry) -> np.ndarray:
+    """Previous voxels of an output volume on ``geometry``; resampled if its grid changed."""
+    previous = arrayFromVolumeNode(volumeNode).astype(np.float32, copy=False)
+    previousGeometry = localGeometry(volumeNode)
+    if sameGrid(previousGeometry, geometry):
+        return previous.copy()
+    values, inside = resampleArray(previous, previousGeometry, geometry, "linear")
+    values[~inside] = 0.0
+    return values
+
+
+def subjectHierarchyNode(scene):
+    """The scene's subject hierarchy node (created on demand by MRML)."""
+    return slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+
+
+def _itemForNode(shNode, node) -> int:
+    item = shNode.GetItemByDataNode(node)
+    if not item:
+        # Without the Subject Hierarchy module logic nodes are not added automatically.
+        item = shNode.CreateItem(shNode.GetSceneItemID(), node)
+    return item
+
+
+def placeOutputs(segmentationNode, probabilityNodes: Sequence, referenceVolume, folderName: str) -> int:
+    """Put the segmentation beside the reference volume in the subject hierarchy, and the
+    probability volumes in a folder beside it. Returns the folder's item id (0 if none).
+
+    An existing folder that already holds these volumes is reused (and renamed).
+    """
+    shNode = subjectHierarchyNode(segmentationNode.GetScene())
+    if shNode is None:
+        return 0
+    parentItem = shNode.GetItemParent(_itemForNode(shNode, referenceVolume))
+    segmentationItem = _itemForNode(shNode, segmentationNode)
+    if shNode.GetItemParent(segmentationItem) != parentItem:
+        shNode.SetItemParent(segmentationItem, parentItem)
+    if not probabilityNodes:
+        return 0
+    folderItem = 0
+    for node in probabilityNodes:
+        candidate = shNode.GetItemParent(_itemForNode(shNode, node))
+        if candidate and candidate != shNode.GetSceneItemID() and shNode.GetItemDataNode(candidate) is None \
+                and candidate != parentItem:
+            folderItem = candidate
+            break
+    if not folderItem:
+        folderItem = shNode.CreateFolderItem(parentItem, folderName)
+    elif shNode.GetItemName(folderItem) != folderName:
+        shNode.SetItemName(folderItem, folderName)
+    if shNode.GetItemParent(folderItem) != parentItem:
+        shNode.SetItemParent(folderItem, parentItem)
+    for node in probabilityNodes:
+        item = _itemForNode(shNode, node)
+        if shNode.GetItemParent(item) != folderItem:
+            shNode.SetItemParent(item, folderItem)
+    return folderItem

@@ -380,16 +380,27 @@ def readClassLabels(segmentationNode, geometry: VolumeGeometry) -> np.ndarray:
 def writeClassSegments(segmentationNode, labels: np.ndarray, numberOfClasses: int, referenceVolume) -> None:
     """Write ``labels`` (0..K on the reference volume's grid) as one segment per class.
 
-    Existing class segments keep their id, name, colour and display settings and get new voxels;
-    missing ones are added as "Class k" with the fixed palette; class segments beyond K are
-    removed. Segments this module did not write are left alone.
+    All class segments share one binary labelmap layer (class k = label value k), exactly on the
+    reference volume's grid, so nothing is resampled and the ``.seg.nrrd`` stays compact.
+    Existing class segments keep their id, name, colour and display settings and get the new
+    voxels; missing ones are added as "Class k" with the fixed palette; class segments beyond K
+    are removed. Segments this module did not write are left alone.
     """
     geometry = localGeometry(referenceVolume)
     colors = classColors(numberOfClasses)
     segmentation = segmentationNode.GetSegmentation()
+    representationName = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     existing = classSegmentIds(segmentationNode)
+    sharedLabelmap = geometry.orientedImage(np.where(labels <= numberOfClasses, labels, 0))
     wasModifying = segmentationNode.StartModify()
     try:
+        if segmentation.GetNumberOfSegments() == 0:
+            segmentation.SetSourceRepresentationName(representationName)
+        elif segmentation.GetSourceRepresentationName() != representationName:
+            raise ValueError(
+                f"'{segmentationNode.GetName()}' stores its segments as "
+                f"'{segmentation.GetSourceRepresentationName()}', not as a binary labelmap. Choose a new "
+                "output segmentation.")
         segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolume)
         if segmentationNode.GetParentTransformNode() is not referenceVolume.GetParentTransformNode():
             segmentationNode.SetAndObserveTransformNodeID(referenceVolume.GetTransformNodeID())
@@ -397,23 +408,27 @@ def writeClassSegments(segmentationNode, labels: np.ndarray, numberOfClasses: in
             if classIndex > numberOfClasses:
                 segmentation.RemoveSegment(segmentId)
         for classIndex in range(1, numberOfClasses + 1):
-            image = geometry.orientedImage(labels == classIndex)
             segmentId = existing.get(classIndex)
-            if segmentId is not None:
-                slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                    image, segmentationNode, segmentId, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE)
-                continue
-            segmentId = segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(
-                image, className(classIndex), colors[classIndex - 1])
-            if not segmentId:
-                raise RuntimeError(
-                    "Could not add a segment. In a bare MRML scene create a vtkSlicerSegmentationsModuleLogic "
-                    "for the scene first (it registers the segmentation converters).")
-            segmentation.GetSegment(segmentId).SetTag(CLASS_INDEX_TAG, str(classIndex))
-        # Classes never overlap, so all of them fit in one shared labelmap layer (compact .seg.nrrd).
-        segmentation.CollapseBinaryLabelmaps(False)
+            segment = segmentation.GetSegment(segmentId) if segmentId is not None else None
+            if segment is None:
+                segment = slicer.vtkSegment()
+                segment.SetName(className(classIndex))
+                segment.SetColor(*colors[classIndex - 1])
+                segment.SetTag(CLASS_INDEX_TAG, str(classIndex))
+                segment.AddRepresentation(representationName, sharedLabelmap)
+                segment.SetLabelValue(classIndex)
+                if not segmentation.AddSegment(segment, segmentation.GenerateUniqueSegmentID(className(classIndex))):
+                    raise RuntimeError(f"Could not add segment '{className(classIndex)}' to "
+                                       f"'{segmentationNode.GetName()}'.")
+            else:
+                segment.AddRepresentation(representationName, sharedLabelmap)
+                segment.SetLabelValue(classIndex)
+        # Tell displays and editors that the source representation changed (the image objects were
+        # replaced, not modified in place).
+        segmentation.InvokeEvent(slicer.vtkSegmentation.SourceRepresentationModified)
     finally:
         segmentationNode.EndModify(wasModifying)
+    segmentationNode.Modified()
 
 
 # --------------------------------------------------------------------------------------------

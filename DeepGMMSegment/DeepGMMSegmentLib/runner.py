@@ -110,18 +110,53 @@ def workerEnvironment(baseEnvironment: dict | None = None) -> dict:
     return environment
 
 
+def _optionalPsutil():
+    """psutil when installed (not bundled with Slicer); it also finds children that left the group."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _isAlive(psutilProcess) -> bool:
+    try:
+        return psutilProcess.status() != "zombie"
+    except Exception:  # noqa: BLE001 - psutil.NoSuchProcess and friends: gone
+        return False
+
+
+def _groupAlive(processGroupId: int) -> bool:
+    """True while a process of the group is alive (zombies do not count)."""
+    if os.path.isdir("/proc"):
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as file:
+                    fields = file.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            # Fields after the command name: state, ppid, pgrp, ...
+            if int(fields[2]) == processGroupId and fields[0] != b"Z":
+                return True
+        return False
+    try:
+        os.killpg(processGroupId, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
 def killProcessTree(process: subprocess.Popen, timeout: float = CANCEL_TIMEOUT_SECONDS) -> bool:
     """Kill ``process`` and every process it started; True when all are gone within ``timeout``."""
     descendants = []
-    try:
-        import psutil  # optional: also catches children that left the process group
-
+    psutil = _optionalPsutil()
+    if psutil is not None:
         try:
             descendants = psutil.Process(process.pid).children(recursive=True)
         except psutil.Error:
             descendants = []
-    except ImportError:
-        psutil = None
     if os.name == "nt":
         subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
     else:
@@ -143,22 +178,11 @@ def killProcessTree(process: subprocess.Popen, timeout: float = CANCEL_TIMEOUT_S
         process.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         return False
-    if psutil is not None and descendants:
-        _, alive = psutil.wait_procs(descendants, timeout=max(0.0, deadline - time.monotonic()))
-        if alive:
+    # Killed processes may linger as zombies until init reaps them; they are dead already.
+    while any(_isAlive(child) for child in descendants) or (os.name != "nt" and _groupAlive(process.pid)):
+        if time.monotonic() > deadline:
             return False
-    if os.name != "nt":
-        # The group is gone when no member is left (orphans are reaped by init).
-        while True:
-            try:
-                os.killpg(process.pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                break
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
+        time.sleep(0.02)
     return True
 
 

@@ -1,0 +1,270 @@
+"""Qt-free helpers of the DeepGMMSegment panel (the widget in ``DeepGMMSegment.py``).
+
+Everything the panel decides or formats without touching a Qt widget lives here, so that CI can
+test it with plain pytest: which channel selectors to show, whether the inputs can be segmented,
+parsing the "prior class means" text, the engine options from the advanced settings, the progress
+text and the rows of the results table.
+
+This module imports only the standard library and has no package-relative imports, so the widget
+can load it before PyTorch is installed (the package's ``__init__`` imports the torch engine).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+#: Number of channel selectors in the panel.
+CHANNEL_SLOTS = 4
+
+#: Combo box texts of the parameter node's enums, keyed by the engine's names (the .ui lists the same items).
+METHOD_LABELS = {"deepsvg": "deepSVG (default)", "deepg": "deepG", "em-gmm": "EM-GMM (classic, fast)",
+                 "em-svgmm": "EM-SVGMM (classic, spatially variant)"}
+METHOD_SHORT_NAMES = {"deepsvg": "deepSVG", "deepg": "deepG", "em-gmm": "EM-GMM", "em-svgmm": "EM-SVGMM"}
+DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA (GPU)"}
+COVARIANCE_LABELS = {"full": "Full", "diag": "Diagonal"}
+
+#: Column titles of the results table, in order (the .ui file declares the same columns).
+RESULT_COLUMNS = ("Output", "Method", "Class", "Volume (mL)", "Mean intensity", "Final NLL")
+
+
+def channelSelectorVisibility(selected: Sequence[bool]) -> list[bool]:
+    """Which channel selectors to show, given which ones hold a volume.
+
+    Channel 1 is always shown; channel k+1 appears once channel k is chosen, and a selector
+    that holds a volume stays visible (so a volume is never hidden from the user).
+    """
+    visible = []
+    for index, isSelected in enumerate(selected):
+        previousChosen = index == 0 or bool(selected[index - 1])
+        visible.append(previousChosen or bool(isSelected))
+    return visible
+
+
+def _nodeKey(node: Any) -> Any:
+    """Identity of an MRML node for duplicate checks (its ID when it has one)."""
+    getId = getattr(node, "GetID", None)
+    nodeId = getId() if callable(getId) else None
+    return nodeId if nodeId else id(node)
+
+
+def inputChannelsProblem(volumes: Sequence[Any]) -> Optional[str]:
+    """Return why the chosen channels cannot be segmented, or None when they can.
+
+    ``volumes`` are the selectors' nodes in channel order (None where empty). Channel 1 is
+    required, the order must have no gap (it is the channel order the model sees), and a volume
+    may appear only once.
+    """
+    if not volumes or volumes[0] is None:
+        return "Select the first channel (channel 1 defines the output grid)."
+    lastChosen = max(index for index, volume in enumerate(volumes) if volume is not None)
+    for index in range(lastChosen):
+        if volumes[index] is None:
+            return (f"Channel {index + 1} is empty but channel {lastChosen + 1} is set: "
+                    f"fill channel {index + 1} or clear the later channels.")
+    seen = {}
+    for index, volume in enumerate(volumes[: lastChosen + 1]):
+        key = _nodeKey(volume)
+        if key in seen:
+            return (f"Channel {index + 1} repeats channel {seen[key] + 1}: "
+                    "choose a different volume or clear it.")
+        seen[key] = index
+    return None
+
+
+def inputsProblem(volumes: Sequence[Any], maskSegmentation: Any = None, maskSegmentId: str = "") -> Optional[str]:
+    """Why Segment cannot run with these inputs (channels, optional mask segment), or None."""
+    problem = inputChannelsProblem(volumes)
+    if problem is None and maskSegmentation is not None and not maskSegmentId:
+        problem = "Choose a segment of the mask segmentation, or clear the mask."
+    return problem
+
+
+def chosenChannels(volumes: Sequence[Any]) -> list[Any]:
+    """The chosen volumes in channel order (empty selectors dropped)."""
+    return [volume for volume in volumes if volume is not None]
+
+
+def parsePriorMeans(text: str, numberOfClasses: int, numberOfChannels: int) -> Optional[list[list[float]]]:
+    """Parse prior class means written as ``"10,20;30,40"`` (rows = classes, columns = channels).
+
+    Returns None for an empty text (no prior). Raises ValueError naming the problem and the fix
+    when the text is not numbers, or when its shape is not ``numberOfClasses`` rows of
+    ``numberOfChannels`` values.
+    """
+    if text is None or not text.strip():
+        return None
+    rows = [row for row in text.strip().strip(";").split(";")]
+    means = []
+    for rowNumber, row in enumerate(rows, start=1):
+        fields = [field for field in row.replace(" ", ",").split(",") if field.strip()]
+        values = []
+        for field in fields:
+            try:
+                value = float(field)
+            except ValueError:
+                raise ValueError(
+                    f"Prior class means: {field.strip()!r} in row {rowNumber} is not a number. "
+                    "Write one row per class separated by ';' and one value per channel separated by ',', "
+                    "for example 10,20;30,40.") from None
+            if not math.isfinite(value):
+                raise ValueError(f"Prior class means: row {rowNumber} contains {field.strip()!r}; "
+                                 "use finite numbers.")
+            values.append(value)
+        means.append(values)
+    if len(means) != numberOfClasses:
+        raise ValueError(
+            f"Prior class means: {len(means)} rows given but the number of classes is {numberOfClasses}. "
+            f"Give one row per class (separated by ';') or clear the field.")
+    for rowNumber, values in enumerate(means, start=1):
+        if len(values) != numberOfChannels:
+            raise ValueError(
+                f"Prior class means: row {rowNumber} has {len(values)} values but {numberOfChannels} "
+                f"channel(s) are selected. Give one value per channel (separated by ',').")
+    return means
+
+
+def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType: str = "full",
+                  priorMeans: Optional[list[list[float]]] = None) -> dict:
+    """Engine options from the advanced settings; 0 means "the method's default" and is left out."""
+    options: dict = {"covariance_type": covarianceType}
+    if maxIterations and maxIterations > 0:
+        options["max_iter"] = int(maxIterations)
+    if tolerance and tolerance > 0:
+        options["tol"] = float(tolerance)
+    if priorMeans is not None:
+        options["prior_means"] = [list(row) for row in priorMeans]
+    return options
+
+
+def formatDuration(seconds: Optional[float]) -> str:
+    """Human-readable duration: '42 s', '3 min 05 s', '1 h 02 min'."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return "unknown"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _field(record: Any, name: str, default: Any = None) -> Any:
+    """Read ``name`` from a dataclass-like object or a dict."""
+    if isinstance(record, dict):
+        return record.get(name, default)
+    return getattr(record, name, default)
+
+
+def formatProgress(info: Any) -> tuple[Optional[int], str]:
+    """Progress bar percentage (None when unknown) and status text for one ProgressInfo.
+
+    ``info`` has ``stage``, ``iteration``, ``maxIterations``, ``nll``, ``elapsedSeconds`` and
+    ``remainingSeconds`` (any of them may be None).
+    """
+    stage = str(_field(info, "stage") or "working").capitalize()
+    iteration = _field(info, "iteration")
+    maxIterations = _field(info, "maxIterations")
+    nll = _field(info, "nll")
+    remaining = _field(info, "remainingSeconds")
+    elapsed = _field(info, "elapsedSeconds")
+
+    percent = None
+    parts = [stage]
+    if iteration is not None and maxIterations:
+        percent = max(0, min(100, int(100 * iteration / maxIterations)))
+        parts.append(f"iteration {iteration}/{maxIterations}")
+    if nll is not None and math.isfinite(nll):
+        parts.append(f"NLL {nll:.4f}")
+    if remaining is not None and math.isfinite(remaining):
+        parts.append(f"about {formatDuration(remaining)} left")
+    elif elapsed is not None:
+        parts.append(f"{formatDuration(elapsed)} elapsed")
+    return percent, " \u00b7 ".join(parts)
+
+
+def describeComputeDevices(torchModule: Any) -> str:
+    """One line about the compute devices the given ``torch`` module sees (for the device label)."""
+    cuda = getattr(torchModule, "cuda", None)
+    if cuda is None or not cuda.is_available():
+        return "No CUDA GPU found: Automatic runs on the CPU."
+    descriptions = []
+    for index in range(cuda.device_count()):
+        properties = cuda.get_device_properties(index)
+        memoryGb = getattr(properties, "total_memory", 0) / 1024**3
+        descriptions.append(f"cuda:{index} {properties.name} ({memoryGb:.0f} GB)")
+    return "GPU: " + ", ".join(descriptions)
+
+
+def formatMeans(meanIntensities: Sequence[float]) -> str:
+    """Mean intensity per channel, in channel order: '412.3 / 88.07'."""
+    return " / ".join(f"{float(value):.4g}" for value in meanIntensities)
+
+
+def resultRows(outputName: str, methodLabel: str, classStatistics: Sequence[Any],
+               finalNll: Optional[float]) -> list[tuple[str, ...]]:
+    """Rows of the results table for one output: one row per class, columns as RESULT_COLUMNS."""
+    nllText = f"{finalNll:.4f}" if finalNll is not None and math.isfinite(finalNll) else ""
+    rows = []
+    for statistics in classStatistics:
+        rows.append((
+            outputName,
+            methodLabel,
+            str(_field(statistics, "name", "")),
+            f"{float(_field(statistics, 'volumeMl', 0.0)):.2f}",
+            formatMeans(_field(statistics, "meanIntensities", ()) or ()),
+            nllText,
+        ))
+    return rows
+
+
+class SessionResults:
+    """The results table's content: every output computed in this session, in run order.
+
+    A new run into the same output replaces that output's rows; outputs deleted from the scene
+    are dropped when the rows are built.
+    """
+
+    def __init__(self):
+        self._byOutputId: dict = {}
+
+    def add(self, outputId: str, methodName: str, outputs: Any) -> None:
+        """Record (or replace) the result written into output ``outputId``."""
+        self._byOutputId.pop(outputId, None)
+        self._byOutputId[outputId] = (methodName, outputs)
+
+    def clear(self) -> None:
+        self._byOutputId.clear()
+
+    def __len__(self) -> int:
+        return len(self._byOutputId)
+
+    def rows(self, outputName: Callable[[str], Optional[str]]) -> list[tuple[str, ...]]:
+        """Table rows; ``outputName(outputId)`` gives the node's current name, or None once it is deleted."""
+        rows = []
+        for outputId, (methodName, outputs) in list(self._byOutputId.items()):
+            name = outputName(outputId)
+            if name is None:
+                del self._byOutputId[outputId]
+                continue
+            rows.extend(resultRows(name, methodName, _field(outputs, "classStatistics", ()),
+                                   _field(outputs, "finalNll")))
+        return rows
+
+
+def completionText(methodName: str, device: str, seconds: Optional[float], finalNll: Optional[float]) -> str:
+    """Status line after a successful run."""
+    nllText = f", final NLL {finalNll:.4f}" if finalNll is not None and math.isfinite(finalNll) else ""
+    return f"Done: {methodName} on {device} in {formatDuration(seconds)}{nllText}."
+
+
+def replaceQuestion(outputName: str, withRoi: bool) -> str:
+    """The question the panel asks before writing into an output that already holds segments."""
+    if withRoi:
+        return (f'"{outputName}" already holds a segmentation. Recompute the voxels inside the ROI box '
+                "and keep everything outside it?\n\nTo keep the old result untouched, choose "
+                '"Create new segmentation" as output instead.')
+    return (f'"{outputName}" already holds a segmentation. Replace its content with the new result?\n\n'
+            'To compare methods, choose "Create new segmentation" as output instead: both results are kept.')

@@ -1,0 +1,192 @@
+"""The panel's Qt-free helpers (DeepGMMSegmentLib/panel.py), loaded from their file as the widget does."""
+
+import importlib.util
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+PANEL_PATH = Path(__file__).resolve().parents[3] / "DeepGMMSegment" / "DeepGMMSegmentLib" / "panel.py"
+
+
+def loadPanel():
+    # The widget loads panel.py from its file before torch is installed: it must not need the package.
+    spec = importlib.util.spec_from_file_location("panel_standalone_test", PANEL_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+panel = loadPanel()
+
+
+class Node:
+    """A minimal node with an ID (the helpers only call GetID)."""
+
+    def __init__(self, nodeId):
+        self.nodeId = nodeId
+
+    def GetID(self):
+        return self.nodeId
+
+
+def test_panel_module_imports_only_the_standard_library():
+    import ast
+
+    tree = ast.parse(PANEL_PATH.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "panel.py must not use package-relative imports"
+            assert node.module in ("__future__", "typing"), node.module
+        elif isinstance(node, ast.Import):
+            assert all(alias.name in ("math",) for alias in node.names)
+
+
+@pytest.mark.parametrize("selected, expected", [
+    ([False, False, False, False], [True, False, False, False]),
+    ([True, False, False, False], [True, True, False, False]),
+    ([True, True, True, False], [True, True, True, True]),
+    ([True, False, True, False], [True, True, True, True]),  # a chosen volume is never hidden
+    ([False, False, False, True], [True, False, False, True]),
+])
+def test_channel_selector_visibility(selected, expected):
+    assert panel.channelSelectorVisibility(selected) == expected
+
+
+def test_input_channels_problems():
+    t1, t2, t2copy = Node("vtkMRMLScalarVolumeNode1"), Node("vtkMRMLScalarVolumeNode2"), Node("vtkMRMLScalarVolumeNode2")
+    assert "first channel" in panel.inputChannelsProblem([None, None, None, None])
+    assert panel.inputChannelsProblem([t1, None, None, None]) is None
+    assert panel.inputChannelsProblem([t1, t2, None, None]) is None
+    gap = panel.inputChannelsProblem([t1, None, t2, None])
+    assert "Channel 2 is empty but channel 3 is set" in gap
+    repeat = panel.inputChannelsProblem([t1, t2, t2copy, None])
+    assert "Channel 3 repeats channel 2" in repeat
+    assert panel.chosenChannels([t1, t2, None, None]) == [t1, t2]
+
+
+def test_inputs_problem_requires_a_segment_when_a_mask_is_chosen():
+    t1, masks = Node("v1"), Node("s1")
+    assert panel.inputsProblem([t1, None], None, "") is None
+    assert "Choose a segment" in panel.inputsProblem([t1, None], masks, "")
+    assert panel.inputsProblem([t1, None], masks, "Segment_1") is None
+    assert "first channel" in panel.inputsProblem([None, None], masks, "Segment_1")
+
+
+def test_parse_prior_means():
+    assert panel.parsePriorMeans("", 3, 2) is None
+    assert panel.parsePriorMeans("   ", 3, 2) is None
+    assert panel.parsePriorMeans("10,20;30,40", 2, 2) == [[10.0, 20.0], [30.0, 40.0]]
+    assert panel.parsePriorMeans(" 10, 20 ; 30 40 ;", 2, 2) == [[10.0, 20.0], [30.0, 40.0]]
+    assert panel.parsePriorMeans("1e2;-5.5;0", 3, 1) == [[100.0], [-5.5], [0.0]]
+
+
+@pytest.mark.parametrize("text, classes, channels, message", [
+    ("10,20;30,40", 3, 2, "2 rows given but the number of classes is 3"),
+    ("10,20;30", 2, 2, "row 2 has 1 values but 2 channel(s)"),
+    ("10,abc;30,40", 2, 2, "'abc' in row 1 is not a number"),
+    ("10,inf;30,40", 2, 2, "use finite numbers"),
+    ("10;nan", 2, 1, "use finite numbers"),
+])
+def test_parse_prior_means_errors_name_problem_and_fix(text, classes, channels, message):
+    with pytest.raises(ValueError) as error:
+        panel.parsePriorMeans(text, classes, channels)
+    assert message in str(error.value)
+
+
+def test_engine_options_leave_defaults_to_the_engine():
+    assert panel.engineOptions() == {"covariance_type": "full"}
+    options = panel.engineOptions(maxIterations=40, tolerance=1e-6, covarianceType="diag", priorMeans=[[1.0], [2.0]])
+    assert options == {"covariance_type": "diag", "max_iter": 40, "tol": 1e-6, "prior_means": [[1.0], [2.0]]}
+
+
+def test_engine_options_and_enum_values_are_the_engines_names():
+    from DeepGMMSegmentLib import engine
+    options = panel.engineOptions(5, 1e-3, "diag", [[1.0], [2.0]])
+    assert set(options) <= set(engine.COMMON_OPTIONS)
+    assert set(panel.METHOD_LABELS) == set(engine.METHODS) == set(panel.METHOD_SHORT_NAMES)
+    from DeepGMMSegmentLib.gmm import COVARIANCE_TYPES
+
+    assert set(panel.COVARIANCE_LABELS) == set(COVARIANCE_TYPES)
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (0, "0 s"), (42.4, "42 s"), (59.6, "1 min 00 s"), (185, "3 min 05 s"), (3725, "1 h 02 min"),
+    (None, "unknown"), (float("nan"), "unknown"), (-1, "unknown"),
+])
+def test_format_duration(seconds, text):
+    assert panel.formatDuration(seconds) == text
+
+
+def test_format_progress_with_the_runner_progress_info():
+    from DeepGMMSegmentLib import runner
+    percent, text = panel.formatProgress(runner.ProgressInfo("starting"))
+    assert percent is None and text.startswith("Starting")
+    percent, text = panel.formatProgress(runner.ProgressInfo("fitting", 30, 120, 1.23456, 12.0, 36.4))
+    assert percent == 25
+    assert text == "Fitting \u00b7 iteration 30/120 \u00b7 NLL 1.2346 \u00b7 about 36 s left"
+    percent, text = panel.formatProgress(runner.ProgressInfo("fitting", 3, 150, None, 61.0, None))
+    assert percent == 2 and text.endswith("1 min 01 s elapsed")
+    percent, _ = panel.formatProgress({"stage": "fitting", "iteration": 500, "maxIterations": 150})
+    assert percent == 100
+
+
+def test_result_rows_and_session_results_with_the_logic_dataclasses():
+    from DeepGMMSegmentLib import logic
+
+    def outputs(finalNll, volumes):
+        statistics = [logic.ClassStatistics(index, f"Class {index}", 10 * index, volume, [100.0 * index, 7.25])
+                      for index, volume in enumerate(volumes, start=1)]
+        return logic.DeepGMMSegmentOutputs(segmentationNode=None, probabilityVolumes=[], probabilityFolderItemId=0,
+                                           classStatistics=statistics, finalNll=finalNll, method="em-gmm",
+                                           device="cpu", seconds=1.0)
+
+    rows = panel.resultRows("T1 EM", "EM-GMM", outputs(0.5, [1.234, 2.0]).classStatistics, 0.5)
+    assert rows == [("T1 EM", "EM-GMM", "Class 1", "1.23", "100 / 7.25", "0.5000"),
+                    ("T1 EM", "EM-GMM", "Class 2", "2.00", "200 / 7.25", "0.5000")]
+    assert all(len(row) == len(panel.RESULT_COLUMNS) for row in rows)
+
+    names = {"seg1": "EM", "seg2": "deep"}
+    session = panel.SessionResults()
+    session.add("seg1", "EM-GMM", outputs(0.9, [1.0, 2.0, 3.0]))
+    session.add("seg2", "deepSVG", outputs(0.7, [1.5, 2.5, 2.0]))
+    assert [row[0] for row in session.rows(names.get)] == ["EM"] * 3 + ["deep"] * 3  # comparison keeps both
+    session.add("seg1", "EM-GMM", outputs(0.8, [3.0, 3.0]))  # re-run into seg1 replaces its rows
+    rows = session.rows(names.get)
+    assert [(row[0], row[5]) for row in rows] == [("deep", "0.7000")] * 3 + [("EM", "0.8000")] * 2
+    del names["seg2"]  # the node was deleted from the scene
+    assert [row[0] for row in session.rows(names.get)] == ["EM", "EM"] and len(session) == 1
+    session.clear()
+    assert session.rows(names.get) == []
+
+
+def test_nan_mean_and_nll_are_shown_as_such():
+    rows = panel.resultRows("o", "m", [{"name": "Class 1", "volumeMl": 0.0, "meanIntensities": [math.nan]}], None)
+    assert rows == [("o", "m", "Class 1", "0.00", "nan", "")]
+
+
+def test_describe_compute_devices_with_real_torch_on_cpu():
+    import torch
+    text = panel.describeComputeDevices(torch)
+    if torch.cuda.is_available():
+        assert text.startswith("GPU: cuda:0")
+    else:
+        assert text == "No CUDA GPU found: Automatic runs on the CPU."
+
+
+def test_describe_compute_devices_lists_each_gpu():
+    # No GPU on the CI machine: a stand-in for torch.cuda exercises the GPU branch.
+    properties = [SimpleNamespace(name="RTX A", total_memory=8 * 1024**3),
+                  SimpleNamespace(name="RTX B", total_memory=24 * 1024**3)]
+    cuda = SimpleNamespace(is_available=lambda: True, device_count=lambda: 2,
+                           get_device_properties=lambda index: properties[index])
+    assert (panel.describeComputeDevices(SimpleNamespace(cuda=cuda))
+            == "GPU: cuda:0 RTX A (8 GB), cuda:1 RTX B (24 GB)")
+
+
+def test_user_facing_texts():
+    assert panel.completionText("deepSVG", "cpu", 65, 1.5) == "Done: deepSVG on cpu in 1 min 05 s, final NLL 1.5000."
+    assert panel.completionText("EM-GMM", "cuda", 2, None) == "Done: EM-GMM on cuda in 2 s."
+    assert "inside the ROI box" in panel.replaceQuestion("Seg", withRoi=True)
+    assert "Create new segmentation" in panel.replaceQuestion("Seg", withRoi=False)

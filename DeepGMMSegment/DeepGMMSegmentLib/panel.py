@@ -180,7 +180,7 @@ def formatProgress(info: Any) -> tuple[Optional[int], str]:
         parts.append(f"NLL {nll:.4f}")
     if remaining is not None and math.isfinite(remaining):
         parts.append(f"about {formatDuration(remaining)} left")
-    elif elapsed is not None:
+    elif elapsed:  # nothing to say at 0 s
         parts.append(f"{formatDuration(elapsed)} elapsed")
     return percent, " \u00b7 ".join(parts)
 

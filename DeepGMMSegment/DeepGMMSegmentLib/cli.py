@@ -206,7 +206,8 @@ def _field_of_view(image, reference) -> np.ndarray:
     ones = sitk.Image(image.GetSize(), sitk.sitkUInt8)
     ones.CopyInformation(image)
     ones = ones + 1
-    return sitk.GetArrayViewFromImage(
+    # A copy, not a view: a view would outlive the temporary image that owns its buffer.
+    return sitk.GetArrayFromImage(
         _resample_onto(ones, reference, sitk.sitkNearestNeighbor, sitk.sitkUInt8)).astype(bool)
 
 
@@ -258,7 +259,7 @@ def _load_inputs(channel_paths: Sequence[str], mask_path: str | None) -> _Inputs
                                    image.GetPixelID())
             notes.append(f"resampled mask '{mask_path}' onto the grid of channel 1 "
                          "(nearest neighbour)")
-        mask = sitk.GetArrayViewFromImage(image) != 0
+        mask = sitk.GetArrayFromImage(image) != 0
         if not mask.any():
             raise CliError(f"mask '{mask_path}' has no non-zero voxel on the grid of channel 1; "
                            "give a mask that marks the region to segment")

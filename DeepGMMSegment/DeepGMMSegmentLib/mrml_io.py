@@ -32,6 +32,8 @@ CLASS_INDEX_TAG = "DeepGMMSegment.ClassIndex"
 PROBABILITY_REFERENCE_ROLE = "DeepGMMSegmentProbability"
 #: Attribute on a probability volume holding its 1-based class index.
 PROBABILITY_CLASS_ATTRIBUTE = "DeepGMMSegment.ClassIndex"
+#: Subject hierarchy item attribute marking the folder of probability volumes made by this module.
+PROBABILITY_FOLDER_ATTRIBUTE = "DeepGMMSegment.ProbabilityFolder"
 
 # A point counts as inside a volume when it lies within half a voxel of the outermost voxel
 # centres (the voxel's own extent), with a little slack for rounding of the matrices.
@@ -537,12 +539,13 @@ def placeOutputs(segmentationNode, probabilityNodes: Sequence, referenceVolume, 
     folderItem = 0
     for node in probabilityNodes:
         candidate = shNode.GetItemParent(_itemForNode(shNode, node))
-        if candidate and candidate != shNode.GetSceneItemID() and shNode.GetItemDataNode(candidate) is None \
-                and candidate != parentItem:
+        # Reuse only a folder this module made (never a study or a folder of the user's).
+        if candidate and shNode.GetItemAttribute(candidate, PROBABILITY_FOLDER_ATTRIBUTE) == "1":
             folderItem = candidate
             break
     if not folderItem:
         folderItem = shNode.CreateFolderItem(parentItem, folderName)
+        shNode.SetItemAttribute(folderItem, PROBABILITY_FOLDER_ATTRIBUTE, "1")
     elif shNode.GetItemName(folderItem) != folderName:
         shNode.SetItemName(folderItem, folderName)
     if shNode.GetItemParent(folderItem) != parentItem:

@@ -205,6 +205,7 @@ def test_second_output_kept_and_rerun_replaces_content_only(mrmlScene, helpers):
     assert node.GetSegmentation().GetSegment(own) is not None
     assert mrmlScene.GetNodeByID(oldThird) is None
     assert [v.GetID() for v in rerun.probabilityVolumes] == [v.GetID() for v in gmm.probabilityVolumes[:2]]
+    assert rerun.probabilityFolderItemId == gmm.probabilityFolderItemId != svgmm.probabilityFolderItemId
     assert set(np.unique(_labels(rerun, t1))) == {1, 2}
     assert node.GetAttribute("DeepGMMSegment.NumberOfClasses") == "2"
     # The other output was not touched.
@@ -341,3 +342,53 @@ def test_invalid_requests_are_clear_errors_before_any_work(mrmlScene, helpers):
                                   mrml_io.volumeGeometry(t1).ijkToRas, "empty", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(ValueError, match="No voxel to segment"):
         logic.process([t1], method="em-gmm", mask=emptyMask)
+
+
+def test_inputs_on_other_grids_and_under_a_transform(mrmlScene, helpers):
+    # T1 sits under a linear transform; T2 is stored on a grid twice as fine, already in world
+    # position. Every T1 voxel centre is the centre of a 2x2x2 block of equal T2 voxels, so the
+    # resampled T2 must equal the coarse values exactly.
+    channel1, channel2, truth = helpers.phantom()
+    local = helpers.ijkToRasMatrix((1.0, 1.2, 2.0), (10.0, -20.0, 5.0), helpers.obliqueDirection())
+    shift = np.eye(4)
+    shift[:3, 3] = (30.0, -4.0, 2.5)
+    transform = mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
+    t1 = helpers.addVolume(mrmlScene, channel1, local, "T1")
+    t1.SetAndObserveTransformNodeID(transform.GetID())
+    world = shift @ local
+    fine = world.copy()
+    fine[:3, :3] = world[:3, :3] / 2.0
+    fine[:3, 3] = (world @ np.array([-0.25, -0.25, -0.25, 1.0]))[:3]
+    fineChannel2 = np.repeat(np.repeat(np.repeat(channel2, 2, 0), 2, 1), 2, 2)
+    t2 = helpers.addVolume(mrmlScene, fineChannel2, fine, "T2 fine")
+
+    channels, covered, _ = mrml_io.channelsOnReferenceGrid([t1, t2])
+    np.testing.assert_allclose(channels[1], channel2, rtol=1e-5)
+    assert covered.all()
+
+    outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm")
+    assert outputs.segmentationNode.GetTransformNodeID() == transform.GetID()
+    assert all(v.GetTransformNodeID() == transform.GetID() for v in outputs.probabilityVolumes)
+    assert (_labels(outputs, t1) == truth).mean() > 0.98
+    for stats in outputs.classStatistics:
+        inside = _labels(outputs, t1) == stats.classIndex
+        assert stats.meanIntensities[1] == pytest.approx(channel2[inside].mean(), rel=1e-5)
+
+
+def test_progress_callback_returning_false_cancels_a_blocking_run(mrmlScene, helpers):
+    t1, t2, _, _ = _twoChannelInputs(mrmlScene, helpers)
+    snapshot = _sceneSnapshot(mrmlScene)
+    logic = DeepGMMSegmentLogic()
+    seen = []
+
+    def stopAfterThree(info):
+        seen.append(info)
+        return not (info.stage == "fitting" and info.iteration >= 3)
+
+    with pytest.raises(ProcessingCancelled):
+        logic.process([t1, t2], numberOfClasses=3, method="em-gmm", options={"max_iter": 10**7, "tol": 0.0},
+                      progressCallback=stopAfterThree)
+    assert not logic.isProcessing()
+    assert any(info.iteration >= 3 for info in seen)
+    assert _sceneSnapshot(mrmlScene) == snapshot

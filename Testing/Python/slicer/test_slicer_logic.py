@@ -245,6 +245,31 @@ def test_seg_nrrd_save_and_reload_agrees_with_slicerio(mrmlScene, helpers, tmp_p
     lpsToRas = np.diag([-1.0, -1.0, 1.0, 1.0])
     np.testing.assert_allclose(lpsToRas @ segmentationInfo["ijkToLPS"], ijkToRas, atol=1e-4)
 
+    # A saved scene (.mrml) remembers how the output was made.
+    for node in (t1, t2):
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetFileName(str(tmp_path / f"{node.GetName()}.nrrd"))
+        assert node.GetStorageNode().WriteData(node)
+    mrmlScene.AddNode(storage)
+    outputs.segmentationNode.SetAndObserveStorageNodeID(storage.GetID())
+    mrmlScene.SetRootDirectory(str(tmp_path))
+    mrmlScene.SetURL(str(tmp_path / "scene.mrml"))
+    assert mrmlScene.Commit()
+    restored = slicer.vtkMRMLScene()
+    restoredSegmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    restoredSegmentations.SetMRMLScene(restored)
+    restored.SetRootDirectory(str(tmp_path))
+    restored.SetURL(str(tmp_path / "scene.mrml"))
+    restored.Connect()
+    node = restored.GetFirstNodeByName(outputs.segmentationNode.GetName())
+    for name in ("Method", "Seed", "Version", "FinalNLL", "NumberOfClasses", "ClassStatistics"):
+        assert node.GetAttribute(f"DeepGMMSegment.{name}") == outputs.segmentationNode.GetAttribute(
+            f"DeepGMMSegment.{name}")
+    assert float(node.GetAttribute("DeepGMMSegment.FinalNLL")) == pytest.approx(outputs.finalNll)
+    assert [node.GetNthNodeReference("DeepGMMSegmentInputVolume", n).GetName() for n in range(2)] == ["T1", "T2"]
+    assert sorted(mrml_io.classSegmentIds(node)) == [1, 2, 3]
+    restoredSegmentations.SetMRMLScene(None)
+
 
 def test_cancel_kills_worker_and_leaves_scene_unchanged(mrmlScene, helpers):
     psutil = pytest.importorskip("psutil")

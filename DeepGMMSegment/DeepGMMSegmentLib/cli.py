@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
             "channel's grid (linear for channels, nearest neighbour for the mask). Outputs keep the "
             "first channel's geometry exactly. Example: deepgmm-segment t1.nii.gz flair.nii.gz "
             "--mask brain.nii.gz --classes 3 --output labels.nii.gz --probabilities probs.nii.gz "
-            "--preview preview.png"),
+            "--preview preview.png. With a model from deepgmm-train, see "
+            "'deepgmm-segment --model MODEL --help' (one case or a whole cohort)."),
     )
     parser.add_argument("channels", nargs="+", metavar="CHANNEL",
                         help="input image(s), one scalar image per channel (e.g. MR sequences)")
@@ -600,6 +601,11 @@ def _write_outputs(args: argparse.Namespace, reference, result, staging: _Staged
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepgmm-segment`` console script; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else [str(argument) for argument in argv]
+    from . import batch  # light: imports numpy only until it runs
+    if batch.wants_model_mode(argv):
+        # Trained-model mode (one case or a cohort) has its own options: see batch.py.
+        return batch.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     previous_handler = None

@@ -258,3 +258,10 @@ def test_interrupt_exits_cleanly_without_outputs(phantom, signal_number, expecte
     assert "no output was written" in rest
     assert not any(path.exists() for path in outputs)
     assert not [p for p in os.listdir(out) if p.startswith(".deepgmm-segment")]
+
+
+def test_model_option_switches_to_trained_model_mode(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--model", "brain.pt", "--help"])
+    assert exit_.value.code == 0
+    assert "--model MODEL" in capsys.readouterr().out

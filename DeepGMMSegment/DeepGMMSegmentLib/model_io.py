@@ -98,7 +98,7 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
             "which could execute code. Only model files written by DeepGMMSegment (deepgmm-train / "
             f"DeepGMMSegmentLib.train) can be loaded. Details: {str(error).splitlines()[0]}"
         ) from None
-    except (RuntimeError, EOFError, OSError, UnicodeDecodeError) as error:
+    except Exception as error:  # torch raises many kinds for a file that is not a torch archive
         raise ValueError(
             f"{str(path)!r} is not a readable DeepGMMSegment model file ({type(error).__name__}: "
             f"{str(error).splitlines()[0] if str(error) else 'no details'}). Re-export it with deepgmm-train."

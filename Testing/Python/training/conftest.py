@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 CLASS_MEANS = np.array([[0.0, 2.0], [1.0, 0.0], [2.5, 1.0]])  # (K, C): rows are classes 1..3
 
 # Training settings small enough for CI (seconds) but enough for a usable model.
-FAST = dict(base_width=4, depth=2, max_epochs=12, min_epochs=12, patience=12, batch_size=4, device="cpu")
+FAST = dict(base_width=8, depth=2, max_epochs=12, min_epochs=12, patience=12, batch_size=4, device="cpu")
 
 
 def synthetic_case(seed: int, shape=(32, 32), n_channels: int = 1, noise: float = 0.25):

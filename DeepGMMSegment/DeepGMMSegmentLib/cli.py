@@ -555,6 +555,8 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
         staging.discard()
         raise
 
+    for note in getattr(result, "notes", None) or []:
+        say(note)  # e.g. a CUDA out-of-memory retry on the CPU
     for line in _summary(result, args.classes, [f"channel {c + 1}" for c in
                                                 range(len(args.channels))]):
         say(line)

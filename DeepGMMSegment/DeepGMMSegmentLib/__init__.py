@@ -5,7 +5,8 @@ This package's top level imports only numpy and torch; the Slicer adapter module
 """
 
 from .engine import METHODS, SegmentationCancelled, SegmentationResult, segment
+from .training import train
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "SegmentationCancelled", "SegmentationResult", "segment", "__version__"]
+__all__ = ["METHODS", "SegmentationCancelled", "SegmentationResult", "segment", "train", "__version__"]

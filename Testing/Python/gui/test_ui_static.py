@@ -108,6 +108,15 @@ def test_parameter_node_fields_have_the_specified_types(moduleSource):
     assert annotations["outputSegmentation"] == "Optional[vtkMRMLSegmentationNode]"
 
 
+def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
+    # parameterNodeWrapper adds these members to the class and refuses fields of the same name.
+    reserved = {"allParameters", "default", "isCached", "dataType", "getValue", "setValue", "connectGui",
+                "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
+                "RemoveObserver", "Modified", "parameterNode"}
+    fields = checks.parameterNodeFields(moduleSource, PARAMETER_NODE_CLASS)
+    assert len(fields) == 17 and not reserved & set(fields)
+
+
 def test_combo_box_items_match_the_enum_labels(moduleSource):
     """The .ui items are what the parameter node connector shows (labels from panel.py)."""
     import importlib.util

@@ -1,0 +1,1 @@
+"""Evaluation of DeepGMMSegment against peers on real images (``make evaluate``)."""

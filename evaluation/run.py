@@ -1,0 +1,202 @@
+"""``make evaluate``: every method on every case, each in a fresh process, then the report.
+
+    python -m evaluation.run            # full run -> docs/evaluation.md, docs/images/evaluation-*.png
+    python -m evaluation.run --quick    # smoke run (2 mm, two conditions) -> out/evaluation-quick/
+
+What runs where (the full plan) is in :func:`build_plan`; the report states it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+from evaluation import conditions, methods, metrics  # noqa: E402
+
+PEERS_1D = ("sklearn-gmm", "atropos", "atropos-mrf", "sitk-kmeans", "sitk-otsu")
+PEERS_MULTI = ("sklearn-gmm", "atropos", "atropos-mrf")
+BRAINWEB_CLASSES = 4  # background excluded by the head mask: CSF/skull, GM, WM, scalp fat
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def brainweb_case():
+    """The real BrainWeb T1 + PD slice pair inside a head mask (no reference)."""
+    import SimpleITK as sitk
+    from scipy import ndimage
+    images = [sitk.ReadImage(str(REPO_ROOT / "data" / "sample" / f"brainweb_{n}_slice.nrrd"))
+              for n in ("t1", "pd")]
+    channels = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in images])
+    # head = largest bright component of T1 (Otsu), holes filled; the background is air
+    threshold = sitk.OtsuThreshold(images[0], 0, 1)
+    foreground = sitk.GetArrayFromImage(threshold).astype(bool)
+    components, count = ndimage.label(foreground)
+    largest = np.argmax(np.bincount(components.ravel())[1:]) + 1
+    mask = ndimage.binary_fill_holes(components == largest)
+    spacing = tuple(float(s) for s in reversed(images[0].GetSpacing()))
+    return conditions.Case(name="BrainWeb T1 + PD slice (real, no reference)", channels=channels,
+                           mask=mask, reference=None, spacing=spacing, channel_names=("T1", "PD"),
+                           description=f"2D {channels.shape[1]}x{channels.shape[2]}, head mask "
+                                       f"({int(mask.sum())} pixels, Otsu foreground of T1, holes "
+                                       f"filled), K = {BRAINWEB_CLASSES}")
+
+
+def build_plan(quick: bool):
+    """List of (group, resolution label, Case, n_classes, [methods])."""
+    from mni_data import load_mni
+    plan = []
+    volume_2mm = load_mni(2)
+    if quick:
+        for case in conditions.t1_cases(volume_2mm, [c for c in conditions.T1_CONDITIONS
+                                                      if c[0] in ("clean", "noise 0.10")]):
+            plan.append(("T1", "2 mm", case, 3, list(methods.OURS) + list(PEERS_1D)))
+        return plan, {"quick": True}
+
+    volume_1mm = load_mni(1)
+    # 1 mm: every peer and our EM on every condition; deep methods only where the budget allows
+    for case in conditions.t1_cases(volume_1mm):
+        names = list(PEERS_1D) + ["em-gmm", "em-svgmm"]
+        if "bias" in case.name:
+            names.append("n4-gmm")
+        if case.name in DEEP_AT_1MM:
+            names += ["deepsvg"]
+        plan.append(("T1", "1 mm", case, 3, names))
+    # 2 mm: every method on every condition (the like-for-like comparison with the deep ones)
+    for case in conditions.t1_cases(volume_2mm):
+        names = list(methods.OURS) + list(PEERS_1D)
+        if "bias" in case.name:
+            names.append("n4-gmm")
+        plan.append(("T1", "2 mm", case, 3, names))
+    plan.append(("multi", "2 mm", conditions.phantom_case(volume_2mm), 3,
+                 list(methods.OURS) + list(PEERS_MULTI)))
+    plan.append(("multi", "1 mm (2D)", brainweb_case(), BRAINWEB_CLASSES,
+                 list(methods.OURS) + list(PEERS_MULTI)))
+    return plan, {"quick": False}
+
+
+DEEP_AT_1MM = ("clean", "noise 0.10")
+
+
+def run_job(case_path: Path, method: str, result_path: Path, n_classes: int, timeout: float,
+            extra_env: dict | None = None) -> dict:
+    command = [sys.executable, "-m", "evaluation.worker", str(case_path), method, str(result_path),
+               "--n-classes", str(n_classes)]
+    env = {**os.environ, **(extra_env or {})}
+    start = time.perf_counter()
+    try:
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                                   timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "error": f"timed out after {timeout:.0f} s"}
+    if completed.returncode != 0:
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"method": method, "error": tail[0][:300]}
+    summary = json.loads(result_path.with_suffix(".json").read_text())
+    summary["process_seconds"] = time.perf_counter() - start
+    return summary
+
+
+def score(case, n_classes, method, labels) -> dict:
+    spec = methods.SPECS[method]
+    if case.reference is None:
+        return {}
+    dice, mapping = metrics.matched_dice(labels, case.reference, n_classes, spec.identity_from_method)
+    hungarian, _ = metrics.matched_dice(labels, case.reference, n_classes, False)
+    return {"dice": dice.tolist(), "mean_dice": float(np.nanmean(dice)),
+            "mean_dice_hungarian": float(np.nanmean(hungarian)),
+            "identity": "method" if spec.identity_from_method else "Hungarian"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 mm, clean + noise 0.10")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / ".cache" / "evaluation")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per method run")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild the report from the last results.json")
+    args = parser.parse_args(argv)
+    work = args.work_dir / ("quick" if args.quick else "full")
+    output_dir = REPO_ROOT / "out" / "evaluation-quick" if args.quick else REPO_ROOT / "docs"
+    results_path = work / "results.json"
+
+    if not args.report_only:
+        work.mkdir(parents=True, exist_ok=True)
+        plan, info = build_plan(args.quick)
+        started = time.time()
+        records = []
+        info.update({"started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+                     "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores",
+                     "python": platform.python_version(), "load_before": os.getloadavg()})
+        info["versions"] = versions()
+        total = sum(len(names) for *_, names in plan)
+        done = 0
+        for group, resolution, case, n_classes, names in plan:
+            case_dir = work / slug(f"{resolution}-{case.name}")
+            case_dir.mkdir(parents=True, exist_ok=True)
+            case_path = case_dir / "case.npz"
+            np.savez(case_path, channels=case.channels, mask=case.mask, spacing=np.array(case.spacing))
+            case_record = {"group": group, "resolution": resolution, "name": case.name,
+                           "description": case.description, "n_classes": n_classes,
+                           "n_voxels": int(case.mask.sum()), "shape": list(case.mask.shape),
+                           "synthetic": case.synthetic, "channels": list(case.channel_names),
+                           "has_reference": case.reference is not None, "results": []}
+            labels_by_method = {}
+            for method in names:
+                done += 1
+                result_path = case_dir / f"{method}.npz"
+                summary = run_job(case_path, method, result_path, n_classes, args.timeout)
+                if "error" not in summary:
+                    with np.load(result_path) as stored:
+                        labels = stored["labels"]
+                    labels_by_method[method] = labels
+                    summary.update(score(case, n_classes, method, labels))
+                print(f"[{done}/{total}] {resolution} {case.name}: {method} -> "
+                      + (summary.get("error") or
+                         f"{summary['seconds']:.1f} s, {summary['peak_mb']:.0f} MB, "
+                         f"Dice {summary.get('mean_dice', float('nan')):.3f}"), flush=True)
+                case_record["results"].append(summary)
+            if case.reference is None:
+                case_record["agreement"] = {
+                    a: {b: metrics.pairwise_agreement(labels_by_method[a], labels_by_method[b],
+                                                      case.mask, n_classes)
+                        for b in labels_by_method} for a in labels_by_method}
+            records.append(case_record)
+        info["seconds"] = time.time() - started
+        info["load_after"] = os.getloadavg()
+        results_path.write_text(json.dumps({"info": info, "cases": records}, indent=1))
+
+    from evaluation import report
+    data = json.loads(results_path.read_text())
+    written = report.write_report(data, work, output_dir)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def versions() -> dict:
+    found = {}
+    for module in ("numpy", "torch", "sklearn", "ants", "SimpleITK", "scipy"):
+        try:
+            found[module] = __import__(module).__version__
+        except Exception as error:  # noqa: BLE001 - report, never fail the run for this
+            found[module] = f"not importable ({type(error).__name__})"
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -14,17 +14,19 @@ TORCH_REQUIREMENT := torch==2.13.0
 
 BASE_STAMP := $(VENV)/.installed-base
 TEST_STAMP := $(VENV)/.installed-test
+EVAL_STAMP := $(VENV)/.installed-eval
 
 SAMPLE_T1 := data/sample/mni152_2009_t1_2mm.nii.gz
 SAMPLE_MASK := data/sample/mni152_2009_brainmask_2mm.nii.gz
 OUT := out
 
-.PHONY: help demo test benchmark clean distclean
+.PHONY: help demo test benchmark evaluate clean distclean
 
 help:
 	@echo "make demo       create .venv, install, segment the bundled MNI152 sample into $(OUT)/"
 	@echo "make test       create .venv with the test extras and run the whole pytest suite"
 	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deepsvg throughput) -> docs/benchmarks.md"
+	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152 -> docs/evaluation.md (~30 min; QUICK=1 smoke run)"
 	@echo "make clean      remove $(OUT)/, build artefacts and caches (keeps .venv)"
 	@echo "make distclean  clean, and remove .venv"
 
@@ -57,6 +59,16 @@ test: $(TEST_STAMP)
 
 benchmark: $(TEST_STAMP)
 	$(PY) benchmarks/bench_engine.py
+
+$(EVAL_STAMP): pyproject.toml | $(PY)
+	$(PIP) install --quiet "$(TORCH_REQUIREMENT)"
+	$(PIP) install --quiet -e ".[eval]"
+	@touch $@ $(BASE_STAMP)
+
+# Every method on every condition, each in a fresh process; regenerates docs/evaluation.md and
+# docs/images/evaluation-*.png. QUICK=1: 2 mm, two conditions, into out/evaluation-quick/.
+evaluate: $(EVAL_STAMP)
+	$(PY) -m evaluation.run $(if $(QUICK),--quick)
 
 clean:
 	rm -rf $(OUT) build dist .pytest_cache *.egg-info DeepGMMSegment/*.egg-info

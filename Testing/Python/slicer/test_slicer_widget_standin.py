@@ -183,3 +183,19 @@ def test_module_description(harness):
     assert parent.categories == ["Segmentation"] and parent.title == "Deep GMM Segment"
     assert "arXiv:2404.12252" in parent.acknowledgementText
     assert parent.contributors == ["DeepGMMSegment contributors"] and "docs/slicer.md" in parent.helpText
+
+
+def test_closing_the_scene_cancels_a_run_and_resets_the_panel(harness, volumes, mrmlScene):
+    widget = harness.createWidget()
+    widget._parameterNode.method = harness.module.SegmentationMethod.DEEP_SVG
+    widget.ui.segmentButton.click()
+    assert widget.isProcessing()
+    mrmlScene.Clear(0)  # File > Close Scene
+    assert not widget.isProcessing() and not widget.logic.isProcessing()
+    assert widget.ui.statusLabel.text == "Cancelled. The scene is as it was before."
+    assert widget.ui.resultsTableWidget.rowCount == 0
+    assert segmentationCount(mrmlScene) == 0
+    # A fresh parameter node for the empty scene (the module is shown), with the defaults.
+    assert widget._parameterNode is not None and widget._parameterNode.inputVolume1 is None
+    assert not widget.ui.segmentButton.enabled
+    assert harness.slotErrors == [] and harness.errorMessages == []

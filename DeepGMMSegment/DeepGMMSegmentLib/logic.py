@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from . import mrml_io
-from .dependencies import TorchDependency
+from .dependencies import TorchDependency, isSlicerApplication
 from .runner import ProcessingCancelled, ProgressInfo, SegmentationJob, WorkerError, WorkerResult
 
 __all__ = [
@@ -261,9 +261,11 @@ class DeepGMMSegmentLogic:
         if not waitForCompletion:
             self._schedule(task._poll)
             return task
+        processEvents = _applicationEventPump()
         try:
             while job.isRunning():
                 task._pumpProgress()
+                processEvents()
                 time.sleep(0.05)
         except BaseException:
             job.cancel()  # e.g. KeyboardInterrupt in the console: do not leave the worker behind
@@ -487,6 +489,16 @@ class DeepGMMSegmentLogic:
         for volume in request.inputVolumes:
             segmentationNode.AddNodeReferenceID(INPUT_REFERENCE_ROLE, volume.GetID())
         segmentationNode.EndModify(wasModifying)
+
+
+def _applicationEventPump() -> Callable[[], None]:
+    """Inside Slicer, a blocking run keeps repainting the application (as other Slicer modules'
+    blocking runs do); elsewhere there is nothing to pump."""
+    if isSlicerApplication():
+        import slicer
+
+        return slicer.app.processEvents
+    return lambda: None
 
 
 def packageVersion() -> str:

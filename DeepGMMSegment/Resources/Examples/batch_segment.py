@@ -37,8 +37,6 @@ def _ensureModuleOnPath() -> None:
 
 def loadVolume(scene, path: str, name: str, labelmap: bool = False):
     """Read a volume file (NRRD, NIfTI, MHA, ...) into a new node of ``scene``."""
-    import slicer
-
     if not os.path.exists(path):
         raise ValueError(f"Input file not found: {path}")
     className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"

@@ -51,8 +51,8 @@ class SlicerTestEnvironment:
             self.moduleLogics[attributeName] = logic
 
     def modulesNamespace(self) -> types.SimpleNamespace:
-        return types.SimpleNamespace(**{
-            name: types.SimpleNamespace(logic=(lambda logic=logic: logic)) for name, logic in self.moduleLogics.items()})
+        return types.SimpleNamespace(**{name: types.SimpleNamespace(logic=(lambda logic=logic: logic))
+                                        for name, logic in self.moduleLogics.items()})
 
     def close(self):
         for logic in self.moduleLogics.values():

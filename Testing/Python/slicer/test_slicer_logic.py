@@ -20,6 +20,7 @@ from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic, ProcessingCancelled, Wo
 from DeepGMMSegmentLib.preview import class_colors
 from DeepGMMSegmentLib.runner import ManualScheduler
 
+
 def _sceneSnapshot(scene):
     """Ids, names and modification times of every node: any change to the scene shows here."""
     nodes = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
@@ -131,8 +132,8 @@ def test_mask_limits_labels_and_probabilities(mrmlScene, helpers):
     masks = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
     masks.CreateDefaultDisplayNodes()
     masks.SetReferenceImageGeometryParameterFromVolumeNode(t1)
-    brainId = masks.AddSegmentFromBinaryLabelmapRepresentation(mrml_io.volumeGeometry(t1).orientedImage(inside),
-                                                                "brain")
+    brainImage = mrml_io.volumeGeometry(t1).orientedImage(inside)
+    brainId = masks.AddSegmentFromBinaryLabelmapRepresentation(brainImage, "brain")
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", mask=(masks, brainId))
     labels = _labels(outputs, t1)
     assert (labels[~inside] == 0).all() and (labels[inside] > 0).all()

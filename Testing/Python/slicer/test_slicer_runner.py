@@ -106,7 +106,8 @@ class _FakePyTorchUtilsLogic:
         return type(self).installed
 
     def installTorch(self, askConfirmation=False, torchVersionRequirement=None, **kwargs):
-        type(self).calls.append({"askConfirmation": askConfirmation, "torchVersionRequirement": torchVersionRequirement})
+        type(self).calls.append({"askConfirmation": askConfirmation,
+                                 "torchVersionRequirement": torchVersionRequirement})
         return type(self).installResult
 
 

@@ -34,7 +34,7 @@ class DeepSettings:
     network: str = "auto"  # "auto" | "2d" | "3d"
     base_width: int = 8
     depth: int = 3
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-2
     max_iter: int = 150
     min_iter: int = 20
     tol: float = 1e-4

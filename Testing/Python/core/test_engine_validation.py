@@ -1,0 +1,100 @@
+"""Every bad input gets a ValueError that names the problem and the fix; device handling."""
+
+import numpy as np
+import pytest
+import torch
+
+from DeepGMMSegmentLib import engine, segment
+
+
+@pytest.fixture
+def img():
+    return np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(channels=[np.zeros((16, 16)) + np.arange(16), np.ones((8, 8))]), r"Channel 2 has shape \(8, 8\).*resample"),
+        (dict(channels=np.ones((2, 2, 2, 2))), r"4 dimensions.*2D .* or 3D"),
+        (dict(channels=[]), "No channels"),
+        (dict(channels="image.nii"), "must be an array"),
+        (dict(channels=np.full((16, 16), 3.0)), r"Channel 1 is constant inside the mask.*remove it"),
+        (dict(n_classes=1), "at least 2"),
+        (dict(n_classes=2.5), "integer"),
+        (dict(method="kmeans"), r"Unknown method 'kmeans'.*deepsvg, deepg, em-gmm, em-svgmm"),
+        (dict(device="tpu"), r"Unknown device 'tpu'.*'auto', 'cpu'"),
+        (dict(mask=np.zeros((16, 16), bool)), "mask is empty"),
+        (dict(mask=np.ones((4, 4), bool)), r"mask has shape \(4, 4\)"),
+        (dict(colour="red"), r"Unknown option\(s\) colour.*valid options"),
+        (dict(covariance_type="tied"), "covariance_type 'tied'.*'full' or 'diag'"),
+        (dict(prior_means=[[1.0, 2.0]]), r"prior_means must be a finite \(3, 1\) array"),
+        (dict(spacing=(1.0, -1.0)), "spacing must be 2 positive numbers"),
+        (dict(method="em-gmm", model="m.pt"), "only be used with the deep methods"),
+    ],
+)
+def test_bad_input_is_a_clear_value_error(img, kwargs, match):
+    args = dict(channels=img, n_classes=3, method="em-gmm")
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        segment(args.pop("channels"), args.pop("n_classes"), **args)
+
+
+def test_nan_and_inf_are_rejected_with_a_count(img):
+    bad = img.copy()
+    bad[0, :3] = np.nan
+    bad[1, 0] = np.inf
+    with pytest.raises(ValueError, match=r"Channel 1 has 4 NaN or infinite values.*nan_to_num"):
+        segment(bad, 2, method="em-gmm")
+    # outside the mask they do no harm
+    mask = np.ones_like(img, bool)
+    mask[:2] = False
+    assert segment(bad, 2, method="em-gmm", mask=mask).labels[0, 0] == 0
+
+
+def test_more_classes_than_distinct_values(img):
+    two = (img > 0).astype(np.float32)
+    with pytest.raises(ValueError, match=r"Only 2 distinct intensity values.*n_classes <= 2"):
+        segment(two, 3, method="em-gmm")
+
+
+def test_inputs_are_not_modified(img):
+    mask = img > -1
+    before, mask_before = img.copy(), mask.copy()
+    segment(img, 3, method="em-gmm", mask=mask)
+    np.testing.assert_array_equal(img, before)
+    np.testing.assert_array_equal(mask, mask_before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_without_gpu_is_a_clear_error(img):
+    with pytest.raises(ValueError, match=r"no CUDA GPU is available.*device='auto' or 'cpu'"):
+        segment(img, 2, method="em-gmm", device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        segment(img, 2, method="em-gmm", device="cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto must pick the CPU here")
+def test_auto_falls_back_to_cpu(img):
+    assert segment(img, 2, method="em-gmm", device="auto").device == "cpu"
+    assert engine.resolve_device("AUTO") == torch.device("cpu")
+
+
+def test_cuda_out_of_memory_under_auto_retries_on_cpu(img, monkeypatch):
+    # No GPU here: stand in for a GPU whose first attempt runs out of memory. The retry is real.
+    real_run = engine._run
+    monkeypatch.setattr(engine, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+    def run(data, m, k, method, opts, spacing, prior, dev, *rest):
+        if dev.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run(data, m, k, method, opts, spacing, prior, dev, *rest)
+
+    monkeypatch.setattr(engine, "_run", run)
+    with pytest.warns(RuntimeWarning, match="retrying on the CPU"):
+        result = segment(img, 2, method="em-gmm", device="auto")
+    assert result.device == "cpu"
+    assert any("out of memory" in note for note in result.notes)
+    with pytest.raises(torch.OutOfMemoryError):
+        segment(img, 2, method="em-gmm", device="cuda")

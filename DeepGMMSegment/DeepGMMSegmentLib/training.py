@@ -677,6 +677,16 @@ def load_trained_model(path: str | os.PathLike) -> tuple[dict, dict]:
     return _cached_model(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
+def check_model_request(model_path: str | os.PathLike, n_classes: int, n_channels: int, spatial_dims: int) -> dict:
+    """Metadata of ``model_path`` after checking it against a ``segment`` call; ``ValueError`` if it does not fit.
+
+    For the engine to call before :func:`predict_with_model`, which does not know the requested K.
+    """
+    _, meta = load_trained_model(model_path)
+    model_io.check_compatible(meta, n_channels=n_channels, spatial_dims=spatial_dims, n_classes=n_classes)
+    return meta
+
+
 def predict_with_model(
     x: torch.Tensor,
     mask: torch.Tensor,
@@ -744,5 +754,5 @@ def predict_with_model(
 
 __all__ = [
     "TrainingCancelled", "TrainingProgress", "TrainingResult", "build_network", "forward_log_resp",
-    "load_trained_model", "pooled_class_means", "predict_with_model", "train",
+    "check_model_request", "load_trained_model", "pooled_class_means", "predict_with_model", "train",
 ]

@@ -240,3 +240,12 @@ def test_cuda_without_a_gpu_is_a_clear_error():
     images, masks, _ = cohort(2)
     with pytest.raises(ValueError, match="no CUDA GPU"):
         train(images, 3, masks=masks, spatial_dims=2, device="cuda", max_epochs=1)
+
+
+def test_check_model_request_names_a_class_count_mismatch(trained_model):
+    from DeepGMMSegmentLib.training import check_model_request
+
+    path, _ = trained_model
+    assert check_model_request(path, 3, 2, 2)["n_classes"] == 3
+    with pytest.raises(ValueError, match="segments into 3 classes but 4 were requested"):
+        check_model_request(path, 4, 2, 2)

@@ -2,8 +2,8 @@
 
 Rendered without OpenGL through ``vtkMRMLSliceLogic`` (the slice reslicing and layer blending
 that feeds Slicer's Red view), on the bundled MNI152 2 mm T1 with its brain mask, EM in a thin
-ROI slab (fast). Set ``DEEPGMMSEGMENT_SLICE_VIEW_PNG=<path>`` to also keep the picture (that is
-how ``docs/images/slicer-slice-view.png`` is made).
+ROI slab over one hemisphere (fast). Set ``DEEPGMMSEGMENT_SLICE_VIEW_PNG=<path>`` to also keep
+the picture (that is how ``docs/images/slicer-slice-view.png`` is made).
 """
 
 from __future__ import annotations
@@ -84,12 +84,13 @@ def test_red_slice_view_shows_the_classes_over_the_input(slicerEnvironment, tmp_
     assert t1 is not None and brainMask is not None and brainMask.IsA("vtkMRMLLabelMapVolumeNode")
     t1.GetDisplayNode().AutoWindowLevelOn()
 
-    # A 6 mm thick slab through the basal ganglia keeps EM fast.
+    # The ROI: a 6 mm slab through the basal ganglia, over one hemisphere only, so the view shows
+    # the classes beside the untouched T1 (and EM stays fast).
     geometry = mrml_io.volumeGeometry(t1)
     centre = geometry.ijkToRas @ np.array([(geometry.shape[2] - 1) / 2, (geometry.shape[1] - 1) / 2, 40.0, 1.0])
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "slab")
-    roi.SetCenter(*centre[:3])
-    roi.SetSize(400.0, 400.0, 6.0)
+    roi.SetCenter(centre[0] + 50.0, centre[1], centre[2])
+    roi.SetSize(100.0, 400.0, 6.0)
     outputs = DeepGMMSegmentLogic().process([t1], numberOfClasses=3, method="em-gmm", mask=brainMask, roi=roi,
                                             probabilityMaps=False)
     labels = mrml_io.readClassLabels(outputs.segmentationNode, geometry)
@@ -106,6 +107,9 @@ def test_red_slice_view_shows_the_classes_over_the_input(slicerEnvironment, tmp_
     rgb = pixels[..., :3].astype(float) / 255.0
     assert rgb.std() > 0.05  # not blank
     assert (rgb.max(axis=2) < 0.02).mean() > 0.2  # black outside the head, as in Slicer
+    # The hemisphere outside the ROI shows the T1 alone: grey pixels of many brightness levels.
+    greyscale = (rgb.max(axis=2) - rgb.min(axis=2) < 0.02) & (rgb.max(axis=2) > 0.15)
+    assert greyscale.sum() > 2000 and len(np.unique(rgb[greyscale][:, 0])) > 20
     # Blending a colour with grey (the T1 under it) keeps its "chroma direction": the colour with
     # its grey part removed and its range scaled to 1. Each class colour must be visible.
     low, high = rgb.min(axis=2, keepdims=True), rgb.max(axis=2, keepdims=True)

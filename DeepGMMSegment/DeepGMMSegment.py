@@ -70,7 +70,8 @@ class DeepGMMSegment(ScriptedLoadableModule):
         self.parent.helpText = _("""
 Unsupervised segmentation of 1-4 co-registered images into 2-12 tissue classes, without training data:
 a deep Gaussian mixture model (deepSVG, deepG) or classic EM (EM-GMM, EM-SVGMM) is fitted to the images.
-Outputs: a segmentation (Class 1 = darkest in channel 1) and per-class probability maps. See the <a href="https://github.com/deepgmmsegment/SlicerDeepGMMSegment/blob/main/docs/slicer.md">user guide</a>.
+Outputs: a segmentation (Class 1 = darkest in channel 1) and per-class probability maps. See the
+<a href="https://github.com/deepgmmsegment/SlicerDeepGMMSegment/blob/main/docs/slicer.md">user guide</a>.
 """)
         self.parent.acknowledgementText = _("""
 The deepG and deepSVG models follow: M. Schwab, A. Mayr, M. Haltmeier, "Deep Gaussian mixture model
@@ -353,7 +354,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         logic = self._ensureLogic()
         mask = (parameters.maskSegmentation, parameters.maskSegmentId) if parameters.maskSegmentation else None
         options = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
-                                           parameters.covarianceType.value, priorMeans)
+                                      parameters.covarianceType.value, priorMeans)
         self._runningMethod = parameters.method
         self._setProcessing(True)
         try:
@@ -411,7 +412,11 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def updateResultsTable(self):
         """One row per class of every output computed in this session."""
-        rows = self._results.rows(lambda nodeId: getattr(slicer.mrmlScene.GetNodeByID(nodeId), "GetName", lambda: None)())
+        def nodeName(nodeId):
+            node = slicer.mrmlScene.GetNodeByID(nodeId)
+            return node.GetName() if node is not None else None
+
+        rows = self._results.rows(nodeName)
         table = self.ui.resultsTableWidget
         table.setRowCount(len(rows))
         for rowIndex, row in enumerate(rows):

@@ -55,7 +55,7 @@ def test_channel_selector_visibility(selected, expected):
 
 
 def test_input_channels_problems():
-    t1, t2, t2copy = Node("vtkMRMLScalarVolumeNode1"), Node("vtkMRMLScalarVolumeNode2"), Node("vtkMRMLScalarVolumeNode2")
+    t1, t2, t2copy = Node("volume1"), Node("volume2"), Node("volume2")
     assert "first channel" in panel.inputChannelsProblem([None, None, None, None])
     assert panel.inputChannelsProblem([t1, None, None, None]) is None
     assert panel.inputChannelsProblem([t1, t2, None, None]) is None

@@ -200,8 +200,8 @@ def parameterNodeWrapper(classtype):
         "connectGui": lambda self, gui: object(), "disconnectGui": lambda self, tag: None,
         "StartModify": lambda self: self.parameterNode.StartModify(),
         "EndModify": lambda self, wasModified: self.parameterNode.EndModify(wasModified),
-        "AddObserver": lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(event, callback,
-                                                                                                   priority),
+        "AddObserver": lambda self, event, callback, priority=0.0: self.parameterNode.AddObserver(
+            event, callback, priority),
         "RemoveObserver": lambda self, tag: self.parameterNode.RemoveObserver(tag),
     }
     return type(classtype.__name__, (), namespace)

@@ -25,7 +25,7 @@ DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA (GPU)"}
 COVARIANCE_LABELS = {"full": "Full", "diag": "Diagonal"}
 
 #: Column titles of the results table, in order (the .ui file declares the same columns).
-RESULT_COLUMNS = ("Output", "Method", "Class", "Volume (mL)", "Mean intensity", "Final NLL")
+RESULT_COLUMNS = ("Output", "Method", "Class", "Volume (mL)", "Mean intensity (channel 1 / 2 / ...)", "Final NLL")
 
 
 def channelSelectorVisibility(selected: Sequence[bool]) -> list[bool]:

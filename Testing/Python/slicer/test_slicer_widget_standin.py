@@ -120,10 +120,14 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     assert second.GetID() != first.GetID() and segmentationCount(mrmlScene) == 2
     assert [row[1] for row in ui.resultsTableWidget.rowTexts()] == ["EM-GMM"] * 3 + ["EM-SVGMM"] * 3
 
-    # "Cancel" in the question: nothing starts.
-    widget.askReplaceOrNew = lambda name, withRoi: "cancel"
+    # "Cancel" in the question: nothing starts. With an ROI box the question is about refining.
+    roi = mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    parameters.roi = roi
+    widget.askReplaceOrNew = lambda name, withRoi: questions.append((name, withRoi)) or "cancel"
     ui.segmentButton.click()
+    assert questions[-1] == (second.GetName(), True)
     assert not widget.isProcessing() and segmentationCount(mrmlScene) == 2
+    parameters.roi = None
 
     # "Replace": the same output gets the new content; its rows are replaced, not added.
     widget.askReplaceOrNew = lambda name, withRoi: "replace"

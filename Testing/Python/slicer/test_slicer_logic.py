@@ -349,6 +349,14 @@ def test_non_blocking_path_with_hand_pumped_scheduler(mrmlScene, helpers):
     assert timed and all(p.remainingSeconds >= 0 for p in timed)
 
 
+def test_logic_knows_exactly_the_engine_methods():
+    # The logic checks method names without importing the engine (torch); keep both lists equal.
+    import DeepGMMSegmentLib
+    from DeepGMMSegmentLib.logic import METHODS
+
+    assert set(METHODS) == set(DeepGMMSegmentLib.METHODS)
+
+
 def test_invalid_requests_are_clear_errors_before_any_work(mrmlScene, helpers):
     t1, t2, _, _ = _twoChannelInputs(mrmlScene, helpers)
     logic = DeepGMMSegmentLogic(runnerFactory=lambda **kwargs: pytest.fail("no worker may start"))

@@ -143,7 +143,13 @@ class DeepGMMSegmentTask:
             self.job.cancel()
 
     def _pumpProgress(self) -> None:
-        for info in self.job.progressUpdates():
+        updates = self.job.progressUpdates()
+        # Fast EM can report thousands of iterations between two polls; of a run of iteration
+        # reports only the newest is passed on, so the GUI redraws once per poll.
+        for index, info in enumerate(updates):
+            nextInfo = updates[index + 1] if index + 1 < len(updates) else None
+            if info.stage == "fitting" and nextInfo is not None and nextInfo.stage == "fitting":
+                continue
             self._deliverProgress(info)
 
     def _poll(self) -> None:

@@ -426,3 +426,53 @@ def test_progress_callback_returning_false_cancels_a_blocking_run(mrmlScene, hel
     assert not logic.isProcessing()
     assert any(info.iteration >= 3 for info in seen)
     assert _sceneSnapshot(mrmlScene) == snapshot
+
+
+class _ScriptedJob:
+    """A job stand-in that replays progress reports, to test how the logic passes them on."""
+
+    def __init__(self, batches, **jobArguments):
+        self.batches = list(batches)
+        self.jobArguments = jobArguments
+        self.cleanedUp = False
+
+    def start(self):
+        pass
+
+    def isRunning(self):
+        return bool(self.batches)
+
+    def progressUpdates(self):
+        return self.batches.pop(0) if self.batches else []
+
+    def result(self):
+        raise WorkerError("scripted end", "ValueError")
+
+    def cancel(self):
+        return True
+
+    def cleanup(self):
+        self.cleanedUp = True
+
+
+def test_iteration_reports_are_coalesced_per_poll(mrmlScene, helpers):
+    from DeepGMMSegmentLib.logic import ProgressInfo
+
+    t1, _, _, _ = _twoChannelInputs(mrmlScene, helpers)
+    fitting = [ProgressInfo("fitting", n, 1000, 1.0 / n, 0.01 * n) for n in range(1, 501)]
+    batches = [[ProgressInfo("loading")], [ProgressInfo("fitting")] + fitting[:300], fitting[300:],
+               [ProgressInfo("saving")]]
+    jobs = []
+    scheduler = ManualScheduler()
+    logic = DeepGMMSegmentLogic(scheduler=scheduler,
+                                runnerFactory=lambda **kw: jobs.append(_ScriptedJob(batches, **kw)) or jobs[-1])
+    seen, completed = [], []
+    logic.process([t1], numberOfClasses=2, method="em-gmm", waitForCompletion=False, progressCallback=seen.append,
+                  completedCallback=completed.append)
+    scheduler.runUntilIdle(timeoutSeconds=30)
+    assert [(p.stage, p.iteration) for p in seen] == [("starting", 0), ("loading", 0), ("fitting", 300),
+                                                      ("fitting", 500), ("saving", 0)]
+    assert isinstance(completed[0], WorkerError) and jobs[0].cleanedUp and not logic.isProcessing()
+    # The job got the first input's spacing in (k, j, i) order and the arrays of the request.
+    assert jobs[0].jobArguments["spacing"] == pytest.approx((2.0, 1.2, 1.0))
+    assert jobs[0].jobArguments["channels"][0].shape == (6, 20, 24) and jobs[0].jobArguments["mask"] is None

@@ -134,7 +134,9 @@ def test_mask_limits_labels_and_probabilities(mrmlScene, helpers):
     masks.SetReferenceImageGeometryParameterFromVolumeNode(t1)
     brainImage = mrml_io.volumeGeometry(t1).orientedImage(inside)
     brainId = masks.AddSegmentFromBinaryLabelmapRepresentation(brainImage, "brain")
+    maskMTimes = (masks.GetMTime(), masks.GetSegmentation().GetMTime(), brainImage.GetMTime())
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", mask=(masks, brainId))
+    assert (masks.GetMTime(), masks.GetSegmentation().GetMTime(), brainImage.GetMTime()) == maskMTimes
     labels = _labels(outputs, t1)
     assert (labels[~inside] == 0).all() and (labels[inside] > 0).all()
     assert (labels[inside] == truth[inside]).mean() > 0.98
@@ -160,8 +162,10 @@ def test_roi_refinement_changes_nothing_outside_the_roi(mrmlScene, helpers):
     # Reversed prior means make class 1 the brightest tissue, so inside the ROI the labels visibly
     # change; outside they must not.
     means = [[300.0, 120.0], [200.0, 50.0], [100.0, 200.0]]
+    roiMTime = roi.GetMTime()
     second = logic.process([t1, t2], outputSegmentation=segmentationNode, numberOfClasses=3, method="em-gmm",
                            roi=roi, options={"prior_means": np.array(means)})
+    assert roi.GetMTime() == roiMTime
     assert second.segmentationNode is segmentationNode
     assert mrml_io.classSegmentIds(segmentationNode) == segmentIds
     region = mrml_io.roiRegion(roi, t1)

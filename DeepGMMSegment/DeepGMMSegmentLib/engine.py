@@ -284,6 +284,13 @@ def segment(
     opts = _resolve_options(method, options)
     spacing_t = _check_spacing(spacing, data.ndim - 1)
     prior = _check_prior(opts["prior_means"], n_classes, data.shape[0])
+    fixed_identity = prior is not None
+    if opts["model"] is not None:
+        from .training import check_model_request  # trained models are optional
+
+        meta = check_model_request(opts["model"], n_classes, data.shape[0], data.ndim - 1)
+        # A model trained with prior means outputs class k as the k-th prior row.
+        fixed_identity = fixed_identity or bool(meta.get("prior_means"))
     requested = device
     dev = resolve_device(device)
     notes: list[str] = []
@@ -298,7 +305,7 @@ def segment(
         notes.append(msg)
         dev = torch.device("cpu")
         fit, centre, scale = _run(data, m, n_classes, method, opts, spacing_t, prior, dev, seed, progress, start)
-    return _build_result(fit, m, centre, scale, n_classes, method, opts, prior is not None, dev, start, notes)
+    return _build_result(fit, m, centre, scale, n_classes, method, opts, fixed_identity, dev, start, notes)
 
 
 def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...] | None:

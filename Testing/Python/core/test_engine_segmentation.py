@@ -100,7 +100,7 @@ def test_variance_floor_prevents_collapse():
 
 def test_deep_fit_lowers_the_nll_and_3d_in_plane_network_runs():
     channels, truth, _ = blob_phantom((6, 32, 32), n_classes=3, n_channels=1, noise=0.3, seed=9)
-    result = segment(channels, 3, method="deepsvg", spacing=(5.0, 1.0, 1.0), warm_start="none", max_iter=40,
+    result = segment(channels, 3, method="deepsvg", spacing=(5.0, 1.0, 1.0), network="3d", warm_start="none", max_iter=40,
                      min_iter=40, base_width=4)
     assert result.n_iter == 40
     assert result.nll_history[-1] < result.nll_history[0]

@@ -1,0 +1,46 @@
+"""U-Net shapes and the choice of network."""
+
+import pytest
+import torch
+
+from DeepGMMSegmentLib.deep import choose_network, deep_gmm_loss
+from DeepGMMSegmentLib.networks import UNet
+
+
+@pytest.mark.parametrize("dims, shape, in_plane", [(2, (3, 2, 37, 29), False), (3, (1, 2, 5, 19, 22), True),
+                                                   (3, (1, 2, 9, 17, 16), False)])
+def test_unet_keeps_any_spatial_size(dims, shape, in_plane):
+    net = UNet(dims, 2, 4, base_width=4, depth=3, pool_in_plane_only=in_plane)
+    out = net(torch.randn(shape))
+    assert out.shape == (shape[0], 4) + shape[2:]
+
+
+def test_in_plane_only_never_pools_z():
+    net = UNet(3, 1, 2, base_width=4, depth=2, pool_in_plane_only=True)
+    assert net.pool_factor == (1, 2, 2)
+
+
+def test_choose_network():
+    assert choose_network((40, 40), None, "auto") == (2, False)
+    assert choose_network((30, 64, 64), (1, 1, 1), "auto") == (2, False)
+    assert choose_network((30, 64, 64), (1, 1, 1), "3d") == (3, False)
+    assert choose_network((30, 64, 64), (5, 1, 1), "3d") == (3, True)  # thick slices
+    assert choose_network((8, 64, 64), None, "3d") == (3, True)  # few slices
+    with pytest.raises(ValueError, match="Unknown network"):
+        choose_network((8, 64, 64), None, "4d")
+
+
+def test_deep_loss_gradients_reach_the_responsibilities_and_prior_adds_penalty():
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 8, 8)
+    logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+    mask = torch.ones(2, 8, 8, dtype=torch.bool)
+    for method in ("deepg", "deepsvg"):
+        loss, nll, fitted = deep_gmm_loss(x, logits.log_softmax(1), mask, method)
+        assert torch.isfinite(loss) and loss == nll and len(fitted) == 2
+        loss.backward()
+        assert logits.grad is not None and logits.grad.abs().sum() > 0
+        logits.grad = None
+    prior = torch.tensor([[-1.0], [0.0], [1.0]])
+    loss, nll, _ = deep_gmm_loss(x, logits.log_softmax(1), mask, "deepsvg", prior_means=prior, prior_weight=2.0)
+    assert loss > nll

@@ -88,10 +88,10 @@ def _voxels(channels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return channels[:, mask].T.astype(np.float64)  # (V, C)
 
 
-def _ours(name, channels, mask, spacing, n_classes, seed):
+def _ours(name, channels, mask, spacing, n_classes, seed, **options):
     from DeepGMMSegmentLib import segment
     result = segment(list(channels), n_classes, method=name, mask=mask, spacing=spacing,
-                     device="cpu", seed=seed)
+                     device="cpu", seed=seed, **options)
     note = "engine's own final NLL" + (" (per-voxel weights)" if name in ("em-svgmm", "deepsvg") else "")
     return MethodOutput(result.labels, float(result.nll), note, int(result.n_iter), bool(result.converged))
 
@@ -104,7 +104,7 @@ def _sklearn_gmm(x, n_classes, seed):
     return model.predict(x) + 1, nll, int(model.n_iter_), bool(model.converged_)
 
 
-def _sklearn(name, channels, mask, spacing, n_classes, seed):
+def _sklearn(name, channels, mask, spacing, n_classes, seed, **options):
     x = _voxels(channels, mask)
     values, nll, n_iter, converged = _sklearn_gmm(x, n_classes, seed)
     return MethodOutput(_labels_from_voxels(values, mask), nll, "global-weight GMM", n_iter, converged)
@@ -116,7 +116,7 @@ def _to_ants(array: np.ndarray, spacing):
     return ants.from_numpy(np.ascontiguousarray(array.T), spacing=tuple(reversed(spacing)))
 
 
-def _atropos(name, channels, mask, spacing, n_classes, seed):
+def _atropos(name, channels, mask, spacing, n_classes, seed, **options):
     import ants
     ndim = mask.ndim
     radius = "x".join(["1"] * ndim)
@@ -130,7 +130,7 @@ def _atropos(name, channels, mask, spacing, n_classes, seed):
     return MethodOutput(labels)
 
 
-def _n4_gmm(name, channels, mask, spacing, n_classes, seed):
+def _n4_gmm(name, channels, mask, spacing, n_classes, seed, **options):
     import ants
     corrected = ants.n4_bias_field_correction(_to_ants(channels[0].astype(np.float32), spacing),
                                               mask=_to_ants(mask.astype(np.float32), spacing))
@@ -148,7 +148,7 @@ def _voxel_image(values: np.ndarray):
     return sitk.GetImageFromArray(values.astype(np.float32)[None, :])
 
 
-def _sitk_kmeans(name, channels, mask, spacing, n_classes, seed):
+def _sitk_kmeans(name, channels, mask, spacing, n_classes, seed, **options):
     import SimpleITK as sitk
     values = channels[0][mask]
     quantiles = (2 * np.arange(n_classes) + 1) / (2 * n_classes)
@@ -158,7 +158,7 @@ def _sitk_kmeans(name, channels, mask, spacing, n_classes, seed):
     return MethodOutput(_labels_from_voxels(order + 1, mask))
 
 
-def _sitk_otsu(name, channels, mask, spacing, n_classes, seed):
+def _sitk_otsu(name, channels, mask, spacing, n_classes, seed, **options):
     import SimpleITK as sitk
     values = channels[0][mask]
     labelled = sitk.OtsuMultipleThresholds(_voxel_image(values), n_classes - 1, 0, 256, False)
@@ -174,12 +174,17 @@ _RUNNERS = {
 
 
 def run(name: str, channels: np.ndarray, mask: np.ndarray, spacing, n_classes: int,
-        seed: int = 0) -> MethodOutput:
-    """Run method ``name`` on (C, *spatial) ``channels`` inside ``mask``."""
+        seed: int = 0, **options) -> MethodOutput:
+    """Run method ``name`` on (C, *spatial) ``channels`` inside ``mask``.
+
+    ``options`` go to ``DeepGMMSegmentLib.segment`` for our methods (peers take none).
+    """
+    if options and name not in OURS:
+        raise ValueError(f"{name} takes no options, got {sorted(options)}.")
     if name not in _RUNNERS:
         raise ValueError(f"Unknown method {name!r}: use one of {', '.join(_RUNNERS)}.")
     if channels.shape[0] > 1 and not SPECS[name].multichannel:
         raise ValueError(f"{name} handles one channel only, got {channels.shape[0]}.")
     os.environ.setdefault("PYTHONHASHSEED", "0")
     return _RUNNERS[name](name, np.asarray(channels, dtype=np.float32), np.asarray(mask, dtype=bool),
-                          tuple(spacing), int(n_classes), int(seed))
+                          tuple(spacing), int(n_classes), int(seed), **options)

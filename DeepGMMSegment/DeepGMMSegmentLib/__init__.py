@@ -1,12 +1,35 @@
 """DeepGMMSegment engine: unsupervised tissue segmentation with deep and classic Gaussian mixtures.
 
-This package's top level imports only numpy and torch; the Slicer adapter modules
-(``mrml_io``, ``logic``, ``runner``, ``worker``) are imported explicitly by the Slicer module.
+The public names (``segment``, ``train``, ...) are loaded on first use, so importing a submodule
+that does not need torch (the Slicer adapter: ``logic``, ``mrml_io``, ``runner``, ``panel``,
+``dependencies``) works in a Slicer whose PyTorch is not installed yet. This package never imports
+``slicer``; the Slicer adapter modules are imported explicitly by the Slicer module.
 """
 
-from .engine import METHODS, SegmentationCancelled, SegmentationResult, segment
-from .training import train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "SegmentationCancelled", "SegmentationResult", "segment", "train", "__version__"]
+_LAZY = {
+    "METHODS": "engine",
+    "SegmentationCancelled": "engine",
+    "SegmentationResult": "engine",
+    "segment": "engine",
+    "train": "training",
+}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

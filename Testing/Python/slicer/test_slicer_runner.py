@@ -202,9 +202,6 @@ except MissingDependencyError as error:
 """
 
 
-@pytest.mark.xfail(reason="DeepGMMSegmentLib/__init__.py imports the torch engine eagerly, so importing "
-                          "DeepGMMSegmentLib.logic needs torch (owner: core; fix: lazy imports in __init__)",
-                   strict=False)
 def test_logic_imports_without_torch():
     completed = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH], capture_output=True, text=True, timeout=120,
                                env={**os.environ, "PYTHONPATH": runner.moduleFolder()})

@@ -107,6 +107,43 @@ def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return uniq, inverse, counts.to(x.dtype)
 
 
+def _iterate(
+    data: torch.Tensor,
+    log_w: torch.Tensor,
+    params: gmm.GaussianParameters,
+    *,
+    per_voxel_weights: bool,
+    covariance_type: str,
+    max_iter: int,
+    tol: float,
+    reg_covar: float,
+    counts: torch.Tensor | None,
+    report: Reporter | None,
+):
+    """The EM loop shared by GMM (global log weights (K,)) and SVGMM (per-voxel log weights (V, K)).
+
+    Returns (final log responsibilities, parameters, log weights, NLL history, iterations, converged).
+    """
+    history: list[float] = []
+    converged = False
+    n_iter = 0
+    floor = -30.0  # keeps per-voxel log weights finite once a posterior becomes one-hot
+    for n_iter in range(1, max_iter + 1):
+        log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
+        nll = -gmm.weighted_mean(ll, counts).item()
+        history.append(nll)
+        nk, params = gmm.weighted_mstep(data, log_resp.exp(), covariance_type, reg_covar, counts)
+        log_w = log_resp.clamp_min(floor) if per_voxel_weights else torch.log(nk / nk.sum())
+        if report is not None:
+            report(n_iter, max_iter, nll)
+        if len(history) > 1 and abs(history[-2] - history[-1]) < tol:
+            converged = True
+            break
+    log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
+    history.append(-gmm.weighted_mean(ll, counts).item())
+    return log_resp, params, log_w, history, n_iter, converged
+
+
 def fit_gmm(
     x: torch.Tensor,
     n_classes: int,
@@ -133,23 +170,10 @@ def fit_gmm(
         log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, counts, means_init)
     else:
         log_w, params = init
-    history: list[float] = []
-    converged = False
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
-        nll = -gmm.weighted_mean(ll, counts).item()
-        history.append(nll)
-        resp = log_resp.exp()
-        nk, params = gmm.weighted_mstep(data, resp, covariance_type, reg_covar, counts)
-        log_w = torch.log(nk / nk.sum())
-        if report is not None:
-            report(n_iter, max_iter, nll)
-        if len(history) > 1 and abs(history[-2] - history[-1]) < tol:
-            converged = True
-            break
-    log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
-    history.append(-gmm.weighted_mean(ll, counts).item())
+    log_resp, params, log_w, history, n_iter, converged = _iterate(
+        data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
+        reg_covar=reg_covar, counts=counts, report=report,
+    )
     if inverse is not None:
         log_resp = log_resp[inverse]
     return MixtureFit(log_resp, params, log_w.exp(), history, n_iter, converged)
@@ -175,22 +199,8 @@ def fit_svgmm(
     """
     log_w, params = initial_parameters(x, n_classes, covariance_type, reg_covar, generator, None, means_init)
     log_pi, _ = gmm.posterior(log_w, gmm.log_gaussian(x, params))
-    history: list[float] = []
-    converged = False
-    n_iter = 0
-    floor = -30.0  # keeps log weights finite once a voxel's posterior becomes one-hot
-    for n_iter in range(1, max_iter + 1):
-        log_resp, ll = gmm.posterior(log_pi, gmm.log_gaussian(x, params))
-        nll = -ll.mean().item()
-        history.append(nll)
-        log_pi = log_resp.clamp_min(floor)
-        _, params = gmm.weighted_mstep(x, log_resp.exp(), covariance_type, reg_covar)
-        if report is not None:
-            report(n_iter, max_iter, nll)
-        if len(history) > 1 and abs(history[-2] - history[-1]) < tol:
-            converged = True
-            break
-    log_resp, ll = gmm.posterior(log_pi, gmm.log_gaussian(x, params))
-    history.append(-ll.mean().item())
-    weights = log_resp.exp().mean(0)
-    return MixtureFit(log_resp, params, weights, history, n_iter, converged)
+    log_resp, params, _, history, n_iter, converged = _iterate(
+        x, log_pi, params, per_voxel_weights=True, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
+        reg_covar=reg_covar, counts=None, report=report,
+    )
+    return MixtureFit(log_resp, params, log_resp.exp().mean(0), history, n_iter, converged)

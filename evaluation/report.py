@@ -209,6 +209,8 @@ def _case_table(case) -> list[str]:
             mean = _fmt(r["mean_dice"])
             if r["mean_dice"] == best:
                 mean = f"**{mean}**"
+            if r["identity"] == "method" and r.get("mean_dice_hungarian", 0) > r["mean_dice"] + 0.005:
+                mean += f" (‡ {r['mean_dice_hungarian']:.3f})"
             dice = " | ".join(_fmt(d) for d in r["dice"])
             lines.append(f"| {name} | {dice} | {mean} | {r['identity']} | {tail}")
         else:
@@ -305,10 +307,11 @@ def _agreement_table(case) -> list[str]:
 
 
 WHY_NOT_DEEP_AT_1MM = (
-    "em-svgmm, deepg and deepsvg run at 2 mm only: on this 2-core CPU one deep fit of the 2 mm volume "
-    "(244,049 voxels) takes minutes (see the time column), and the 1 mm volume has 7.7 times the "
-    "voxels, so the deep methods on all 1 mm conditions would not fit the 30-minute budget of "
-    "`make evaluate`. The 2 mm tables compare every method on the same input.")
+    "Budget: em-svgmm, deepg and deepsvg run at 2 mm only, and the deep ones only on the two "
+    "conditions the goals name (clean, noise 0.10) and the two multi-channel cases. On this 2-core "
+    "CPU one deep fit of the 2 mm volume (244,049 voxels) takes minutes (time column); the 1 mm "
+    "volume has 7.7 times the voxels, and deep fits on every condition and resolution would not fit "
+    "the 30-minute budget of `make evaluate`.")
 
 
 def write_markdown(data, path: Path, figures: dict) -> None:
@@ -327,7 +330,13 @@ def write_markdown(data, path: Path, figures: dict) -> None:
         + (" (resumed: some results come from an earlier, interrupted run)" if info.get("resumed") else "")
         + f". Load average before/after: "
         f"{info['load_before'][0]:.1f} / {info['load_after'][0]:.1f} (other work on the 2 cores "
-        "slows every method alike, and makes the times noisier).",
+        "slows every method alike, and makes the times noisier)."
+        + (" **This run was split over two concurrent processes** (`--only`: em-svgmm and the deep "
+           "methods in one, every other method in the other, gathered with `--collect`) because the "
+           "machine was shared with other work and the run had a deadline; so two methods ran at once "
+           "and every time below is pessimistic. `make evaluate` runs the jobs one after another. "
+           f"The jobs' own wall times add up to {info.get('job_seconds', 0) / 60:.1f} min."
+           if info.get("split") else ""),
         "",
         "## How to read this",
         "",
@@ -344,7 +353,8 @@ def write_markdown(data, path: Path, figures: dict) -> None:
         "itself said which class is CSF/GM/WM (ours: ascending T1 mean; Atropos: k-means init sorted by "
         "intensity; SimpleITK: thresholds/initial means in ascending order) and is scored as it stands; "
         "\"Hungarian\" means the clusters had no identity and were matched to the reference classes by "
-        "`scipy.optimize.linear_sum_assignment` on the overlap counts.",
+        "`scipy.optimize.linear_sum_assignment` on the overlap counts. ‡ = the method's own class "
+        "order was not the best match; the value in brackets is what Hungarian matching would give.",
         "* **NLL**: final mean negative log-likelihood per voxel in the engine's units (each channel "
         "z-scored inside the mask; scikit-learn's value converted by the change of variables). "
         "em-svgmm and deepsvg report the spatially variant model's NLL (per-voxel mixing weights), which "

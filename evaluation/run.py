@@ -69,16 +69,18 @@ def build_plan(quick: bool):
 
     volume_1mm = load_mni(1)
     # 1 mm: every peer and our EM-GMM on every condition.  em-svgmm and the deep methods are
-    # 2 mm only: measured here they cost minutes per fit at 2 mm on 2 cores, and 1 mm has 8x the
-    # voxels, which would not fit the 30-minute budget of `make evaluate`.
+    # 2 mm only: measured here one deep fit of the 2 mm volume takes several minutes on 2 cores,
+    # and 1 mm has 7.7x the voxels; they would not fit the 30-minute budget of `make evaluate`.
     for case in conditions.t1_cases(volume_1mm):
         names = list(PEERS_1D) + ["em-gmm"]
         if "bias" in case.name:
             names.append("n4-gmm")
         plan.append(("T1", "1 mm", case, 3, names))
-    # 2 mm: every method on every condition (the like-for-like comparison with the deep ones)
+    # 2 mm: every peer and our EM on every condition; the deep methods on the two conditions the
+    # goals name (a deep fit costs minutes here, see DEEP_CONDITIONS)
     for case in conditions.t1_cases(volume_2mm):
-        names = list(methods.OURS) + list(PEERS_1D)
+        ours = methods.OURS if case.name in DEEP_CONDITIONS else ("em-gmm", "em-svgmm")
+        names = list(ours) + list(PEERS_1D)
         if "bias" in case.name:
             names.append("n4-gmm")
         plan.append(("T1", "2 mm", case, 3, names))
@@ -89,6 +91,7 @@ def build_plan(quick: bool):
     return plan, {"quick": False}
 
 
+DEEP_CONDITIONS = ("clean", "noise 0.10")
 # a smoke run only checks that everything runs end to end: the deep fits are cut short
 QUICK_DEEP_OPTIONS = {"max_iter": 5, "min_iter": 2, "warm_start_iter": 2}
 
@@ -110,6 +113,8 @@ def run_job(case_path: Path, method: str, result_path: Path, n_classes: int, tim
         return {"method": method, "error": tail[0][:300], "options": options or {}}
     summary = json.loads(result_path.with_suffix(".json").read_text())
     summary["process_seconds"] = time.perf_counter() - start
+    # kept with the job's result so that --resume/--collect know the job's wall time too
+    result_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -130,13 +135,15 @@ CONDITION_PRIORITY = ("clean", "noise 0.10", "bias 40%", "noise 0.10 + bias 40%"
 def job_order(plan):
     """Jobs (case index, method) with the most informative first, so that a run cut short (or
     resumed) has the headline comparisons: clean and noise 0.10 at 2 mm (all methods) and 1 mm
-    (peers) before the other conditions; the multi-channel cases last."""
+    (peers) before the other conditions; the multi-channel cases last, the smaller first."""
     def key(item):
         index, method = item
         group, resolution, case, _, _ = plan[index]
         condition = (CONDITION_PRIORITY.index(case.name) if case.name in CONDITION_PRIORITY
                      else len(CONDITION_PRIORITY))
-        return (group != "T1", condition, resolution != "2 mm", index)
+        if group != "T1":  # multi-channel cases last, the small (2D) one first
+            return (1, 0, int(case.mask.sum()), index)
+        return (0, condition, resolution != "2 mm", index)
     jobs = [(i, m) for i, entry in enumerate(plan) for m in entry[4]]
     return sorted(jobs, key=key)
 
@@ -156,12 +163,18 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per method run")
     parser.add_argument("--resume", action="store_true",
                         help="keep the results of jobs an interrupted run already finished")
+    parser.add_argument("--only", type=lambda text: [m for m in text.split(",") if m],
+                        help="comma-separated methods: run just these jobs of the plan (with "
+                             "--resume, to split one run over several processes)")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: gather the finished jobs of the plan into the report "
+                             "(the others are listed as not run)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from the last results.json")
     args = parser.parse_args(argv)
     work = args.work_dir / ("quick" if args.quick else "full")
     output_dir = REPO_ROOT / "out" / "evaluation-quick" if args.quick else REPO_ROOT / "docs"
-    results_path = work / "results.json"
+    results_path = work / ("results.json" if not args.only else f"results-{'-'.join(args.only)}.json")
 
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
@@ -178,19 +191,30 @@ def main(argv=None) -> int:
             case_dir = work / slug(f"{resolution}-{case.name}")
             case_dir.mkdir(parents=True, exist_ok=True)
             case_path = case_dir / "case.npz"
-            np.savez(case_path, channels=case.channels, mask=case.mask, spacing=np.array(case.spacing))
+            partial = case_dir / f"case.{os.getpid()}.partial.npz"
+            np.savez(partial, channels=case.channels, mask=case.mask, spacing=np.array(case.spacing))
+            partial.replace(case_path)  # atomic: a worker of a parallel runner never reads half a file
             case_paths.append(case_path)
             records.append(case_record(group, resolution, case, n_classes, names))
         jobs = job_order(plan)
+        if args.only:
+            unknown = sorted(set(args.only) - set(methods.SPECS))
+            if unknown:
+                parser.error(f"unknown method(s) in --only: {', '.join(unknown)}")
+            jobs = [job for job in jobs if job[1] in args.only]
+        info["split"] = bool(args.only) or args.collect
         labels_by_case = [dict() for _ in plan]
         for done, (index, method) in enumerate(jobs, start=1):
             group, resolution, case, n_classes, _ = plan[index]
             result_path = case_paths[index].parent / f"{method}.npz"
             options = QUICK_DEEP_OPTIONS if args.quick and method in ("deepg", "deepsvg") else None
             previous = result_path.with_suffix(".json")
-            if args.resume and previous.exists() and result_path.exists():
+            if (args.resume or args.collect) and previous.exists() and result_path.exists():
                 summary = json.loads(previous.read_text())
                 summary["resumed"] = True
+                summary["result_file"] = str(previous)
+            elif args.collect:
+                continue
             else:
                 previous.unlink(missing_ok=True)
                 summary = run_job(case_paths[index], method, result_path, n_classes, args.timeout, options)
@@ -211,6 +235,8 @@ def main(argv=None) -> int:
                         for b in found} for a in found}
             # written after every job: a run cut short still leaves a reportable partial result
             info["seconds"] = time.time() - started
+            if args.collect:
+                info["seconds"], info["job_seconds"] = collected_wall_time(records)
             info["load_after"] = os.getloadavg()
             info["jobs_done"], info["jobs_planned"] = done, len(jobs)
             results_path.write_text(json.dumps({"info": info, "cases": records}, indent=1))
@@ -221,6 +247,23 @@ def main(argv=None) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def collected_wall_time(records) -> tuple[float, float]:
+    """(wall seconds from the first job's start to the last job's end, sum of the jobs' seconds),
+    from the per-job result files, for results gathered with --collect."""
+    starts, ends, total = [], [], 0.0
+    for record in records:
+        for result in record["results"]:
+            path = result.get("result_file")
+            if path and Path(path).exists():
+                end = Path(path).stat().st_mtime
+                # jobs run before process_seconds was recorded: their measured runs
+                seconds = result.get("process_seconds", sum(result.get("all_seconds", [])))
+                starts.append(end - seconds)
+                ends.append(end)
+                total += seconds
+    return (max(ends) - min(starts) if ends else 0.0), total
 
 
 def engine_revision() -> str:

@@ -135,7 +135,8 @@ def worker_sklearn(directory: Path, tol: float) -> dict:
     model.fit(x)
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     peak = _rss_mib() - baseline
-    return {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(model.n_iter_), "converged": bool(model.converged_),
+    return {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(model.n_iter_),
+            "converged": bool(model.converged_),
             "nll": float(-model.score(x)), "peak_mib": peak}
 
 
@@ -171,7 +172,8 @@ def worker_em_segment(directory: Path, tol: float) -> dict:
                      covariance_type="full")
     seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     peak = _rss_mib() - baseline
-    return {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(result.n_iter), "converged": bool(result.converged),
+    return {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(result.n_iter),
+            "converged": bool(result.converged),
             "nll": float(result.nll_history[-1]), "peak_mib": peak}
 
 
@@ -310,7 +312,8 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
                f"variance floor {REG_COVAR:g}, stop when the mean NLL changes by less than "
                f"{info['tol']:g}; all three start from the same parameters (means at the 1/6, "
                "1/2, 5/6 quantiles, weights and covariances of the hard assignment).", "",
-               "| run | wall time (s) | CPU time (s) | iterations | final NLL / voxel | peak memory (MiB) | speed-up (wall) | speed-up (CPU) |",
+               "| run | wall time (s) | CPU time (s) | iterations | final NLL / voxel "
+               "| peak memory (MiB) | speed-up (wall) | speed-up (CPU) |",
                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         rows = [("scikit-learn `GaussianMixture.fit`", sk, 1.0),
                 ("our `em.fit_gmm`, every voxel (float32, torch)", vox, ratio_vox),
@@ -329,7 +332,8 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
                "NLL, with lower peak memory.",
                f"* `segment(method=\"em-gmm\")`: {ratio_seg:.1f}× faster in wall time "
                f"({_mark(ratio_seg >= GOAL_EM_SPEEDUP)}), "
-               f"{sk['cpu_seconds'] / seg['cpu_seconds']:.1f}× in CPU time; peak memory {seg['peak_mib']:.0f} vs "
+               f"{sk['cpu_seconds'] / seg['cpu_seconds']:.1f}× in CPU time; "
+               f"peak memory {seg['peak_mib']:.0f} vs "
                f"{sk['peak_mib']:.0f} MiB ({_mark(seg['peak_mib'] < sk['peak_mib'])}). It fits the "
                "mixture to the distinct intensity values weighted by their counts, which gives "
                "the same likelihood as fitting every voxel; the time includes normalisation and "

@@ -143,7 +143,7 @@ def test_second_channel_on_another_grid_is_resampled_onto_the_first(tmp_path, ca
 
 
 def test_channel_covering_part_of_the_first_leaves_the_rest_unsegmented(tmp_path, capsys):
-    truth = two_channel_phantom(tmp_path, coverage_fraction=0.6)
+    two_channel_phantom(tmp_path, coverage_fraction=0.6)
     code, err = run_cli(capsys, tmp_path / "c1.nii.gz", tmp_path / "c2.mha", "-k", "3",
                         "-m", "em-gmm", "-o", tmp_path / "labels.nii.gz")
     assert code == 0, err
@@ -167,8 +167,8 @@ def colour_fractions(rgb: np.ndarray, n_classes: int) -> list[float]:
     return fractions
 
 
-def test_preview_of_3d_volume_shows_three_views_in_the_class_colours(phantom, capsys,
-                                                                      png_decoder):
+def test_preview_of_3d_volume_shows_three_views_in_the_class_colours(
+        phantom, capsys, png_decoder):
     out = phantom["dir"]
     code, err = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "em-gmm",
                         "--mask", phantom["mask_path"], "-o", out / "labels.nii.gz",

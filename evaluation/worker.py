@@ -74,6 +74,10 @@ def main(argv=None) -> int:
         mask = stored["mask"]
         spacing = tuple(float(s) for s in stored["spacing"])
     methods.prepare(args.method)
+    engine = None
+    if args.method in methods.OURS:
+        from evaluation.run import engine_revision  # the engine may change between jobs
+        engine = engine_revision()
     baseline_mb, peak_source = _start_memory_baseline()
 
     times, outputs = [], []
@@ -90,6 +94,7 @@ def main(argv=None) -> int:
     summary = {
         "method": args.method,
         "options": args.options,
+        "engine": engine,
         "seconds": float(np.median(times)),
         "all_seconds": times,
         "runs": len(times),

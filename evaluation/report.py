@@ -204,7 +204,8 @@ def _case_table(case) -> list[str]:
         nll = _fmt(r.get("nll"), 4)
         if r.get("nll_note", "").startswith("on the N4"):
             nll += "†"
-        tail = (f"{nll} | {r['seconds']:.2f} | {r['runs']} | {r['peak_mb']:.0f} | {iters} |")
+        cpu = f" (CPU {r['cpu_seconds']:.1f})" if r.get("cpu_seconds") is not None else ""
+        tail = (f"{nll} | {r['seconds']:.2f}{cpu} | {r['runs']} | {r['peak_mb']:.0f} | {iters} |")
         if case["has_reference"]:
             mean = _fmt(r["mean_dice"])
             if r["mean_dice"] == best:
@@ -369,7 +370,9 @@ def write_markdown(data, path: Path, figures: dict) -> None:
         "is lower by construction and not comparable with the global-weight models. † = on the "
         "N4-corrected image. Atropos and SimpleITK expose no likelihood (—).",
         "* **Time**: wall clock of the method call only (data already in memory; imports excluded); "
-        "median of 3 runs when the first run took under 10 s, otherwise one run (column *runs*). "
+        "median of 3 runs when the first run took under 10 s, otherwise one run (column *runs*); "
+        "in brackets the process's CPU time (all threads; less sensitive to other load, recorded "
+        "for the jobs run after it was added). "
         "**Peak MB**: each method runs in a fresh process; peak resident memory during the runs "
         "minus the resident memory once the imports and the input were loaded (the peak, `VmHWM` = "
         "`ru_maxrss`, is reset after the imports through `/proc/self/clear_refs`, so an import-time "

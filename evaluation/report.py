@@ -315,12 +315,28 @@ WHY_NOT_DEEP_AT_1MM = (
     "the 30-minute budget of `make evaluate`.")
 
 
+def _load_text(data, info) -> str:
+    loads = [r["load_at_start"] for c in data["cases"] for r in c["results"] if "load_at_start" in r]
+    if loads:
+        return (f"1-minute load average when the jobs started: median {np.median(loads):.1f}, "
+                f"range {min(loads):.1f}–{max(loads):.1f} ({len(loads)} jobs recorded it)")
+    return f"Load average before/after: {info['load_before'][0]:.1f} / {info['load_after'][0]:.1f}"
+
+
 def _engine_revisions(data, info) -> str:
     """The engine revision(s) our methods ran with (recorded per job; the run's own otherwise)."""
     found = sorted({r["engine"] for c in data["cases"] for r in c["results"] if r.get("engine")})
     if not found:
         return info.get("engine", "unknown")
-    return found[0] if len(found) == 1 else " and ".join(found) + " (it changed during the run)"
+    if len(found) == 1:
+        return found[0]
+    import subprocess
+    commits = [f.split()[0] for f in found]
+    changed = subprocess.run(["git", "diff", "--name-only", commits[0], commits[-1], "--",
+                              "DeepGMMSegment/DeepGMMSegmentLib"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent.parent).stdout.split()
+    names = ", ".join(Path(c).name for c in changed) or "none"
+    return (" and ".join(found) + f" (the engine changed during the run; files that differ: {names})")
 
 
 def write_markdown(data, path: Path, figures: dict) -> None:
@@ -337,9 +353,8 @@ def write_markdown(data, path: Path, figures: dict) -> None:
         f"{info['seconds'] / 60:.1f} min" + (f" ({info['jobs_done']} of {info['jobs_planned']} planned "
         "method runs)" if info.get("jobs_done", 0) < info.get("jobs_planned", 0) else "")
         + (" (resumed: some results come from an earlier, interrupted run)" if info.get("resumed") else "")
-        + f". Load average before/after: "
-        f"{info['load_before'][0]:.1f} / {info['load_after'][0]:.1f} (other work on the 2 cores "
-        "slows every method alike, and makes the times noisier)."
+        + f". {_load_text(data, info)} (other work on the 2 cores slows every method, and makes the "
+        "wall times noisier)."
         + (" **This run was split over two concurrent processes** (`--only`: em-svgmm and the deep "
            "methods in one, every other method in the other, gathered with `--collect`) because the "
            "machine was shared with other work and the run had a deadline; so two methods ran at once "

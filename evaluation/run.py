@@ -236,7 +236,9 @@ def main(argv=None) -> int:
             # written after every job: a run cut short still leaves a reportable partial result
             info["seconds"] = time.time() - started
             if args.collect:
-                info["seconds"], info["job_seconds"] = collected_wall_time(records)
+                info["seconds"], info["job_seconds"], first = collected_wall_time(records)
+                if first is not None:
+                    info["started"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(first))
             info["load_after"] = os.getloadavg()
             info["jobs_done"], info["jobs_planned"] = done, len(jobs)
             results_path.write_text(json.dumps({"info": info, "cases": records}, indent=1))
@@ -249,21 +251,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def collected_wall_time(records) -> tuple[float, float]:
-    """(wall seconds from the first job's start to the last job's end, sum of the jobs' seconds),
-    from the per-job result files, for results gathered with --collect."""
+def collected_wall_time(records):
+    """(wall seconds from the first job's start to the last job's end, sum of the jobs' seconds,
+    start time of the first job), from the per-job result files, for --collect."""
     starts, ends, total = [], [], 0.0
     for record in records:
         for result in record["results"]:
             path = result.get("result_file")
             if path and Path(path).exists():
-                end = Path(path).stat().st_mtime
+                end = Path(path).with_suffix(".npz").stat().st_mtime  # labels: written last
                 # jobs run before process_seconds was recorded: their measured runs
                 seconds = result.get("process_seconds", sum(result.get("all_seconds", [])))
                 starts.append(end - seconds)
                 ends.append(end)
                 total += seconds
-    return (max(ends) - min(starts) if ends else 0.0), total
+    if not ends:
+        return 0.0, 0.0, None
+    return max(ends) - min(starts), total, min(starts)
 
 
 def engine_revision() -> str:

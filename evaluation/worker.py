@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
         engine = engine_revision()
     baseline_mb, peak_source = _start_memory_baseline()
 
+    load_at_start = os.getloadavg()[0]
     times, cpu_times, outputs = [], [], []
     while True:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -101,6 +103,7 @@ def main(argv=None) -> int:
         "all_seconds": times,
         "cpu_seconds": float(np.median(cpu_times)),
         "runs": len(times),
+        "load_at_start": load_at_start,
         "peak_mb": peak_mb,
         "baseline_mb": baseline_mb,
         "peak_source": peak_source,

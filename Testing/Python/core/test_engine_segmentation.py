@@ -6,7 +6,7 @@ from phantoms import blob_phantom, matched_dice
 
 from DeepGMMSegmentLib import METHODS, segment
 
-FAST_DEEP = dict(max_iter=60)
+FAST_DEEP = dict(max_iter=40, depth=2, warm_start_iter=30)
 
 
 def _fast(method):

@@ -98,3 +98,33 @@ def to_normalised_units(nll_input_units: float, x: np.ndarray) -> float:
     if x.ndim == 1:
         x = x[:, None]
     return float(nll_input_units - np.log(x.std(0)).sum())
+
+
+def best_threshold_split(values: np.ndarray, reference: np.ndarray, bins: int = 256) -> tuple[float, tuple]:
+    """Oracle: the best mean Dice any split of ``values`` by two thresholds reaches (3 classes).
+
+    ``reference`` holds classes 1..3 ordered by intensity. Intensities are binned into ``bins``
+    equal-width bins; every pair of bin edges is tried. Returns (mean Dice, (low, high) thresholds).
+    An upper bound for every voxel-wise intensity method on a single channel.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    reference = np.asarray(reference).ravel()
+    edges = np.linspace(values.min(), values.max(), bins + 1)
+    index = np.clip(np.digitize(values, edges[1:-1]), 0, bins - 1)
+    counts = np.stack([np.bincount(index[reference == k], minlength=bins) for k in (1, 2, 3)])
+    cumulative = np.concatenate([np.zeros((3, 1)), np.cumsum(counts, axis=1)], axis=1)  # (3, bins+1)
+    totals = cumulative[:, -1]
+    a = np.arange(bins + 1)[:, None]  # class 1 = bins [0, a), class 2 = [a, b), class 3 = [b, bins)
+    b = np.arange(bins + 1)[None, :]
+    size1 = cumulative.sum(0)[a]
+    size3 = cumulative.sum(0)[-1] - cumulative.sum(0)[b]
+    size2 = cumulative.sum(0)[-1] - size1 - size3
+    hit1 = cumulative[0][a]
+    hit2 = cumulative[1][b] - cumulative[1][a]
+    hit3 = totals[2] - cumulative[2][b]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = (2 * hit1 / (size1 + totals[0]) + 2 * hit2 / (size2 + totals[1])
+                + 2 * hit3 / (size3 + totals[2])) / 3
+    dice = np.where(b >= a, dice, -np.inf)
+    i, j = np.unravel_index(np.nanargmax(dice), dice.shape)
+    return float(dice[i, j]), (float(edges[i]), float(edges[j]))

@@ -76,3 +76,17 @@ def test_gmm_nll_matches_scikit_learn_and_unit_conversion():
     z_covs = model.covariances_ / np.outer(scale, scale)
     nll_z = metrics.gmm_nll(z, model.weights_, z_means, z_covs)
     assert metrics.to_normalised_units(nll, x) == pytest.approx(nll_z, rel=1e-10)
+
+
+def test_best_threshold_split_finds_the_separating_thresholds():
+    rng = np.random.default_rng(3)
+    reference = np.repeat([1, 2, 3], [300, 500, 200])
+    values = np.array([0.0, 10.0, 50.0, 90.0])[reference] + rng.uniform(-5, 5, reference.size)
+    dice, (low, high) = metrics.best_threshold_split(values, reference, bins=100)
+    assert dice == pytest.approx(1.0)
+    assert 15 <= low <= 45 and 55 <= high <= 85
+    # overlapping classes: the oracle is below 1 but at least as good as any fixed split
+    noisy = values + rng.normal(0, 15, values.size)
+    best, _ = metrics.best_threshold_split(noisy, reference, bins=100)
+    fixed = np.digitize(noisy, [30.0, 70.0]) + 1
+    assert np.mean(metrics.dice_per_class(fixed, reference, 3)) <= best + 1e-9 < 1.0

@@ -19,11 +19,13 @@ EVAL_STAMP := $(VENV)/.installed-eval
 SAMPLE_T1 := data/sample/mni152_2009_t1_2mm.nii.gz
 SAMPLE_MASK := data/sample/mni152_2009_brainmask_2mm.nii.gz
 OUT := out
+# `make demo METHOD=em-gmm` gives a quick classic-EM run instead of the default deepSVG fit.
+METHOD ?= deepsvg
 
 .PHONY: help demo test benchmark evaluate clean distclean
 
 help:
-	@echo "make demo       create .venv, install, segment the bundled MNI152 sample into $(OUT)/"
+	@echo "make demo       create .venv, install, segment the bundled MNI152 sample into $(OUT)/ (METHOD=em-gmm: quick)"
 	@echo "make test       create .venv with the test extras and run the whole pytest suite"
 	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deepsvg throughput) -> docs/benchmarks.md"
 	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152 -> docs/evaluation.md (~30 min; QUICK=1 smoke run)"
@@ -47,7 +49,7 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 demo: $(BASE_STAMP)
 	@mkdir -p $(OUT)
 	$(VENV)/bin/deepgmm-segment $(SAMPLE_T1) --mask $(SAMPLE_MASK) \
-		--classes 3 --method deepsvg \
+		--classes 3 --method $(METHOD) \
 		--output $(OUT)/mni152_labels.nii.gz \
 		--probabilities $(OUT)/mni152_probabilities.nii.gz \
 		--preview $(OUT)/mni152_preview.png

@@ -366,8 +366,12 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(int(seed))
         if opts["model"] is not None:
-            from .training import predict_with_model  # trained models are optional
+            from .training import load_trained_model, predict_with_model  # trained models are optional
 
+            # The final M-step uses the mixture the model was trained for, not the request's defaults.
+            _, meta = load_trained_model(opts["model"])
+            method = meta.get("method", method)
+            settings.covariance_type = meta.get("covariance_type") or settings.covariance_type
             log_resp_full, history = predict_with_model(
                 x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed),
                 lambda i, n, nll: (report(i, n, nll), True)[1], cancel_event,

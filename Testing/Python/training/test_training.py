@@ -249,3 +249,29 @@ def test_check_model_request_names_a_class_count_mismatch(trained_model):
     assert check_model_request(path, 3, 2, 2)["n_classes"] == 3
     with pytest.raises(ValueError, match="segments into 3 classes but 4 were requested"):
         check_model_request(path, 4, 2, 2)
+
+
+def test_segment_with_a_model_checks_the_class_count_first(trained_model):
+    from DeepGMMSegmentLib import segment
+
+    path, _ = trained_model
+    image, mask, _ = synthetic_case(300, n_channels=2)
+    with pytest.raises(ValueError, match="segments into 3 classes but 4 were requested"):
+        segment(list(image), 4, method="deepsvg", mask=mask, model=path)
+
+
+def test_segment_keeps_the_class_order_of_a_model_trained_with_prior_means(tmp_path):
+    """A model trained with reversed prior means outputs class 1 = brightest; segment() must not re-sort it."""
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.training import _prepare_cases, pooled_class_means, train
+
+    images, masks, _ = cohort(6)
+    cases, _, _ = _prepare_cases(images, masks, 3, "deepsvg", 2)
+    reversed_prior = pooled_class_means(cases, 3)[::-1].copy()
+    path = tmp_path / "reversed.pt"
+    train(images, 3, masks=masks, spatial_dims=2, prior_means=reversed_prior, prior_weight=1.0, output=path,
+          **dict(FAST, max_epochs=6, min_epochs=6))
+    image, mask, truth = synthetic_case(111)
+    result = segment(image[0], 3, method="deepsvg", mask=mask, model=path)
+    assert np.all(np.diff(result.means[:, 0]) < 0)  # brightest first, as trained
+    assert (result.labels[mask].astype(int) - 1 == 2 - truth[mask]).mean() > 0.85

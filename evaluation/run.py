@@ -166,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", type=lambda text: [m for m in text.split(",") if m],
                         help="comma-separated methods: run just these jobs of the plan (with "
                              "--resume, to split one run over several processes)")
+    parser.add_argument("--cases", default=None,
+                        help="run only the cases whose name contains this text (with --only/--resume)")
     parser.add_argument("--collect", action="store_true",
                         help="run nothing: gather the finished jobs of the plan into the report "
                              "(the others are listed as not run)")
@@ -174,7 +176,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     work = args.work_dir / ("quick" if args.quick else "full")
     output_dir = REPO_ROOT / "out" / "evaluation-quick" if args.quick else REPO_ROOT / "docs"
-    results_path = work / ("results.json" if not args.only else f"results-{'-'.join(args.only)}.json")
+    results_path = work / ("results.json" if not (args.only or args.cases) else
+                           f"results-{slug('-'.join(args.only or []) + '-' + (args.cases or ''))}.json")
 
     if not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
@@ -202,7 +205,9 @@ def main(argv=None) -> int:
             if unknown:
                 parser.error(f"unknown method(s) in --only: {', '.join(unknown)}")
             jobs = [job for job in jobs if job[1] in args.only]
-        info["split"] = bool(args.only) or args.collect
+        if args.cases:
+            jobs = [job for job in jobs if args.cases.lower() in plan[job[0]][2].name.lower()]
+        info["split"] = bool(args.only or args.cases) or args.collect
         labels_by_case = [dict() for _ in plan]
         for done, (index, method) in enumerate(jobs, start=1):
             group, resolution, case, n_classes, _ = plan[index]

@@ -31,10 +31,10 @@ DEEP_METHODS = ("deepg", "deepsvg")
 class DeepSettings:
     """Tunable settings of the per-image deep fit (defaults measured on the MNI sample, see docs)."""
 
-    network: str = "auto"  # "auto" (= 2d, measured fastest at equal Dice) | "2d" | "3d"
+    network: str = "auto"  # "auto" (2D images: 2d; volumes: 3d) | "2d" | "3d"
     base_width: int = 8
     depth: int = 3
-    learning_rate: float = 1e-2
+    learning_rate: float | None = None  # None: 1e-2 for the 2D network, 3e-3 for the 3D one (measured)
     max_iter: int = 100
     min_iter: int = 20
     tol: float = 1e-4
@@ -92,12 +92,13 @@ def deep_gmm_loss(
 def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str) -> tuple[int, bool]:
     """(spatial_dims, pool_in_plane_only) for an image of ``shape`` (z, y, x) or (y, x).
 
-    "auto" picks the per-slice 2D network (the paper's choice): on the MNI 2 mm sample it reached
-    the same Dice as the 3D network (0.850 vs 0.843 clean) in half the time on 2 CPU cores.
+    "auto" uses the 3D network for volumes: on the MNI 2 mm sample with noise (sigma = 10 % of
+    the range) it reached a mean Dice of 0.782 against 0.712 for the per-slice 2D network, at the
+    same Dice on the clean image (0.846 vs 0.850), for about twice the time per iteration.
     """
-    if len(shape) == 2 or network in ("2d", "auto"):
+    if len(shape) == 2 or network == "2d":
         return 2, False
-    if network != "3d":
+    if network not in ("auto", "3d"):
         raise ValueError(f"Unknown network {network!r}: use 'auto', '2d' or '3d'.")
     thick = False
     if spacing is not None:
@@ -151,7 +152,8 @@ def fit_deep(
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
         return F.log_softmax(logits, dim=1)
 
-    optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
+    learning_rate = settings.learning_rate or (1e-2 if dims == 2 else 3e-3)
+    optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate)
     if warm_start_log_resp is not None and settings.warm_start_iter > 0:
         target = warm_start_log_resp.exp().T  # (K, V)
         for _ in range(settings.warm_start_iter):

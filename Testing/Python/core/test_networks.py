@@ -22,7 +22,8 @@ def test_in_plane_only_never_pools_z():
 
 def test_choose_network():
     assert choose_network((40, 40), None, "auto") == (2, False)
-    assert choose_network((30, 64, 64), (1, 1, 1), "auto") == (2, False)
+    assert choose_network((30, 64, 64), (1, 1, 1), "auto") == (3, False)
+    assert choose_network((30, 64, 64), (1, 1, 1), "2d") == (2, False)
     assert choose_network((30, 64, 64), (1, 1, 1), "3d") == (3, False)
     assert choose_network((30, 64, 64), (5, 1, 1), "3d") == (3, True)  # thick slices
     assert choose_network((8, 64, 64), None, "3d") == (3, True)  # few slices

@@ -75,9 +75,12 @@ def segmentFiles(scene, inputPaths, outputFolder: str, numberOfClasses: int = 3,
     mask = loadVolume(scene, maskPath, "mask", labelmap=True) if maskPath else None
     logic = logic or DeepGMMSegmentLogic()
 
+    lastPrinted = []  # iteration numbers already printed; the logic may skip some of them
+
     def report(info):
         if progress is not None and info.stage == "fitting" and info.maxIterations:
-            if info.iteration == 1 or info.iteration % 10 == 0 or info.iteration == info.maxIterations:
+            if not lastPrinted or info.iteration - lastPrinted[-1] >= 10 or info.iteration == info.maxIterations:
+                lastPrinted.append(info.iteration)
                 left = "" if info.remainingSeconds is None else f", about {info.remainingSeconds:.0f} s left"
                 progress(f"iteration {info.iteration}/{info.maxIterations}, NLL {info.nll:.4f}{left}")
         elif progress is not None and info.stage != "fitting":

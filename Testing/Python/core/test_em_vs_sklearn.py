@@ -64,3 +64,18 @@ def test_unique_tuple_path_matches_voxelwise_path():
     assert em._compress(xt) is not None  # the fast path really ran
     assert abs(a.nll_history[-1] - b.nll_history[-1]) < 1e-4
     np.testing.assert_allclose(a.log_resp.exp().numpy(), b.log_resp.exp().numpy(), atol=1e-3)
+
+
+def test_single_channel_unique_path_matches_voxelwise_path():
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(m, 0.3, 10000) for m in (0.0, 1.5, 3.0)])
+    xt = torch.as_tensor(np.round(x * 16) / 16, dtype=torch.float32)[:, None]
+    uniq, inverse, counts = em._compress(xt)
+    torch.testing.assert_close(uniq[inverse], xt)  # the compressed rows rebuild the data
+    assert counts.sum() == len(xt)
+    init = em.initial_parameters(xt, 3, "full", 1e-4, torch.Generator().manual_seed(1))
+    kwargs = dict(covariance_type="full", max_iter=20, tol=0.0, reg_covar=1e-4, init=init,
+                  generator=torch.Generator().manual_seed(1))
+    a = em.fit_gmm(xt, 3, compress=True, **kwargs)
+    b = em.fit_gmm(xt, 3, compress=False, **kwargs)
+    assert abs(a.nll_history[-1] - b.nll_history[-1]) < 1e-4

@@ -329,18 +329,48 @@ def _load_text(data, info) -> str:
 
 def _engine_revisions(data, info) -> str:
     """The engine revision(s) our methods ran with (recorded per job; the run's own otherwise)."""
-    found = sorted({r["engine"] for c in data["cases"] for r in c["results"] if r.get("engine")})
+    import subprocess
+    found = [r["engine"] for c in data["cases"] for r in c["results"] if r.get("engine")]
     if not found:
         return info.get("engine", "unknown")
-    if len(found) == 1:
-        return found[0]
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*command):
+        return subprocess.run(["git", *command], capture_output=True, text=True, cwd=root).stdout.strip()
+    commits = sorted({f.split()[0] for f in found}, key=lambda c: int(git("show", "-s", "--format=%ct", c) or 0))
+    dirty = sum("uncommitted" in f for f in found)
+    text = commits[0] if len(commits) == 1 else f"{commits[0]} … {commits[-1]} (the tree moved during the run"
+    if len(commits) > 1:
+        changed = git("diff", "--name-only", commits[0], commits[-1], "--", "DeepGMMSegment/DeepGMMSegmentLib").split()
+        text += "; engine files changed in between: " + (", ".join(Path(c).name for c in changed) or "none") + ")"
+    if dirty:
+        text += f"; {dirty} of our {len(found)} jobs ran while the engine had uncommitted edits"
+    return text
+
+
+def _stale_engine_warning(data) -> list[str]:
+    """Warn when our jobs ran on an engine that has changed since (so the figures may be stale)."""
     import subprocess
-    commits = [f.split()[0] for f in found]
-    changed = subprocess.run(["git", "diff", "--name-only", commits[0], commits[-1], "--",
-                              "DeepGMMSegment/DeepGMMSegmentLib"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent.parent).stdout.split()
-    names = ", ".join(Path(c).name for c in changed) or "none"
-    return (" and ".join(found) + f" (the engine changed during the run; files that differ: {names})")
+    root = Path(__file__).resolve().parent.parent
+    lines = []
+    for case in data["cases"]:
+        for r in case["results"]:
+            if r["method"] not in methods.OURS or "error" in r:
+                continue
+            commit = (r.get("engine") or "unknown").split()[0]
+            changed = subprocess.run(["git", "diff", "--name-only", commit, "HEAD", "--",
+                                      "DeepGMMSegment/DeepGMMSegmentLib"], capture_output=True, text=True,
+                                     cwd=root).stdout.split() if commit != "unknown" else ["(not recorded)"]
+            dirty = "uncommitted" in (r.get("engine") or "")
+            if changed or dirty:
+                lines.append(f"  * {case['resolution']} {case['name']}, {_label(r['method'])}: engine "
+                             f"{r.get('engine') or 'not recorded'}; changed since: "
+                             + (", ".join(Path(c).name for c in changed) or "uncommitted edits only"))
+    if not lines:
+        return []
+    return ["", "**Stale figures warning.** The engine changed after some of our jobs ran (the "
+            "defaults of the deep methods among others); these rows show the engine as it was then. "
+            "Re-run `make evaluate` for the current engine:", ""] + lines
 
 
 def write_markdown(data, path: Path, figures: dict) -> None:
@@ -359,10 +389,10 @@ def write_markdown(data, path: Path, figures: dict) -> None:
         + (" (resumed: some results come from an earlier, interrupted run)" if info.get("resumed") else "")
         + f". {_load_text(data, info)} (other work on the 2 cores slows every method, and makes the "
         "wall times noisier)."
-        + (" **This run was split over two concurrent processes** (`--only`: em-svgmm and the deep "
-           "methods in one, every other method in the other, gathered with `--collect`) because the "
-           "machine was shared with other work and the run had a deadline; so two methods ran at once "
-           "and every time below is pessimistic. `make evaluate` runs the jobs one after another. "
+        + (" **This run was split over concurrent processes** (`--only`/`--cases`: em-svgmm and the "
+           "deep methods in one, every other method in another, the multi-channel cases in a third, "
+           "gathered with `--collect`) because the machine was shared with other work and the run had "
+           "a deadline; so up to three methods ran at once and every wall time below is pessimistic. `make evaluate` runs the jobs one after another. "
            f"The jobs' own wall times add up to {info.get('job_seconds', 0) / 60:.1f} min."
            if info.get("split") else ""),
         "",
@@ -419,6 +449,7 @@ def write_markdown(data, path: Path, figures: dict) -> None:
 
     out += ["## Which method should I use, and what does it cost?", ""]
     out += _recommendations(data)
+    out += _stale_engine_warning(data)
     out += ["", "### Goals of issue 4 against what was measured", ""] + _goals(data)
     out += ["", "The peers' goal figures were measured earlier with noise and bias fields of unknown "
             "shape and seed; the clean figures are reproduced exactly (same data and reference), the "

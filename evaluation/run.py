@@ -28,7 +28,7 @@ from evaluation import conditions, methods, metrics  # noqa: E402
 
 PEERS_1D = ("sklearn-gmm", "atropos", "atropos-mrf", "sitk-kmeans", "sitk-otsu")
 PEERS_MULTI = ("sklearn-gmm", "atropos", "atropos-mrf")
-BRAINWEB_CLASSES = 4  # background excluded by the head mask: CSF/skull, GM, WM, scalp fat
+BRAINWEB_CLASSES = 3  # CSF, GM, WM inside the brain region
 
 
 def slug(text: str) -> str:
@@ -36,13 +36,14 @@ def slug(text: str) -> str:
 
 
 def brainweb_case():
-    """The real BrainWeb T1 + PD slice pair inside a head mask (no reference)."""
+    """The real BrainWeb T1 + PD slice pair inside its brain region (no reference)."""
     import SimpleITK as sitk
     from scipy import ndimage
     images = [sitk.ReadImage(str(REPO_ROOT / "data" / "sample" / f"brainweb_{n}_slice.nrrd"))
               for n in ("t1", "pd")]
     channels = np.stack([sitk.GetArrayFromImage(i).astype(np.float32) for i in images])
-    # head = largest bright component of T1 (Otsu), holes filled; the background is air
+    # brain = largest bright component of T1 (Otsu; the dark skull separates it from the scalp),
+    # holes (the dark ventricles) filled
     threshold = sitk.OtsuThreshold(images[0], 0, 1)
     foreground = sitk.GetArrayFromImage(threshold).astype(bool)
     components, count = ndimage.label(foreground)
@@ -51,9 +52,9 @@ def brainweb_case():
     spacing = tuple(float(s) for s in reversed(images[0].GetSpacing()))
     return conditions.Case(name="BrainWeb T1 + PD slice (real, no reference)", channels=channels,
                            mask=mask, reference=None, spacing=spacing, channel_names=("T1", "PD"),
-                           description=f"2D {channels.shape[1]}x{channels.shape[2]}, head mask "
-                                       f"({int(mask.sum())} pixels, Otsu foreground of T1, holes "
-                                       f"filled), K = {BRAINWEB_CLASSES}")
+                           description=f"real 2D slices {channels.shape[1]}x{channels.shape[2]}; mask = "
+                                       "the brain: largest connected Otsu-foreground component of T1 "
+                                       "(the dark skull separates it from the scalp), holes filled")
 
 
 def build_plan(quick: bool):
@@ -107,13 +108,20 @@ def run_job(case_path: Path, method: str, result_path: Path, n_classes: int, tim
         completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
                                    timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"method": method, "error": f"timed out after {timeout:.0f} s", "options": options or {}}
+        return _failed(result_path, {"method": method, "error": f"timed out after {timeout:.0f} s",
+                                     "options": options or {}})
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"method": method, "error": tail[0][:300], "options": options or {}}
+        return _failed(result_path, {"method": method, "error": tail[0][:300], "options": options or {}})
     summary = json.loads(result_path.with_suffix(".json").read_text())
     summary["process_seconds"] = time.perf_counter() - start
     # kept with the job's result so that --resume/--collect know the job's wall time too
+    result_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _failed(result_path: Path, summary: dict) -> dict:
+    """Keep a failure on disk too, so --resume/--collect report it as failed, not as not run."""
     result_path.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     return summary
 
@@ -214,7 +222,8 @@ def main(argv=None) -> int:
             result_path = case_paths[index].parent / f"{method}.npz"
             options = QUICK_DEEP_OPTIONS if args.quick and method in ("deepg", "deepsvg") else None
             previous = result_path.with_suffix(".json")
-            if (args.resume or args.collect) and previous.exists() and result_path.exists():
+            stored_failure = previous.exists() and "error" in json.loads(previous.read_text())
+            if (args.resume or args.collect) and previous.exists() and (result_path.exists() or stored_failure):
                 summary = json.loads(previous.read_text())
                 summary["resumed"] = True
                 summary["result_file"] = str(previous)
@@ -263,7 +272,7 @@ def collected_wall_time(records):
     for record in records:
         for result in record["results"]:
             path = result.get("result_file")
-            if path and Path(path).exists():
+            if path and Path(path).with_suffix(".npz").exists():
                 end = Path(path).with_suffix(".npz").stat().st_mtime  # labels: written last
                 # jobs run before process_seconds was recorded: their measured runs
                 seconds = result.get("process_seconds", sum(result.get("all_seconds", [])))

@@ -67,14 +67,20 @@ def dice_figure(data, path: Path) -> None:
             values = [(_find(data, resolution, c["name"], method) or {}).get("mean_dice", np.nan)
                       for c in cases]
             ax.bar(np.arange(len(cases)) + (j - (len(present) - 1) / 2) * width, values, width,
-                   label=_label(method), color=cmap(j * 2 % 20 + (j * 2 // 20)),
+                   label=_label(method), color=cmap(order.index(method) * 2 % 20),
                    edgecolor="black" if method in methods.OURS else "none", linewidth=0.6)
         ax.set_xticks(np.arange(len(cases)), [c["name"] for c in cases])
         ax.set_ylim(0.3, 1.0)
         ax.set_ylabel("mean Dice CSF/GM/WM")
         ax.set_title(f"MNI152 T1, {resolution}")
         ax.grid(axis="y", alpha=0.3)
-    handles, names = axes[0, 0].get_legend_handles_labels()
+    # one legend for all panels; colours are fixed per method, so panels agree
+    legend = {}
+    for ax in axes[:, 0]:
+        for handle, name in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(name, handle)
+    ordered = [_label(m) for m in order if _label(m) in legend]
+    handles, names = [legend[n] for n in ordered], ordered
     fig.legend(handles, names, ncol=5, fontsize=8, loc="lower center", frameon=False)
     fig.tight_layout(rect=(0, 0.09 if len(resolutions) == 1 else 0.05, 1, 1))
     fig.savefig(path, dpi=90)

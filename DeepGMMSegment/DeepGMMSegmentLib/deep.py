@@ -131,7 +131,7 @@ def fit_deep(
 
     x: (C, *spatial) normalised channels; mask: (*spatial) bool. Seeding is the caller's job.
     ``warm_start_log_resp`` (V, K) over the mask voxels (e.g. the EM posterior) is first distilled
-    into the network. Returns the fit over the mask voxels and the trained network.
+    into the network; those steps count as iterations (``report`` and the NLL history include them). Returns the fit over the mask voxels and the trained network.
     """
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
@@ -154,20 +154,30 @@ def fit_deep(
 
     learning_rate = settings.learning_rate or (1e-2 if dims == 2 else 3e-3)
     optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate)
-    if warm_start_log_resp is not None and settings.warm_start_iter > 0:
+    xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)
+    warm_iter = settings.warm_start_iter if warm_start_log_resp is not None else 0
+    total = warm_iter + settings.max_iter
+    # Warm-start steps count as iterations (and report their NLL) so progress moves from the start.
+    history: list[float] = []
+    n_iter = 0
+    if warm_iter > 0:
         target = warm_start_log_resp.exp().T  # (K, V)
-        for _ in range(settings.warm_start_iter):
+        for n_iter in range(1, warm_iter + 1):
             optimiser.zero_grad(set_to_none=True)
-            lr = forward()[0][:, mc]
-            loss = -(target * lr).sum(0).mean()
+            log_resp = forward()
+            loss = -(target * log_resp[0][:, mc]).sum(0).mean()
             loss.backward()
             optimiser.step()
+            with torch.no_grad():
+                _, nll, _ = deep_gmm_loss(xb, log_resp.detach(), mb, method, settings.covariance_type, None, 0.0,
+                                          settings.reg_covar)
+            history.append(nll.item())
+            if report is not None:
+                report(n_iter, total, history[-1])
 
-    history: list[float] = []
     converged = False
-    n_iter = 0
-    xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)
-    for n_iter in range(1, settings.max_iter + 1):
+    for step in range(1, settings.max_iter + 1):
+        n_iter = warm_iter + step
         optimiser.zero_grad(set_to_none=True)
         loss, nll, _ = deep_gmm_loss(
             xb, forward(), mb, method, settings.covariance_type, prior_means, settings.prior_weight, settings.reg_covar
@@ -177,8 +187,8 @@ def fit_deep(
         optimiser.step()
         history.append(nll.item())
         if report is not None:
-            report(n_iter, settings.max_iter, history[-1])
-        if n_iter >= max(2, settings.min_iter) and abs(history[-2] - history[-1]) < settings.tol:
+            report(n_iter, total, history[-1])
+        if step >= max(2, settings.min_iter) and abs(history[-2] - history[-1]) < settings.tol:
             converged = True
             break
     with torch.no_grad():

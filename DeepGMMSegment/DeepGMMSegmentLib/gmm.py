@@ -62,13 +62,11 @@ def weighted_mstep(
     nk = w.sum(0) + 10 * torch.finfo(x.dtype).eps
     means = (w.T @ x) / nk[:, None]
     if covariance_type == "full":
-        # sum_i w_ik x_i x_i^T / n_k - mu mu^T would lose precision; centre first.
-        k, c = means.shape
-        covs = []
-        for j in range(k):
-            diff = x - means[j]
-            covs.append((w[:, j, None] * diff).T @ diff / nk[j])
-        cov = torch.stack(covs)
+        # sum_i w_ik x_i x_i^T / n_k - mu mu^T would lose precision; centre first. One einsum for
+        # all classes is several times faster than a loop over them.
+        c = means.shape[1]
+        diff = x.unsqueeze(1) - means.unsqueeze(0)  # (V, K, C)
+        cov = torch.einsum("vk,vkc,vkd->kcd", w, diff, diff) / nk[:, None, None]
         cov = cov + reg_covar * torch.eye(c, dtype=x.dtype, device=x.device)
     elif covariance_type == "diag":
         sq = (w.T @ (x * x)) / nk[:, None]

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from . import em
-from .deep import DEEP_METHODS, DeepSettings, fit_deep
-from .gmm import COVARIANCE_TYPES, GaussianParameters, make_parameters
+from .deep import DEEP_METHODS, DeepSettings, deep_gmm_loss, fit_deep
+from .gmm import COVARIANCE_TYPES, GaussianParameters
 
 METHODS = ("deepsvg", "deepg", "em-gmm", "em-svgmm")
 EM_METHODS = ("em-gmm", "em-svgmm")
@@ -283,7 +283,7 @@ def segment(
     n_classes = int(n_classes)
     opts = _resolve_options(method, options)
     spacing_t = _check_spacing(spacing, data.ndim - 1)
-    prior = _check_prior(opts["prior_means"], n_classes, data.shape[0])
+    prior = check_prior_means(opts["prior_means"], n_classes, data.shape[0])
     fixed_identity = prior is not None
     if opts["model"] is not None:
         from .training import check_model_request  # trained models are optional
@@ -317,7 +317,8 @@ def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, .
     return s
 
 
-def _check_prior(prior: Any, n_classes: int, n_channels: int) -> np.ndarray | None:
+def check_prior_means(prior: Any, n_classes: int, n_channels: int, units: str = "input units") -> np.ndarray | None:
+    """Prior class means as a finite (K, C) float array (a 1-D array is fine for one channel), or None."""
     if prior is None:
         return None
     p = np.asarray(prior, dtype=np.float64)
@@ -326,7 +327,7 @@ def _check_prior(prior: Any, n_classes: int, n_channels: int) -> np.ndarray | No
     if p.shape != (n_classes, n_channels) or not np.isfinite(p).all():
         raise ValueError(
             f"prior_means must be a finite ({n_classes}, {n_channels}) array (one row per class, one column "
-            f"per channel, input units), got shape {p.shape}."
+            f"per channel, {units}), got shape {p.shape}."
         )
     return p
 
@@ -391,8 +392,6 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
 def _fit_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, method: str, settings: DeepSettings,
                        history: list[float]) -> em.MixtureFit:
     """Closed-form M-step and NLL for responsibilities predicted by a trained network."""
-    from .deep import deep_gmm_loss
-
     with torch.no_grad():
         x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the mask voxels
         lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
@@ -429,6 +428,6 @@ def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: 
 
 
 __all__ = [
-    "METHODS", "SegmentationCancelled", "SegmentationResult", "normalize_channels", "resolve_device", "segment",
-    "validate_inputs", "make_parameters",
+    "METHODS", "SegmentationCancelled", "SegmentationResult", "check_prior_means", "normalize_channels",
+    "resolve_device", "segment", "validate_inputs",
 ]

@@ -78,16 +78,15 @@ def weighted_mstep(
 
 def log_gaussian(x: torch.Tensor, params: GaussianParameters) -> torch.Tensor:
     """Log-density of every voxel under every Gaussian: (V, C) -> (V, K)."""
-    v, c = x.shape
+    c = x.shape[1]
     const = c * math.log(2 * math.pi)
     if params.covariance_type == "full":
-        k = params.means.shape[0]
         # Solve L y = (x - mu) for all classes at once: (K, C, V).
         diff = x.T.unsqueeze(0) - params.means.unsqueeze(-1)
         y = torch.linalg.solve_triangular(params.cholesky, diff, upper=False)
         maha = (y * y).sum(1)  # (K, V)
         logdet = 2 * torch.log(torch.diagonal(params.cholesky, dim1=-2, dim2=-1)).sum(-1)  # (K,)
-        return -0.5 * (const + logdet[:, None] + maha).T if k else x.new_zeros((v, 0))
+        return -0.5 * (const + logdet[:, None] + maha).T
     precision_sqrt = 1.0 / params.cholesky  # (K, C)
     # ||(x - mu) / sigma||^2 expanded so no (V, K, C) tensor is built.
     p2 = precision_sqrt**2

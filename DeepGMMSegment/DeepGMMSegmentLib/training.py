@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from . import model_io
 from .deep import DEEP_METHODS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep
-from .engine import SegmentationCancelled, normalize_channels, resolve_device, validate_inputs
+from .engine import SegmentationCancelled, check_prior_means, normalize_channels, resolve_device, validate_inputs
 from .gmm import COVARIANCE_TYPES
 from .networks import UNet
 
@@ -156,15 +156,8 @@ def _check_prior(prior_means, n_classes, n_channels, cases, covariance_type, see
         if prior_means != "auto":
             raise ValueError(f"prior_means must be None, 'auto' or a ({n_classes}, {n_channels}) array, got {prior_means!r}.")
         return pooled_class_means(cases, n_classes, covariance_type, seed)
-    p = np.asarray(prior_means, dtype=np.float64)
-    if p.ndim == 1 and n_channels == 1:
-        p = p[:, None]
-    if p.shape != (n_classes, n_channels) or not np.isfinite(p).all():
-        raise ValueError(
-            f"prior_means must be a finite ({n_classes}, {n_channels}) array in normalised units (z-scores "
-            f"inside the mask, one row per class, one column per channel), got shape {p.shape}."
-        )
-    return p
+    return check_prior_means(prior_means, n_classes, n_channels,
+                             units="normalised units: z-scores inside the mask")
 
 
 def _attach_em_targets(cases: Sequence[_Case], n_classes: int, means: np.ndarray, covariance_type: str,

@@ -125,7 +125,9 @@ class CovarianceType(enum.Enum):
 class DeepGMMSegmentParameterNode:
     """The panel's settings, saved with the scene. Channel 1 defines the output grid and class
     order; maxIterations/tolerance 0 = method default; priorMeans "10,20;30,40" = one row per
-    class, one value per channel; outputSegmentation None = create a new segmentation."""
+    class, one value per channel; outputSegmentation None = create a new segmentation;
+    useTrainedModel: segment with the model file trainedModelPath (its method and classes),
+    fineTuneSteps 0 = one forward pass."""
 
     inputVolume1: Optional[vtkMRMLScalarVolumeNode]
     inputVolume2: Optional[vtkMRMLScalarVolumeNode]
@@ -144,6 +146,9 @@ class DeepGMMSegmentParameterNode:
     maskSegmentId: str = ""
     outputSegmentation: Optional[vtkMRMLSegmentationNode]
     probabilityMaps: bool = True
+    useTrainedModel: bool = False
+    trainedModelPath: str = ""  # "" = none chosen (a pathlib.Path field would turn an empty field into ".")
+    fineTuneSteps: Annotated[int, Minimum(0)] = 0
 
 
 def getParameterNode():
@@ -172,6 +177,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._processing = False
         self._runningMethod = None
         self._torchDependency = None
+        self._trainedModels = {}  # model file metadata, cached per file version (panel.describeTrainedModel)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -193,6 +199,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clearResultsButton.connect("clicked(bool)", self.onClearResults)
         self.ui.maskSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onMaskSelectorChanged)
         self.ui.maskSegmentSelector.connect("currentSegmentChanged(QString)", self.onMaskSelectorChanged)
+        self.ui.trainedModelPathLineEdit.connect("currentPathChanged(QString)", self.onTrainedModelPathChanged)
 
         self.initializeParameterNode()
         qt.QTimer.singleShot(0, self.updateDetectedDeviceLabel)  # after the panel is shown
@@ -242,6 +249,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onParameterNodeModified(self, caller=None, event=None):
         self._updateChannelSelectors()
         self._updateMaskSelectorFromParameterNode()
+        self._updateTrainedModel()
         self._checkCanApply()
 
     def _channelVolumes(self):
@@ -275,9 +283,44 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.maskSegmentation = node
             self._parameterNode.maskSegmentId = self.ui.maskSegmentSelector.currentSegmentID() if node else ""
 
+    def onTrainedModelPathChanged(self, path):
+        if self._parameterNode and path != self._parameterNode.trainedModelPath:
+            self._parameterNode.trainedModelPath = path
+
+    def _modelIo(self):
+        """``model_io`` once PyTorch is installed (reading a model file needs it), else None."""
+        if importLibModule("dependencies", standalone=True).installedTorchVersion() is None:
+            return None
+        return importLibModule("model_io")
+
+    def _updateTrainedModel(self):
+        """Sync the model file field, show the model's metadata and take over its method and classes."""
+        parameters, ui = self._parameterNode, self.ui
+        use, path = parameters.useTrainedModel, parameters.trainedModelPath
+        if ui.trainedModelPathLineEdit.currentPath != path:
+            ui.trainedModelPathLineEdit.currentPath = path
+        for widget in (ui.trainedModelPathLineEdit, ui.fineTuneStepsSpinBox, ui.trainedModelInfoLabel):
+            widget.enabled = use
+        for widget in (ui.methodComboBox, ui.numberOfClassesSpinBox, ui.maxIterationsSpinBox, ui.toleranceSpinBox,
+                       ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
+            widget.enabled = not use  # the model decides these
+        modelIo = self._modelIo() if use else None
+        ui.trainedModelInfoLabel.text = panel.trainedModelSummary(path, modelIo, self._trainedModels) if use else ""
+        settings = panel.trainedModelSettings(panel.describeTrainedModel(path, modelIo, self._trainedModels)[0]
+                                              if use else None)
+        if settings and (parameters.method.value, parameters.numberOfClasses) != settings:
+            with slicer.util.NodeModify(parameters):
+                parameters.method, parameters.numberOfClasses = SegmentationMethod(settings[0]), settings[1]
+
     def _inputProblem(self):
         parameters = self._parameterNode
-        return panel.inputsProblem(self._channelVolumes(), parameters.maskSegmentation, parameters.maskSegmentId)
+        problem = panel.inputsProblem(self._channelVolumes(), parameters.maskSegmentation, parameters.maskSegmentId)
+        if problem is None and parameters.useTrainedModel:
+            channels = panel.chosenChannels(self._channelVolumes())
+            problem = panel.trainedModelProblem(parameters.trainedModelPath, len(channels), self._modelIo(),
+                                                self._trainedModels, [volume.GetName() for volume in channels],
+                                                parameters.numberOfClasses)
+        return problem
 
     def _checkCanApply(self, caller=None, event=None):
         if self.isProcessing():
@@ -343,7 +386,12 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if problem:
             raise ValueError(problem)
         channels = panel.chosenChannels(self._channelVolumes())
-        priorMeans = panel.parsePriorMeans(parameters.priorMeans, parameters.numberOfClasses, len(channels))
+        if parameters.useTrainedModel:
+            options = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
+        else:
+            priorMeans = panel.parsePriorMeans(parameters.priorMeans, parameters.numberOfClasses, len(channels))
+            options = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
+                                          parameters.covarianceType.value, priorMeans)
         output = parameters.outputSegmentation
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
             answer = self.askReplaceOrNew(output.GetName(), parameters.roi is not None)
@@ -352,9 +400,12 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if answer == "new":
                 output = None
         logic = self._ensureLogic()
+        if parameters.useTrainedModel:  # PyTorch may be new: read the model, take over its method and classes
+            self._updateTrainedModel()
+            problem = self._inputProblem()
+            if problem:
+                raise ValueError(problem)
         mask = (parameters.maskSegmentation, parameters.maskSegmentId) if parameters.maskSegmentation else None
-        options = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
-                                      parameters.covarianceType.value, priorMeans)
         self._runningMethod = parameters.method
         self._setProcessing(True)
         try:
@@ -476,6 +527,10 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
             parameters.numberOfClasses = 13
         parameters.method = SegmentationMethod.EM_GMM
         self.assertEqual(parameters.parameterNode.GetParameter("method"), "EM_GMM")  # saved by name
+        self.assertEqual((parameters.useTrainedModel, parameters.trainedModelPath, parameters.fineTuneSteps),
+                         (False, "", 0))
+        with self.assertRaises(ValueError):
+            parameters.fineTuneSteps = -1
 
     def test_LogicEmGmm(self):
         self.delayDisplay("Logic: EM-GMM on a phantom")

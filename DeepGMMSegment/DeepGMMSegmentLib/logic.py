@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -235,6 +236,9 @@ class DeepGMMSegmentLogic:
         :param seed: random seed (same inputs + seed -> same result on the same device).
         :param options: forwarded to ``segment()``: ``max_iter``, ``tol``, ``covariance_type``,
             ``prior_means`` (K x C), ... (JSON-compatible values; numpy arrays are converted).
+            ``model`` (path of a trained model file) and ``fine_tune`` (steps, default 0 = one
+            forward pass) segment with a trained network; the model is checked against the
+            inputs, ``numberOfClasses`` and ``method`` before the worker starts.
         :param probabilityMaps: create/update one float32 volume (0..1) per class, grouped in a
             subject hierarchy folder "<output> probabilities". ``False`` removes old ones.
         :param waitForCompletion: ``True`` blocks and returns :class:`DeepGMMSegmentOutputs`;
@@ -255,6 +259,7 @@ class DeepGMMSegmentLogic:
         request = self._prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, roi, mask,
                                        device, seed, options, probabilityMaps)
         self.dependencyInstaller()
+        self._checkTrainedModel(request)
         job = self.runnerFactory(
             channels=[channel[request.region] if request.region else channel for channel in request.channels],
             mask=request.regionMask, numberOfClasses=request.numberOfClasses, method=request.method,
@@ -368,6 +373,8 @@ class DeepGMMSegmentLogic:
                              "(cancel with cancelProcessing()).")
 
         def plain(value):
+            if isinstance(value, os.PathLike):
+                return os.fspath(value)
             if isinstance(value, np.ndarray):
                 return value.tolist()
             if isinstance(value, np.generic):
@@ -379,11 +386,42 @@ class DeepGMMSegmentLogic:
             return value
 
         converted = {key: plain(value) for key, value in options.items()}
+        if converted.get("model") is not None:
+            if not isinstance(converted["model"], str) or not converted["model"].strip():
+                raise ValueError("options['model'] must be the path of a trained model file, "
+                                 f"got {converted['model']!r}.")
+            # The worker runs in its own folder: a relative path must not change meaning there.
+            converted["model"] = os.path.abspath(converted["model"])
+        fineTune = converted.get("fine_tune", 0)
+        if isinstance(fineTune, bool) or not isinstance(fineTune, int) or fineTune < 0:
+            raise ValueError(f"options['fine_tune'] must be an integer >= 0 (0 = one forward pass), got {fineTune!r}.")
         try:
             json.dumps(converted)
         except TypeError as error:
             raise ValueError(f"options must hold numbers, strings, lists or arrays ({error}).") from error
         return converted
+
+    @staticmethod
+    def _checkTrainedModel(request: _Request) -> None:
+        """Refuse a trained model that does not fit the request, before the worker starts.
+
+        ``training.check_model_request`` (``model_io.check_compatible``) compares channels,
+        dimension and number of classes; the method must be the one the model was trained for.
+        Needs torch (installed by then); the file is read safely (no code from it runs).
+        """
+        modelPath = request.options.get("model")
+        if modelPath is None:
+            return
+        from .training import check_model_request
+
+        try:
+            metadata = check_model_request(modelPath, request.numberOfClasses, len(request.channels),
+                                           request.channels[0].ndim)
+        except ValueError as error:
+            raise ValueError(f"{error} {_trainedModelNeeds(modelPath)}".strip()) from None
+        if metadata.get("method") != request.method:
+            raise ValueError(f"The trained model was trained for method {metadata.get('method')!r} but method="
+                             f"{request.method!r} was requested. {_trainedModelNeeds(modelPath)}")
 
     # -- scheduling ----------------------------------------------------------------------------
 
@@ -495,6 +533,20 @@ class DeepGMMSegmentLogic:
         for volume in request.inputVolumes:
             segmentationNode.AddNodeReferenceID(INPUT_REFERENCE_ROLE, volume.GetID())
         segmentationNode.EndModify(wasModifying)
+
+
+def _trainedModelNeeds(modelPath: str) -> str:
+    """What a run with this model needs, from its metadata (appended to a mismatch message)."""
+    from .training import load_trained_model
+
+    try:
+        _, metadata = load_trained_model(modelPath)
+    except ValueError:
+        return ""
+    names = ", ".join(str(name) for name in metadata.get("channel_names") or [])
+    return (f"This model needs {metadata.get('n_channels')} input volume(s) in the order {names} ("
+            f"{metadata.get('spatial_dims')}D), numberOfClasses={metadata.get('n_classes')} and "
+            f"method={metadata.get('method')!r}.")
 
 
 def _applicationEventPump() -> Callable[[], None]:

@@ -2,8 +2,8 @@
 
 Everything the panel decides or formats without touching a Qt widget lives here, so that CI can
 test it with plain pytest: which channel selectors to show, whether the inputs can be segmented,
-parsing the "prior class means" text, the engine options from the advanced settings, the progress
-text and the rows of the results table.
+parsing the "prior class means" text, the engine options from the advanced settings, what to show
+and refuse for a trained model file, the progress text and the rows of the results table.
 
 This module imports only the standard library and has no package-relative imports, so the widget
 can load it before PyTorch is installed (the package's ``__init__`` imports the torch engine).
@@ -12,6 +12,7 @@ can load it before PyTorch is installed (the package's ``__init__`` imports the 
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Callable, Optional, Sequence
 
 #: Number of channel selectors in the panel.
@@ -135,6 +136,133 @@ def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType
     if priorMeans is not None:
         options["prior_means"] = [list(row) for row in priorMeans]
     return options
+
+
+#: Deep methods a trained model can be made for (engine names).
+TRAINED_MODEL_METHODS = ("deepsvg", "deepg")
+#: Number of classes the panel's spin box allows (the parameter node's range).
+CLASS_RANGE = (2, 12)
+UNCHECK_HINT = "or uncheck 'Use trained model'"
+TORCH_NEEDED_TEXT = ("PyTorch is not installed yet: the model file is read and checked when you click Segment "
+                     "(PyTorch is offered then).")
+
+
+def trainedModelPathProblem(path: Any) -> Optional[str]:
+    """Why ``path`` cannot be a model file (empty, missing, a folder), or None. Needs no PyTorch."""
+    text = "" if path is None else str(path).strip()
+    if not text or text == ".":
+        return f"Choose a trained model file (.pt, written by deepgmm-train) {UNCHECK_HINT}."
+    if not os.path.exists(text):
+        return f"The trained model file {text!r} does not exist: choose another file {UNCHECK_HINT}."
+    if not os.path.isfile(text):
+        return f"{text!r} is not a file: choose a trained model file (.pt) {UNCHECK_HINT}."
+    return None
+
+
+def describeTrainedModel(path: Any, modelIo: Any, cache: Optional[dict] = None) -> tuple[Optional[dict], Optional[str]]:
+    """``(metadata, None)`` for a readable model file, ``(None, why not)`` otherwise.
+
+    ``modelIo`` is ``DeepGMMSegmentLib.model_io`` (it needs PyTorch), or None when PyTorch is not
+    installed yet: then ``(None, None)`` (not known yet) is returned for an existing file. Files
+    are read with ``model_io.describe_model``, which never runs code from the file. ``cache``
+    (a dict the caller keeps) remembers each file version (path, size, modification time).
+    """
+    problem = trainedModelPathProblem(path)
+    if problem is not None:
+        return None, problem
+    if modelIo is None:
+        return None, None
+    path = os.path.abspath(str(path).strip())
+    status = os.stat(path)
+    key = (path, status.st_size, status.st_mtime_ns)
+    if cache is not None and key in cache:
+        return cache[key]
+    try:
+        result = dict(modelIo.describe_model(path)), None
+    except (ValueError, OSError) as error:
+        result = None, f"This file cannot be used as a trained model: {error}"
+    if cache is not None:
+        while len(cache) >= 8:
+            cache.pop(next(iter(cache)))
+        cache[key] = result
+    return result
+
+
+def trainedModelSettings(info: Optional[dict]) -> Optional[tuple[str, int]]:
+    """``(method, numberOfClasses)`` the panel takes over from a model's metadata, or None if unusable."""
+    if not info or info.get("method") not in TRAINED_MODEL_METHODS:
+        return None
+    try:
+        numberOfClasses = int(info.get("n_classes"))
+    except (TypeError, ValueError):
+        return None
+    if not CLASS_RANGE[0] <= numberOfClasses <= CLASS_RANGE[1]:
+        return None
+    return info["method"], numberOfClasses
+
+
+def trainedModelSummary(path: Any, modelIo: Any, cache: Optional[dict] = None) -> str:
+    """The text under the model file: its metadata (``model_io.format_description``) or why it cannot be used."""
+    info, error = describeTrainedModel(path, modelIo, cache)
+    if error is not None:
+        return error
+    if info is None:
+        return TORCH_NEEDED_TEXT
+    lines = [modelIo.format_description(info)]
+    size = int(info.get("file_size_bytes") or 0)
+    sizeText = f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
+    lines.append(f"file: {info.get('path')} ({sizeText}, {info.get('n_parameters')} parameters)")
+    settings = trainedModelSettings(info)
+    if settings is not None:
+        lines.append(f"Segment uses the model's method ({METHOD_SHORT_NAMES[settings[0]]}) and its "
+                     f"{settings[1]} classes.")
+    return "\n".join(lines)
+
+
+def trainedModelProblem(path: Any, numberOfChannels: int, modelIo: Any, cache: Optional[dict] = None,
+                        channelNames: Optional[Sequence[str]] = None,
+                        numberOfClasses: Optional[int] = None) -> Optional[str]:
+    """Why Segment cannot run with this model and these inputs (message with the fix), or None.
+
+    The comparison is ``model_io.check_compatible`` (the one place that decides compatibility):
+    channel count, 3D (Slicer volumes are 3D), number of classes and, when the chosen volumes
+    are named exactly like the model's channels in some order (e.g. "T1", "PD"), their order.
+    Without PyTorch (``modelIo`` None) only the path is checked; the logic checks the rest
+    before anything runs.
+    """
+    info, error = describeTrainedModel(path, modelIo, cache)
+    if error is not None or info is None:
+        return error
+    if trainedModelSettings(info) is None:
+        return (f"The model is for method {info.get('method')!r} with {info.get('n_classes')} classes; this panel "
+                f"runs trained {' / '.join(METHOD_SHORT_NAMES[m] for m in TRAINED_MODEL_METHODS)} models with "
+                f"{CLASS_RANGE[0]}-{CLASS_RANGE[1]} classes. Use the Python console (DeepGMMSegmentLogic) "
+                f"{UNCHECK_HINT}.")
+    modelNames = [str(name) for name in info.get("channel_names") or []]
+    given = [str(name) for name in channelNames] if channelNames is not None else None
+    if given is None or sorted(n.lower() for n in given) != sorted(n.lower() for n in modelNames):
+        given = None  # volume names are free text: compared only when they are the model's channel names
+    try:
+        modelIo.check_compatible(info, int(numberOfChannels), spatial_dims=3, channel_names=given,
+                                 n_classes=numberOfClasses)
+    except ValueError as error:
+        return f"{error} {trainedModelFix(info)}"
+    return None
+
+
+def trainedModelFix(info: dict) -> str:
+    """What to choose so that the model fits, from its metadata (appended to a mismatch message)."""
+    if int(info.get("spatial_dims") or 3) != 3:
+        return ("Slicer volumes are 3D, so this model (trained on 2D images) cannot be used here: "
+                f"train one on 3D volumes {UNCHECK_HINT}.")
+    count = int(info.get("n_channels") or 0)
+    names = ", ".join(str(name) for name in info.get("channel_names") or [])
+    return f"Choose {count} input volume{'s' if count != 1 else ''} in the order {names}, {UNCHECK_HINT}."
+
+
+def trainedModelOptions(path: Any, fineTuneSteps: int = 0) -> dict:
+    """Engine options for a run with a trained model: the model file and the fine-tuning steps (0 = one pass)."""
+    return {"model": os.path.abspath(str(path).strip()), "fine_tune": max(0, int(fineTuneSteps))}
 
 
 def formatDuration(seconds: Optional[float]) -> str:

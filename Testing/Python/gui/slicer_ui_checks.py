@@ -137,11 +137,13 @@ def parameterBindings(tree) -> dict[str, str]:
 
 
 def uiAttributeNames(pythonSource: str) -> dict[str, int]:
-    """Names used as ``<something>.ui.<name>`` in Python source -> first line number."""
+    """Names used as ``<something>.ui.<name>`` or ``ui.<name>`` (a local alias of ``self.ui``) in
+    Python source -> first line number."""
     used = {}
     for node in ast.walk(ast.parse(pythonSource)):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and node.value.attr == "ui"):
+        if isinstance(node, ast.Attribute) and (
+                (isinstance(node.value, ast.Attribute) and node.value.attr == "ui")
+                or (isinstance(node.value, ast.Name) and node.value.id == "ui")):
             used.setdefault(node.attr, node.lineno)
     return used
 

@@ -40,7 +40,7 @@ def test_panel_module_imports_only_the_standard_library():
             assert node.level == 0, "panel.py must not use package-relative imports"
             assert node.module in ("__future__", "typing"), node.module
         elif isinstance(node, ast.Import):
-            assert all(alias.name in ("math",) for alias in node.names)
+            assert all(alias.name in ("math", "os") for alias in node.names)
 
 
 @pytest.mark.parametrize("selected, expected", [
@@ -190,3 +190,135 @@ def test_user_facing_texts():
     assert panel.completionText("EM-GMM", "cuda", 2, None) == "Done: EM-GMM on cuda in 2 s."
     assert "inside the ROI box" in panel.replaceQuestion("Seg", withRoi=True)
     assert "Create new segmentation" in panel.replaceQuestion("Seg", withRoi=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trained model files (real files written by DeepGMMSegmentLib.train, see Testing/Python/conftest.py)
+
+
+@pytest.fixture(scope="module")
+def modelIo():
+    from DeepGMMSegmentLib import model_io
+
+    return model_io
+
+
+def test_trained_model_summary_shows_the_metadata(trainedModelFile, modelIo):
+    path = trainedModelFile(("T1", "PD"))
+    text = panel.trainedModelSummary(path, modelIo, {})
+    lines = text.splitlines()
+    assert lines[0] == "classes: 3   method: deepsvg   covariance: full"
+    assert lines[1] == "channels (2): T1, PD"  # names in channel order
+    assert "image dimension: 3D   normalisation: zscore-in-mask" in text
+    assert "trained on 3 cases (+1 held out), best epoch" in text and "held-out NLL" in text
+    assert "package version: " in text and "created: " in text
+    assert f"file: {path.resolve()} (" in text and " parameters)" in text
+    assert lines[-1] == "Segment uses the model's method (deepSVG) and its 3 classes."
+    assert text.startswith(modelIo.format_description(modelIo.describe_model(path)))  # model_io's own text
+
+
+def test_trained_model_settings_come_from_the_metadata(trainedModelFile, modelIo):
+    info, error = panel.describeTrainedModel(trainedModelFile(("T1",), method="deepg"), modelIo)
+    assert error is None and panel.trainedModelSettings(info) == ("deepg", 3)
+    assert panel.trainedModelSettings(dict(info, method="em-gmm")) is None
+    assert panel.trainedModelSettings(dict(info, n_classes=13)) is None  # beyond the panel's 2..12
+    assert panel.trainedModelSettings(None) is None
+
+
+def test_unusable_model_paths_and_files_get_a_clear_text(tmp_path, modelIo):
+    import torch
+
+    assert panel.trainedModelSummary("", modelIo) == (
+        "Choose a trained model file (.pt, written by deepgmm-train) or uncheck 'Use trained model'.")
+    missing = tmp_path / "gone.pt"
+    assert panel.trainedModelSummary(missing, modelIo) == (
+        f"The trained model file {str(missing)!r} does not exist: choose another file or uncheck 'Use trained model'.")
+    assert "is not a file" in panel.trainedModelSummary(tmp_path, modelIo)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip archive")
+    assert panel.trainedModelSummary(corrupt, modelIo).startswith(
+        "This file cannot be used as a trained model: ") and "not a readable DeepGMMSegment model" in \
+        panel.trainedModelSummary(corrupt, modelIo)
+    otherTorchFile = tmp_path / "weights.pt"
+    torch.save({"weight": torch.zeros(2)}, otherTorchFile)
+    assert "not a DeepGMMSegment model" in panel.trainedModelSummary(otherTorchFile, modelIo)
+    # Each problem also blocks Segment, whatever the inputs.
+    for path in ("", missing, corrupt, otherTorchFile):
+        assert panel.trainedModelProblem(path, 2, modelIo) == panel.trainedModelSummary(path, modelIo)
+
+
+class _CreatesAFile:
+    """A pickled object that would create ``marker`` when unpickled (what a malicious model file does)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_model_file_carrying_code_is_refused_without_running_it(tmp_path, modelIo):
+    import torch
+
+    marker = tmp_path / "created-by-the-file"
+    path = tmp_path / "malicious.pt"
+    torch.save({"format": "deepgmm-model", "format_version": 1, "payload": _CreatesAFile(marker)}, path)
+    text = panel.trainedModelSummary(path, modelIo, {})
+    assert text.startswith("This file cannot be used as a trained model: Refusing to load")
+    assert panel.trainedModelProblem(path, 1, modelIo) == text
+    assert not marker.exists()
+
+
+def test_without_pytorch_only_the_path_is_checked(trainedModelFile, tmp_path):
+    path = trainedModelFile(("T1", "PD"))
+    assert panel.trainedModelSummary(path, None) == panel.TORCH_NEEDED_TEXT
+    assert panel.trainedModelProblem(path, 1, None) is None  # the logic checks it once PyTorch is there
+    assert "does not exist" in panel.trainedModelProblem(tmp_path / "gone.pt", 1, None)
+
+
+def test_a_model_with_other_channels_is_refused_with_the_fix(trainedModelFile, modelIo):
+    path = trainedModelFile(("T1", "PD"))
+    problem = panel.trainedModelProblem(path, 1, modelIo, {}, ["MNI T1"], 3)
+    assert problem == ("The trained model does not match the input: the model expects 2 channel(s) (T1, PD) but "
+                       "the input has 1. Choose 2 input volumes in the order T1, PD, or uncheck 'Use trained model'.")
+    assert "expects 2 channel(s)" in panel.trainedModelProblem(path, 3, modelIo, {}, ["T1", "PD", "T2"], 3)
+    # Volumes named like the model's channels are checked for their order too ...
+    reordered = panel.trainedModelProblem(path, 2, modelIo, {}, ["pd", "t1"], 3)
+    assert "the channels are in a different order" in reordered and "in the order T1, PD" in reordered
+    assert panel.trainedModelProblem(path, 2, modelIo, {}, ["t1", "PD"], 3) is None
+    # ... other volume names are free text and are not compared.
+    assert panel.trainedModelProblem(path, 2, modelIo, {}, ["MNI T1 2mm", "proton density"], 3) is None
+    assert panel.trainedModelProblem(path, 2, modelIo, {}, ["PD", "FLAIR"], 3) is None
+    assert "segments into 3 classes but 4 were requested" in panel.trainedModelProblem(path, 2, modelIo, {}, None, 4)
+
+
+def test_a_2d_model_is_refused_in_slicer(trainedModelFile, modelIo):
+    problem = panel.trainedModelProblem(trainedModelFile(("T1",), spatialDims=2), 1, modelIo, {}, ["T1"], 3)
+    assert "the model was trained on 2D images but the input is 3D" in problem
+    assert "Slicer volumes are 3D, so this model (trained on 2D images) cannot be used here" in problem
+
+
+def test_model_files_are_read_once_per_file_version(trainedModelFile, modelIo, tmp_path):
+    import os
+    import shutil
+
+    path = tmp_path / "copy.pt"
+    shutil.copy(trainedModelFile(("T1", "PD")), path)
+    calls = []
+    counting = SimpleNamespace(describe_model=lambda p: calls.append(p) or modelIo.describe_model(p),
+                               format_description=modelIo.format_description,
+                               check_compatible=modelIo.check_compatible)
+    cache = {}
+    for _ in range(3):
+        panel.trainedModelSummary(path, counting, cache)
+        panel.trainedModelProblem(path, 2, counting, cache, ["T1", "PD"], 3)
+    assert len(calls) == 1
+    os.utime(path, ns=(0, 1_000_000_000))  # the file changed (e.g. a training run rewrote it)
+    panel.trainedModelSummary(path, counting, cache)
+    assert len(calls) == 2
+
+
+def test_trained_model_options_are_what_the_logic_forwards(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert panel.trainedModelOptions("brain.pt", 20) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 20}
+    assert panel.trainedModelOptions(tmp_path / "brain.pt", 0) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 0}

@@ -66,7 +66,7 @@ def test_ui_widget_classes_are_stock_or_declared():
     assert checks.undeclaredClassProblems(tree) == []
     # The panel really uses the Slicer widgets it declares.
     used = {element.get("class") for element in tree.iter("widget")}
-    assert {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "ctkCollapsibleButton"} <= used
+    assert {"qMRMLNodeComboBox", "qMRMLSegmentSelectorWidget", "ctkCollapsibleButton", "ctkPathLineEdit"} <= used
 
 
 def test_ui_connections_and_scene_wiring():
@@ -88,7 +88,7 @@ def test_every_parameter_binding_is_a_parameter_node_field(moduleSource):
     bindings = set(checks.parameterBindings(tree).values())
     expected = {"inputVolume1", "inputVolume2", "inputVolume3", "inputVolume4", "numberOfClasses", "method",
                 "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "roi",
-                "outputSegmentation", "probabilityMaps"}
+                "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps"}
     assert bindings == expected
 
 
@@ -106,6 +106,9 @@ def test_parameter_node_fields_have_the_specified_types(moduleSource):
     assert annotations["roi"] == "Optional[vtkMRMLMarkupsROINode]"
     assert annotations["maskSegmentation"] == "Optional[vtkMRMLSegmentationNode]"
     assert annotations["outputSegmentation"] == "Optional[vtkMRMLSegmentationNode]"
+    assert annotations["useTrainedModel"] == "bool"
+    assert annotations["trainedModelPath"] == "str"  # synced by hand with the ctkPathLineEdit
+    assert annotations["fineTuneSteps"] == "Annotated[int, Minimum(0)]"
 
 
 def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
@@ -114,7 +117,7 @@ def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
                 "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
                 "RemoveObserver", "Modified", "parameterNode"}
     fields = checks.parameterNodeFields(moduleSource, PARAMETER_NODE_CLASS)
-    assert len(fields) == 17 and not reserved & set(fields)
+    assert len(fields) == 20 and not reserved & set(fields)
 
 
 def test_combo_box_items_match_the_enum_labels(moduleSource):
@@ -152,9 +155,23 @@ def test_results_table_columns_match_panel_rows():
     assert tuple(column.findtext("property/string") for column in table.findall("column")) == panel.RESULT_COLUMNS
 
 
+def test_trained_model_file_filter_offers_the_model_io_suffix(moduleSource):
+    from DeepGMMSegmentLib import model_io
+
+    tree = checks.parseUi(UI_PATH)
+    pathEdit = next(element for element in tree.iter("widget") if element.get("name") == "trainedModelPathLineEdit")
+    assert pathEdit.get("class") == "ctkPathLineEdit"
+    nameFilters = [string.text for prop in pathEdit.findall("property") if prop.get("name") == "nameFilters"
+                   for string in prop.iter("string")]
+    assert f"*{model_io.MODEL_SUFFIX}" in nameFilters[0].split("(")[1]
+    # Not bound through SlicerParameterName: the code keeps it and the str field in sync.
+    assert "trainedModelPathLineEdit" not in checks.parameterBindings(tree)
+    assert 'connect("currentPathChanged(QString)", self.onTrainedModelPathChanged)' in moduleSource
+
+
 def test_module_file_compiles_and_is_thin(tmp_path):
     py_compile.compile(str(MODULE_PATH), cfile=str(tmp_path / "module.pyc"), doraise=True)
-    assert MODULE_PATH.stat().st_size < 25_000
+    assert MODULE_PATH.stat().st_size < 30_000
 
 
 def test_module_declares_slicer_module_conventions(moduleSource):
@@ -210,6 +227,10 @@ def test_missing_ui_name_in_code_is_reported(uiText, moduleSource, tmp_path):
     # A typo in the code is caught the same way.
     typo = moduleSource.replace("self.ui.segmentButton.text", "self.ui.segmentButon.text", 1)
     assert any("segmentButon" in problem for problem in checks.missingUiNameProblems(checks.parseUi(UI_PATH), typo))
+    # ... also through a local alias (``ui = self.ui``), as the trained-model code uses.
+    assert "ui.trainedModelInfoLabel.text" in moduleSource and "self.ui.trainedModelInfoLabel" not in moduleSource
+    tree = treeOf(uiText.replace('name="trainedModelInfoLabel"', 'name="trainedModelInfoText"'), tmp_path)
+    assert any("trainedModelInfoLabel" in problem for problem in checks.missingUiNameProblems(tree, moduleSource))
 
 
 def test_parameter_name_not_in_parameter_node_is_reported(tmp_path, uiText, moduleSource):

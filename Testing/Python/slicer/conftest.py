@@ -24,6 +24,20 @@ if MODULE_FOLDER not in sys.path:
 import slicer  # noqa: E402  (slicer-core)
 import vtk  # noqa: E402
 
+
+def _trainedModels():
+    """../trained_models.py, loaded by path (Testing/Python must stay off sys.path, see there)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "trained_models.py")
+    spec = importlib.util.spec_from_file_location("_trained_models_loader_slicer", path)
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    return loader.load()
+
+
+trainedModelFile = _trainedModels().trainedModelFile  # fixture: real model files from DeepGMMSegmentLib.train
+
 # Module logics registered on every test scene: (name used by slicer.modules, class name).
 _MODULE_LOGICS = (
     ("colors", "Colors", "vtkSlicerColorLogic"),

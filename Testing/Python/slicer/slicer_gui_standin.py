@@ -40,6 +40,7 @@ class FakeWidget:
         self.range = (0, 100)
         self.rowCount, self.items = 0, {}
         self.node, self.segmentId = None, ""
+        self.currentPath = ""
         self.slots = {}
 
     def connect(self, signal, slot):
@@ -101,6 +102,14 @@ class FakeWidget:
         if segmentId != self.segmentId:
             self.segmentId = segmentId
             self.emit("currentSegmentChanged(QString)", segmentId)
+
+
+    # ctkPathLineEdit: the user picks a file (the code sets ``currentPath`` directly, which Qt
+    # answers with the same signal; the widget ignores a path it already has).
+    def setCurrentPath(self, path):
+        if path != self.currentPath:
+            self.currentPath = path
+            self.emit("currentPathChanged(QString)", path)
 
 
 class TableItem:

@@ -6,6 +6,7 @@ run costs about two seconds, most of it the worker's torch import.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -480,3 +481,50 @@ def test_iteration_reports_are_coalesced_per_poll(mrmlScene, helpers):
     # The job got the first input's spacing in (k, j, i) order and the arrays of the request.
     assert jobs[0].jobArguments["spacing"] == pytest.approx((2.0, 1.2, 1.0))
     assert jobs[0].jobArguments["channels"][0].shape == (6, 20, 24) and jobs[0].jobArguments["mask"] is None
+
+
+def test_trained_model_that_does_not_fit_is_refused_before_the_worker(mrmlScene, helpers, trainedModelFile):
+    t1, t2, _, _ = _twoChannelInputs(mrmlScene, helpers)
+    model = trainedModelFile(("T1", "T2"))  # a real model file, trained on two channels
+    snapshot = _sceneSnapshot(mrmlScene)
+    logic = DeepGMMSegmentLogic(runnerFactory=lambda **kwargs: pytest.fail("no worker may start"))
+    needs = "This model needs 2 input volume(s) in the order T1, T2 (3D), numberOfClasses=3 and method='deepsvg'."
+
+    with pytest.raises(ValueError) as raised:
+        logic.process([t1], numberOfClasses=3, method="deepsvg", options={"model": str(model)})
+    assert str(raised.value) == ("The trained model does not match the input: the model expects 2 channel(s) (T1, T2) "
+                                 f"but the input has 1. {needs}")
+    with pytest.raises(ValueError, match="segments into 3 classes but 4 were requested"):
+        logic.process([t1, t2], numberOfClasses=4, method="deepsvg", options={"model": model})
+    with pytest.raises(ValueError) as raised:
+        logic.process([t1, t2], numberOfClasses=3, method="deepg", options={"model": model})
+    assert str(raised.value) == ("The trained model was trained for method 'deepsvg' but method='deepg' was "
+                                 f"requested. {needs}")
+    with pytest.raises(ValueError, match="trained for method 'deepsvg' but method='em-gmm'"):
+        logic.process([t1, t2], numberOfClasses=3, method="em-gmm", options={"model": model})
+    with pytest.raises(ValueError, match="does not exist"):
+        logic.process([t1, t2], method="deepsvg", options={"model": str(model) + ".missing"})
+    with pytest.raises(ValueError, match=r"fine_tune'\] must be an integer >= 0"):
+        logic.process([t1, t2], method="deepsvg", options={"model": model, "fine_tune": -1})
+    assert _sceneSnapshot(mrmlScene) == snapshot
+    assert not logic.isProcessing()
+
+
+def test_trained_model_segments_through_the_logic(mrmlScene, helpers, trainedModelFile, monkeypatch):
+    ijkToRas = helpers.ijkToRasMatrix((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    channel1, channel2, truth = helpers.phantom(shape=(4, 16, 18), seed=7)
+    t1 = helpers.addVolume(mrmlScene, channel1, ijkToRas, "T1")
+    t2 = helpers.addVolume(mrmlScene, channel2, ijkToRas, "T2")
+    model = trainedModelFile(("T1", "T2"))
+    monkeypatch.chdir(model.parent)  # a relative path still names the file once the worker runs elsewhere
+
+    outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="deepsvg",
+                                            options={"model": model.name})
+    segmentation = outputs.segmentationNode.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["Class 1", "Class 2", "Class 3"]
+    assert outputs.numberOfIterations == 1 and len(outputs.probabilityVolumes) == 3  # one forward pass
+    assert outputs.method == "deepsvg" and np.isfinite(outputs.finalNll)
+    # The tiny model (3 epochs on 4 phantoms) is no expert, but it finds the three blocks.
+    assert (_labels(outputs, t1) == truth).mean() > 0.6
+    stored = json.loads(outputs.segmentationNode.GetAttribute("DeepGMMSegment.Options"))
+    assert stored == {"model": str(model)}  # absolute: a saved scene remembers which model file

@@ -7,6 +7,7 @@ else is real: the module file, the MRML scene, DeepGMMSegmentLogic and its worke
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -202,4 +203,56 @@ def test_closing_the_scene_cancels_a_run_and_resets_the_panel(harness, volumes, 
     # A fresh parameter node for the empty scene (the module is shown), with the defaults.
     assert widget._parameterNode is not None and widget._parameterNode.inputVolume1 is None
     assert not widget.ui.segmentButton.enabled
+    assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+def test_trained_model_is_shown_checked_and_passed_to_the_logic(harness, volumes, mrmlScene, trainedModelFile):
+    t1, t2 = volumes
+    model = trainedModelFile(("T1", "T2"), method="deepg")  # a real model file: deepG, 3 classes, T1 then T2
+    widget = harness.createWidget()
+    ui, parameters = widget.ui, widget._parameterNode
+    methods = harness.module.SegmentationMethod
+    parameters.numberOfClasses = 5
+    assert not ui.trainedModelPathLineEdit.enabled and ui.methodComboBox.enabled and ui.trainedModelInfoLabel.text == ""
+
+    parameters.useTrainedModel = True  # no file yet
+    assert ui.trainedModelPathLineEdit.enabled and ui.fineTuneStepsSpinBox.enabled
+    assert not ui.methodComboBox.enabled and not ui.numberOfClassesSpinBox.enabled  # the model decides these
+    assert not ui.maxIterationsSpinBox.enabled and not ui.priorMeansLineEdit.enabled
+    assert not ui.segmentButton.enabled and ui.segmentButton.toolTip == ui.trainedModelInfoLabel.text == (
+        "Choose a trained model file (.pt, written by deepgmm-train) or uncheck 'Use trained model'.")
+
+    ui.trainedModelPathLineEdit.setCurrentPath(str(model))  # the user picks the file
+    assert parameters.trainedModelPath == str(model)
+    assert "channels (2): T1, T2" in ui.trainedModelInfoLabel.text
+    assert ui.trainedModelInfoLabel.text.endswith("Segment uses the model's method (deepG) and its 3 classes.")
+    assert (parameters.method, parameters.numberOfClasses) == (methods.DEEP_G, 3)  # taken over from the model
+    # Only channel 1 is chosen: refused, with the reason and the fix on the button.
+    assert not ui.segmentButton.enabled
+    assert ui.segmentButton.toolTip == (
+        "The trained model does not match the input: the model expects 2 channel(s) (T1, T2) but the input has 1. "
+        "Choose 2 input volumes in the order T1, T2, or uncheck 'Use trained model'.")
+    parameters.inputVolume1, parameters.inputVolume2 = t2, t1  # named like the model's channels: order checked
+    assert not ui.segmentButton.enabled and "the channels are in a different order" in ui.segmentButton.toolTip
+    parameters.inputVolume1, parameters.inputVolume2 = t1, t2
+    assert ui.segmentButton.enabled, ui.segmentButton.toolTip
+
+    parameters.fineTuneSteps = 2
+    ui.segmentButton.click()
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    assert ui.statusLabel.text.startswith("Done: deepG on cpu in "), ui.statusLabel.text
+    output = parameters.outputSegmentation
+    assert json.loads(output.GetAttribute("DeepGMMSegment.Options")) == {"model": str(model), "fine_tune": 2}
+    assert int(output.GetAttribute("DeepGMMSegment.Iterations")) >= 2  # fine-tuning ran (1 = a single pass)
+    assert [row[1:3] for row in ui.resultsTableWidget.rowTexts()] == [("deepG", f"Class {k}") for k in (1, 2, 3)]
+
+    # A scene loaded with another model path shows it in the field; unchecking gives the settings back.
+    parameters.trainedModelPath = str(model.parent / "other.pt")
+    assert ui.trainedModelPathLineEdit.currentPath == str(model.parent / "other.pt")
+    assert "does not exist" in ui.segmentButton.toolTip and not ui.segmentButton.enabled
+    parameters.useTrainedModel = False
+    assert ui.segmentButton.enabled and ui.methodComboBox.enabled and ui.maxIterationsSpinBox.enabled
+    assert ui.trainedModelInfoLabel.text == "" and not ui.trainedModelPathLineEdit.enabled
     assert harness.slotErrors == [] and harness.errorMessages == []

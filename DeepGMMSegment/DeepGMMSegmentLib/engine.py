@@ -377,7 +377,9 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
                 x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed),
                 lambda i, n, nll: (report(i, n, nll), True)[1], cancel_event,
             )
-            return _fit_from_log_resp(xv, log_resp_full[:, mask_t].T, method, settings, history), centre, scale
+            n_iter = max(int(opts["fine_tune"]), 1)  # one forward pass counts as one iteration
+            fit = _fit_from_log_resp(xv, log_resp_full[:, mask_t].T, method, settings, history, n_iter)
+            return fit, centre, scale
         warm = None
         if settings.warm_start == "em":
             warm_fit = em.fit_gmm(xv, n_classes, max_iter=100, tol=1e-4, **em_kwargs)
@@ -390,7 +392,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
 
 
 def _fit_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, method: str, settings: DeepSettings,
-                       history: list[float]) -> em.MixtureFit:
+                       history: list[float], n_iter: int) -> em.MixtureFit:
     """Closed-form M-step and NLL for responsibilities predicted by a trained network."""
     with torch.no_grad():
         x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the mask voxels
@@ -399,7 +401,7 @@ def _fit_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, method: str, se
         _, nll, fitted = deep_gmm_loss(x, lr, m, method, settings.covariance_type, None, 0.0, settings.reg_covar)
     weights, params = fitted[0]
     hist = list(history) + [nll.item()]
-    return em.MixtureFit(log_resp, params, weights, hist, max(len(history), 1), True)
+    return em.MixtureFit(log_resp, params, weights, hist, n_iter, True)
 
 
 def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: np.ndarray, n_classes: int,

@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -90,6 +91,11 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Model file {str(path)!r} does not exist: pass the path of a file written by deepgmm-train.")
+    if not zipfile.is_zipfile(path):  # every file torch.save writes (and so every model file) is a zip archive
+        raise ValueError(
+            f"{str(path)!r} is not a DeepGMMSegment model file (not a PyTorch archive): pass the .pt file "
+            "written by deepgmm-train or DeepGMMSegmentLib.train."
+        )
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:

@@ -237,7 +237,7 @@ def test_unusable_model_paths_and_files_get_a_clear_text(tmp_path, modelIo):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip archive")
     assert panel.trainedModelSummary(corrupt, modelIo).startswith(
-        "This file cannot be used as a trained model: ") and "not a readable DeepGMMSegment model" in \
+        "This file cannot be used as a trained model: ") and "not a PyTorch archive" in \
         panel.trainedModelSummary(corrupt, modelIo)
     otherTorchFile = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, otherTorchFile)

@@ -30,6 +30,8 @@ def test_trained_model_segments_new_cases_in_one_forward_pass(trained_model):
         assert (segmented.labels[~mask] == 0).all()
         # One forward pass: no per-image optimisation steps.
         assert segmented.n_iter == 1
+    tuned = segment(list(image), 3, method="deepsvg", mask=mask, model=str(path), fine_tune=4, device="cpu")
+    assert tuned.n_iter == 4  # fine-tuning steps are the iterations, nothing more
     # The model beats its own first epoch on the held-out cases (it learnt something).
     history = result.metadata["training"]["val_loss_history"]
     assert min(history) < history[0]
@@ -145,8 +147,9 @@ def test_files_that_are_not_models_are_refused(tmp_path):
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a model")
-    with pytest.raises(ValueError, match="not a readable DeepGMMSegment model"):
+    with pytest.raises(ValueError, match=r"not a DeepGMMSegment model file \(not a PyTorch archive\)") as refused:
         model_io.load_model(garbage)
+    assert "execute code" not in str(refused.value)  # a text file is not a security problem, just the wrong file
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
     with pytest.raises(ValueError, match="not a DeepGMMSegment model"):

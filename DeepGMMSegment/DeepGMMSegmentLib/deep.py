@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from . import gmm
 from .em import MixtureFit
-from .networks import UNet
+from .networks import UNet, resolve_precision
 
 DEEP_METHODS = ("deepg", "deepsvg")
 
@@ -43,6 +43,11 @@ class DeepSettings:
     covariance_type: str = "full"
     reg_covar: float = 1e-4
     prior_weight: float = 1.0
+    # beta of the explicit spatial prior (neighbouring voxels' class probabilities agree); 0 is the
+    # paper's loss. 0.3 measured on the 2 mm MNI T1: mean Dice 0.904 clean / 0.858 at noise 0.10,
+    # against 0.873 / 0.730 without it (docs/evaluation.md has the current figures).
+    smoothness: float = 0.3
+    precision: str = "auto"  # the network's convolutions: "auto" | "float32" | "bfloat16"
 
 
 def deep_gmm_loss(
@@ -87,6 +92,34 @@ def deep_gmm_loss(
     if penalties and prior_weight > 0:
         loss = nll + prior_weight * torch.stack(penalties).mean()
     return loss, nll, fitted
+
+
+def smoothness_penalty(
+    log_resp: torch.Tensor, mask: torch.Tensor, spacing: tuple[float, ...] | None = None
+) -> torch.Tensor:
+    """Mean squared difference of neighbouring voxels' class probabilities, summed over the axes.
+
+    log_resp: (N, K, *spatial); mask: (N, *spatial) bool. Only pairs of neighbours that are both
+    inside the mask count. Each axis is weighted by (smallest spacing / its spacing)^2, so thick
+    slices couple less across slices. This is the explicit spatial prior beta * sum_{i~j}
+    ||y_i - y_j||^2 (a quadratic MRF on the probabilities) that the method note suggests adding to
+    the deep image prior; it is 0 for piecewise-constant label maps.
+    """
+    prob = log_resp.exp()
+    n_spatial = prob.ndim - 2
+    steps = spacing if spacing is not None and len(spacing) == n_spatial else (1.0,) * n_spatial
+    finest = min(steps)
+    total = prob.new_zeros(())
+    for axis in range(n_spatial):
+        size = prob.shape[2 + axis]
+        if size < 2:
+            continue
+        diff = (prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)).pow(2).sum(1)
+        both = mask.narrow(1 + axis, 1, size - 1) & mask.narrow(1 + axis, 0, size - 1)
+        pairs = both.sum()
+        if pairs > 0:
+            total = total + (finest / steps[axis]) ** 2 * diff[both].sum() / pairs
+    return total
 
 
 def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str) -> tuple[int, bool]:
@@ -144,6 +177,7 @@ def fit_deep(
     if network is None:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
+    network.autocast_dtype = resolve_precision(settings.precision, x.device)
 
     def forward() -> torch.Tensor:
         """Log responsibilities on the cropped grid, as (1, K, *spatial)."""
@@ -179,9 +213,12 @@ def fit_deep(
     for step in range(1, settings.max_iter + 1):
         n_iter = warm_iter + step
         optimiser.zero_grad(set_to_none=True)
+        log_resp = forward()
         loss, nll, _ = deep_gmm_loss(
-            xb, forward(), mb, method, settings.covariance_type, prior_means, settings.prior_weight, settings.reg_covar
+            xb, log_resp, mb, method, settings.covariance_type, prior_means, settings.prior_weight, settings.reg_covar
         )
+        if settings.smoothness > 0:
+            loss = loss + settings.smoothness * smoothness_penalty(log_resp, mb, spacing)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12.0)
         optimiser.step()

@@ -19,6 +19,7 @@ import torch
 
 from . import em
 from .deep import DEEP_METHODS, DeepSettings, deep_gmm_loss, fit_deep
+from .networks import resolve_precision
 from .gmm import COVARIANCE_TYPES, GaussianParameters
 
 METHODS = ("deepsvg", "deepg", "em-gmm", "em-svgmm")
@@ -209,6 +210,10 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"max_iter must be >= 1, got {resolved['max_iter']}.")
     if float(resolved["tol"]) < 0 or float(resolved["reg_covar"]) < 0:
         raise ValueError("tol and reg_covar must be >= 0.")
+    if method in DEEP_METHODS:
+        if float(resolved["smoothness"]) < 0:
+            raise ValueError(f"smoothness must be >= 0 (0 turns the spatial prior off), got {resolved['smoothness']}.")
+        resolve_precision(resolved["precision"], torch.device("cpu"))  # names a valid choice
     if resolved["model"] is not None and method not in DEEP_METHODS:
         raise ValueError(f"A trained model can only be used with the deep methods (deepg, deepsvg), not {method!r}.")
     return resolved
@@ -272,7 +277,8 @@ def segment(
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
         ((K, C), input units), ``prior_weight``, ``cancel_event``; deep methods also ``network``,
         ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"none"),
-        ``warm_start_iter``, ``model``, ``fine_tune``.
+        ``warm_start_iter``, ``smoothness`` (weight of the spatial prior, default 0.3; 0 = the
+        paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
     ``prior_means`` are given, in which case class k is the k-th prior row.

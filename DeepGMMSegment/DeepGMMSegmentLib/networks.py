@@ -4,6 +4,10 @@
 ``UNet(3, ...)`` works on whole volumes. With ``pool_in_plane_only=True`` the 3D network never
 pools or upsamples along z, which suits thick-slice acquisitions (few slices, coarse z spacing).
 Inputs of any size are padded internally to a multiple of the total pooling factor.
+
+Speed: the network keeps its weights and activations channels-last (oneDNN's fast layout on the
+CPU) and can run its convolutions in bfloat16 (``precision``); the logits are always float32,
+so the mixture maths downstream keeps full precision.
 """
 
 from __future__ import annotations
@@ -11,6 +15,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for the network's convolutions, or None for plain float32.
+
+    "auto" picks bfloat16 where the hardware computes it natively (CPUs with AVX-512 BF16 or AMX
+    through oneDNN, CUDA GPUs that support it) and float32 elsewhere; measured on a 2-core
+    AVX-512 BF16 CPU, a training step of the 3D U-Net on the 2 mm MNI volume took 0.57 s in
+    bfloat16 against 1.1 s in float32 (both channels-last).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        try:
+            return torch.bfloat16 if supported is not None and supported() else None
+        except RuntimeError:  # a build without oneDNN
+            return None
+    return None
 
 
 def _conv(dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
@@ -71,6 +102,9 @@ class UNet(nn.Module):
             self.up_reduce.append(_conv(spatial_dims, w * 2, w, 1))
             self.up.append(ConvBlock(spatial_dims, w * 2, w))
         self.head = _conv(spatial_dims, base_width, out_channels, 1)
+        self.autocast_dtype: torch.dtype | None = None  # set by the caller (resolve_precision)
+        self._memory_format = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+        self.to(memory_format=self._memory_format)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims == 2:
@@ -78,7 +112,13 @@ class UNet(nn.Module):
         return F.max_pool3d(x, self.pool_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, *spatial) → logits (N, K, *spatial)."""
+        """(N, C, *spatial) → float32 logits (N, K, *spatial)."""
+        x = x.contiguous(memory_format=self._memory_format)
+        dtype = self.autocast_dtype
+        with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self._forward(x).float()
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         multiple = [f**self.depth for f in self.pool_factor]
         pads = [(-s) % m for s, m in zip(spatial, multiple)]

@@ -34,10 +34,10 @@ import torch
 from torch.nn import functional as F
 
 from . import model_io
-from .deep import DEEP_METHODS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep
+from .deep import DEEP_METHODS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep, smoothness_penalty
 from .engine import SegmentationCancelled, check_prior_means, normalize_channels, resolve_device, validate_inputs
 from .gmm import COVARIANCE_TYPES
-from .networks import UNet
+from .networks import PRECISIONS, UNet, resolve_precision
 
 NORMALIZATION = {"kind": "zscore-in-mask", "description": "per image and channel: (x - mean) / std over the mask voxels; 0 outside the mask"}
 # Learning rate of the per-image steps of ``fine_tune`` (smaller than a fresh fit's: the trained
@@ -343,6 +343,8 @@ def train(
     learning_rate: float = 1e-2,
     weight_decay: float = 1e-3,
     grad_clip: float = 12.0,
+    smoothness: float = 0.0,
+    precision: str = "auto",
     augment: bool = True,
     patch_size: Sequence[int] | None = None,
     warm_start: str = "em",
@@ -383,6 +385,12 @@ def train(
         improving by more than ``min_delta``, or at ``max_epochs``.
     batch_size, learning_rate, weight_decay, grad_clip
         Global batch (over all processes), AdamW with polynomial (0.9) decay, gradient-norm clip.
+    smoothness : float
+        Weight of the explicit spatial prior (neighbouring voxels' class probabilities agree), as
+        the per-image ``smoothness`` option; 0 (the default) trains the paper's loss. Stored in
+        the model and used again when fine-tuning.
+    precision : {"auto", "float32", "bfloat16"}
+        The network's convolutions ("auto": bfloat16 where the hardware computes it natively).
     augment, patch_size
         Random in-plane flips, small per-channel gain/offset and noise; ``patch_size`` trains on
         random patches (e.g. a slab of slices) to save memory and time on large volumes.
@@ -414,8 +422,10 @@ def train(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
-    if float(learning_rate) <= 0 or float(prior_weight) < 0:
-        raise ValueError("learning_rate must be > 0 and prior_weight >= 0.")
+    if float(learning_rate) <= 0 or float(prior_weight) < 0 or float(smoothness) < 0:
+        raise ValueError("learning_rate must be > 0, prior_weight and smoothness >= 0.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
 
     cases, n_channels, dims = _prepare_cases(images, masks, n_classes, method, spatial_dims)
     n_classes = int(n_classes)
@@ -447,8 +457,8 @@ def train(
 
 def _train_loop(*, cases, n_classes, method, prior, prior_weight, channel_names, n_channels, dims, spacing, output,
                 covariance_type, reg_covar, network, base_width, depth, val_fraction, max_epochs, min_epochs,
-                patience, min_delta, batch_size, learning_rate, weight_decay, grad_clip, augment, patch_size,
-                warm_start_steps, dev, dist, seed, progress, cancel_event, log, start, **_unused) -> TrainingResult:
+                patience, min_delta, batch_size, learning_rate, weight_decay, grad_clip, smoothness, precision,
+                augment, patch_size, warm_start_steps, dev, dist, seed, progress, cancel_event, log, start, **_unused) -> TrainingResult:
     rank, world = dist.rank, dist.world
     say = (lambda text: None) if (log is None or rank != 0) else log
 
@@ -463,6 +473,7 @@ def _train_loop(*, cases, n_classes, method, prior, prior_weight, channel_names,
     net_dims, in_plane_only = choose_network(smallest, None if spacing is None else tuple(spacing), network)
     torch.manual_seed(seed)
     net = UNet(net_dims, n_channels, n_classes, base_width, depth, in_plane_only).to(dev)
+    net.autocast_dtype = resolve_precision(precision, dev)
     model = net
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -480,6 +491,8 @@ def _train_loop(*, cases, n_classes, method, prior, prior_weight, channel_names,
             ce = -(target.to(dev) * log_resp).sum(0)[m].mean()
             return ce, ce.detach()
         loss, nll, _ = deep_gmm_loss(x[None], log_resp[None], m[None], method, covariance_type, prior_t, lam, reg_covar)
+        if smoothness > 0:
+            loss = loss + float(smoothness) * smoothness_penalty(log_resp[None], m[None], None if spacing is None else tuple(spacing))
         return loss, nll
 
     def cancelled(local: bool) -> bool:
@@ -488,11 +501,11 @@ def _train_loop(*, cases, n_classes, method, prior, prior_weight, channel_names,
 
     config = dict(
         n_classes=n_classes, method=method, covariance_type=covariance_type, reg_covar=reg_covar,
-        channel_names=channel_names, n_channels=n_channels, spatial_dims=dims,
+        smoothness=float(smoothness), channel_names=channel_names, n_channels=n_channels, spatial_dims=dims,
     )
     settings = dict(
         seed=seed, batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
-        grad_clip=grad_clip, max_epochs=max_epochs, min_epochs=min_epochs, patience=patience,
+        grad_clip=grad_clip, precision=precision, max_epochs=max_epochs, min_epochs=min_epochs, patience=patience,
         min_delta=min_delta, val_fraction=val_fraction, augment=bool(augment),
         warm_start_steps=warm_start_steps,
         patch_size=None if patch_size is None else [int(p) for p in patch_size],
@@ -704,6 +717,7 @@ def predict_with_model(
     n_classes = int(meta["n_classes"])
     net_dims = int(meta["network"]["spatial_dims"])
     network = build_network(meta, state).to(device)
+    network.autocast_dtype = resolve_precision("auto", device)
 
     def report(iteration: int, max_iterations: int, nll: float) -> None:
         if cancel is not None and (cancel() if callable(cancel) else cancel.is_set()):
@@ -731,6 +745,7 @@ def predict_with_model(
         max_iter=int(fine_tune), min_iter=int(fine_tune), tol=0.0, warm_start="none",
         covariance_type=meta.get("covariance_type", "full"), reg_covar=meta.get("reg_covar", 1e-4),
         prior_weight=float(meta.get("prior_weight") or 0.0),
+        smoothness=float(meta.get("smoothness") or 0.0),
         base_width=int(meta["network"]["base_width"]), depth=int(meta["network"]["depth"]),
     )
     torch.manual_seed(int(seed))

@@ -265,3 +265,26 @@ def test_model_option_switches_to_trained_model_mode(capsys):
         cli.main(["--model", "brain.pt", "--help"])
     assert exit_.value.code == 0
     assert "--model MODEL" in capsys.readouterr().out
+
+
+def test_smoothness_and_precision_reach_the_deep_fit(phantom, capsys, monkeypatch):
+    import DeepGMMSegmentLib
+
+    real_segment = DeepGMMSegmentLib.segment
+    seen = []
+
+    def recording_segment(*args, **kwargs):  # the real engine runs; we keep what it returned
+        seen.append(real_segment(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(DeepGMMSegmentLib, "segment", recording_segment)
+    out = phantom["dir"] / "labels.nii.gz"
+    code, _ = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "deepsvg", "--max-iter", "3",
+                      "--smoothness", "0.7", "--precision", "float32", "-o", out, "-q")
+    assert code == 0 and out.exists()
+    assert seen[0].options["smoothness"] == 0.7 and seen[0].options["precision"] == "float32"
+    # EM has no network and no spatial prior: the option is refused, nothing is written
+    em_out = phantom["dir"] / "em.nii.gz"
+    code, err = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "em-gmm", "--smoothness", "0.7",
+                        "-o", em_out)
+    assert code == 2 and "smoothness" in err and not em_out.exists()

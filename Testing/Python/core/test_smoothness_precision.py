@@ -1,0 +1,78 @@
+"""The explicit spatial prior (smoothness) and the network's compute precision (real torch, CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from phantoms import blob_phantom
+
+from DeepGMMSegmentLib import segment
+from DeepGMMSegmentLib.deep import smoothness_penalty
+from DeepGMMSegmentLib.networks import UNet, resolve_precision
+
+
+def _log(prob):
+    return torch.log(prob.clamp_min(1e-12))
+
+
+def test_penalty_is_zero_for_constant_labels_and_counts_each_boundary_pair():
+    labels = torch.zeros(1, 6, 8, dtype=torch.long)
+    labels[..., 4:] = 1  # one vertical boundary: 6 neighbour pairs across it, out of 6 * 7 along x
+    one_hot = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    mask = torch.ones(1, 6, 8, dtype=torch.bool)
+    assert smoothness_penalty(_log(torch.ones_like(one_hot) / 2), mask).item() == pytest.approx(0.0)
+    # a pair across the boundary differs by 1 in both classes: squared difference 2
+    assert smoothness_penalty(_log(one_hot), mask).item() == pytest.approx(2 * 6 / (6 * 7), rel=1e-5)
+
+
+def test_penalty_ignores_pairs_leaving_the_mask_and_weights_thick_axes_less():
+    labels = torch.zeros(1, 6, 8, dtype=torch.long)
+    labels[..., 4:] = 1
+    one_hot = torch.nn.functional.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    left = torch.zeros(1, 6, 8, dtype=torch.bool)
+    left[..., :4] = True  # the boundary pairs have one voxel outside the mask
+    assert smoothness_penalty(_log(one_hot), left).item() == pytest.approx(0.0)
+    rows = torch.zeros(1, 6, 8, dtype=torch.long)
+    rows[:, 3:] = 1  # a horizontal boundary: pairs along the first axis
+    one_hot_rows = torch.nn.functional.one_hot(rows, 2).permute(0, 3, 1, 2).float()
+    full = torch.ones(1, 6, 8, dtype=torch.bool)
+    fine = smoothness_penalty(_log(one_hot_rows), full, spacing=(1.0, 1.0)).item()
+    thick = smoothness_penalty(_log(one_hot_rows), full, spacing=(3.0, 1.0)).item()
+    assert thick == pytest.approx(fine / 9, rel=1e-5)  # (1 mm / 3 mm)^2
+
+
+def test_smoothness_removes_speckle_under_heavy_noise():
+    channels, truth, _ = blob_phantom((48, 48), n_classes=3, n_channels=1, noise=0.45, seed=5)
+    common = dict(method="deepsvg", seed=0, max_iter=60, depth=2, warm_start_iter=20, precision="float32")
+    plain = segment(channels, 3, smoothness=0.0, **common)
+    smooth = segment(channels, 3, smoothness=0.3, **common)
+    accuracy = [(r.labels == truth).mean() for r in (plain, smooth)]
+    # label changes between 4-neighbours: speckle makes many, the true map has two wavy boundaries
+    changes = [(np.diff(r.labels, axis=0) != 0).sum() + (np.diff(r.labels, axis=1) != 0).sum()
+               for r in (plain, smooth)]
+    assert accuracy[1] > accuracy[0] + 0.02, accuracy
+    assert changes[1] < 0.8 * changes[0], changes
+    assert smooth.options["smoothness"] == 0.3
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("float32", cpu) is None
+    assert resolve_precision("bfloat16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="Unknown precision 'half'"):
+        resolve_precision("half", cpu)
+    with pytest.raises(ValueError, match="Unknown precision"):
+        segment(np.random.default_rng(0).normal(size=(16, 16)).astype(np.float32), 2, method="deepg",
+                precision="half", max_iter=2)
+
+
+def test_bfloat16_network_gives_float32_logits_close_to_float32():
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, base_width=4, depth=2)
+    x = torch.randn(1, 1, 8, 20, 20)
+    reference = net(x)
+    net.autocast_dtype = torch.bfloat16
+    fast = net(x)
+    assert reference.dtype == fast.dtype == torch.float32
+    assert torch.allclose(torch.softmax(fast, 1), torch.softmax(reference, 1), atol=0.05)
+    assert not torch.equal(fast, reference)  # the convolutions really ran in bfloat16

@@ -40,7 +40,9 @@ class MethodSpec:
     description: str = ""
 
 
-OURS = ("em-gmm", "em-svgmm", "deepg", "deepsvg")
+OURS = ("em-gmm", "em-svgmm", "deepg", "deepsvg", "deepsvg-paper")
+# evaluation name -> (segment() method, options that define it)
+_OUR_VARIANTS = {"deepsvg-paper": ("deepsvg", {"smoothness": 0.0})}
 
 SPECS = {spec.name: spec for spec in (
     MethodSpec("em-gmm", "ours: em-gmm", True, ("torch", "DeepGMMSegmentLib"),
@@ -48,9 +50,13 @@ SPECS = {spec.name: spec for spec in (
     MethodSpec("em-svgmm", "ours: em-svgmm", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, EM for the spatially variant GMM"),
     MethodSpec("deepg", "ours: deepg", True, ("torch", "DeepGMMSegmentLib"),
-               description="DeepGMMSegmentLib.segment, deep GMM (global weights), defaults"),
+               description="DeepGMMSegmentLib.segment, deep GMM (global weights), defaults "
+                           "(smoothness = 0.3)"),
     MethodSpec("deepsvg", "ours: deepsvg", True, ("torch", "DeepGMMSegmentLib"),
-               description="DeepGMMSegmentLib.segment, deep SVGMM (per-voxel weights), defaults"),
+               description="DeepGMMSegmentLib.segment, deep SVGMM (per-voxel weights), defaults "
+                           "(explicit spatial prior smoothness = 0.3)"),
+    MethodSpec("deepsvg-paper", "ours: deepsvg, β = 0", True, ("torch", "DeepGMMSegmentLib"),
+               description="the same with smoothness = 0: the paper's loss, the deep image prior alone"),
     MethodSpec("sklearn-gmm", "scikit-learn GMM", False, ("sklearn.mixture",),
                description="sklearn GaussianMixture(covariance_type='full', random_state=seed), "
                            "k-means init, on the brain voxels"),
@@ -90,9 +96,10 @@ def _voxels(channels: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _ours(name, channels, mask, spacing, n_classes, seed, **options):
     from DeepGMMSegmentLib import segment
-    result = segment(list(channels), n_classes, method=name, mask=mask, spacing=spacing,
-                     device="cpu", seed=seed, **options)
-    note = "engine's own final NLL" + (" (per-voxel weights)" if name in ("em-svgmm", "deepsvg") else "")
+    method, defining = _OUR_VARIANTS.get(name, (name, {}))
+    result = segment(list(channels), n_classes, method=method, mask=mask, spacing=spacing,
+                     device="cpu", seed=seed, **{**options, **defining})
+    note = "engine's own final NLL" + (" (per-voxel weights)" if method in ("em-svgmm", "deepsvg") else "")
     return MethodOutput(result.labels, float(result.nll), note, int(result.n_iter), bool(result.converged))
 
 
@@ -167,7 +174,7 @@ def _sitk_otsu(name, channels, mask, spacing, n_classes, seed, **options):
 
 
 _RUNNERS = {
-    "em-gmm": _ours, "em-svgmm": _ours, "deepg": _ours, "deepsvg": _ours,
+    "em-gmm": _ours, "em-svgmm": _ours, "deepg": _ours, "deepsvg": _ours, "deepsvg-paper": _ours,
     "sklearn-gmm": _sklearn, "atropos": _atropos, "atropos-mrf": _atropos, "n4-gmm": _n4_gmm,
     "sitk-kmeans": _sitk_kmeans, "sitk-otsu": _sitk_otsu,
 }

@@ -51,7 +51,7 @@ SPECS = {spec.name: spec for spec in (
                description="DeepGMMSegmentLib.segment, EM for the spatially variant GMM"),
     MethodSpec("deepg", "ours: deepg", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, deep GMM (global weights), defaults "
-                           "(smoothness = 0.3)"),
+                           "(smoothness = 0, no explicit spatial prior)"),
     MethodSpec("deepsvg", "ours: deepsvg", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, deep SVGMM (per-voxel weights), defaults "
                            "(explicit spatial prior smoothness = 0.3)"),

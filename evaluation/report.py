@@ -581,7 +581,7 @@ def _observations(data) -> list[str]:
              ("deepsvg-paper", "em-gmm", "the deep image prior alone (deepsvg with β = 0, the paper's loss, vs em-gmm)"),
              ("deepsvg", "deepsvg-paper", "our explicit spatial prior on top (deepsvg β = 0.3 vs β = 0)"),
              ("deepsvg", "em-gmm", "both together (deepsvg vs em-gmm)"),
-             ("deepg", "em-gmm", "the deep image prior + spatial prior with global weights (deepg vs em-gmm)"))
+             ("deepg", "em-gmm", "the deep image prior with global weights (deepg vs em-gmm)"))
     for condition in ("noise 0.10", "clean"):
         effects = []
         for better, worse, what in pairs:

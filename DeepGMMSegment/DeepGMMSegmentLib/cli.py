@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "'none' starts from random weights (default: the method's own)")
     parser.add_argument("--smoothness", type=_non_negative_float, metavar="BETA",
                         help="deep methods: weight of the spatial prior that makes neighbouring voxels "
-                             "agree (default 0.3; 0 = the paper's loss, noisier labels)")
+                             "agree (default: 0.3 for deepsvg, 0 for deepg; 0 = the paper's loss, "
+                             "noisier labels)")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"),
                         help="deep methods: the network's arithmetic ('auto': bfloat16 where the "
                              "hardware computes it natively, about 2x faster; default: auto)")

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-width", type=int, default=8, help="filters at full resolution (default 8)")
     parser.add_argument("--depth", type=int, default=3, help="number of poolings (default 3)")
     parser.add_argument("--covariance", choices=("full", "diag"), default="full", help="covariance type (default full)")
+    parser.add_argument("--smoothness", type=float, default=0.0, metavar="BETA",
+                        help="weight of the spatial prior (neighbouring voxels agree); default 0, the paper's "
+                             "training loss; stored in the model and used when fine-tuning")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the network's arithmetic (default auto: bfloat16 where the hardware computes it natively)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
@@ -204,7 +209,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
             channel_names=channel_names, spacing=spacing, output=args.output, covariance_type=args.covariance,
             network=args.network, base_width=args.base_width, depth=args.depth, val_fraction=args.val_fraction,
             max_epochs=args.epochs, min_epochs=args.min_epochs, patience=args.patience, batch_size=args.batch_size,
-            learning_rate=args.lr, augment=not args.no_augment, patch_size=patch, warm_start=args.warm_start,
+            learning_rate=args.lr, smoothness=args.smoothness, precision=args.precision, augment=not args.no_augment, patch_size=patch, warm_start=args.warm_start,
             device=args.device, seed=args.seed, progress=progress,
             log=None if progress is not None else (lambda text: say(text)),
         )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import em
-from .deep import DEEP_METHODS, DeepSettings, deep_gmm_loss, fit_deep
+from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, deep_gmm_loss, fit_deep
 from .networks import resolve_precision
 from .gmm import COVARIANCE_TYPES, GaussianParameters
 
@@ -211,6 +211,8 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if float(resolved["tol"]) < 0 or float(resolved["reg_covar"]) < 0:
         raise ValueError("tol and reg_covar must be >= 0.")
     if method in DEEP_METHODS:
+        if resolved["smoothness"] is None:
+            resolved["smoothness"] = DEFAULT_SMOOTHNESS[method]
         if float(resolved["smoothness"]) < 0:
             raise ValueError(f"smoothness must be >= 0 (0 turns the spatial prior off), got {resolved['smoothness']}.")
         resolve_precision(resolved["precision"], torch.device("cpu"))  # names a valid choice
@@ -277,8 +279,8 @@ def segment(
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
         ((K, C), input units), ``prior_weight``, ``cancel_event``; deep methods also ``network``,
         ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"none"),
-        ``warm_start_iter``, ``smoothness`` (weight of the spatial prior, default 0.3; 0 = the
-        paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
+        ``warm_start_iter``, ``smoothness`` (weight of the spatial prior; default 0.3 for deepsvg,
+        0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
     ``prior_means`` are given, in which case class k is the k-th prior row.

@@ -76,3 +76,14 @@ def test_bfloat16_network_gives_float32_logits_close_to_float32():
     assert reference.dtype == fast.dtype == torch.float32
     assert torch.allclose(torch.softmax(fast, 1), torch.softmax(reference, 1), atol=0.05)
     assert not torch.equal(fast, reference)  # the convolutions really ran in bfloat16
+
+
+def test_default_smoothness_is_per_method():
+    image = np.random.default_rng(1).normal(size=(16, 16)).astype(np.float32)
+    fast = dict(max_iter=2, min_iter=1, warm_start_iter=1, depth=1)
+    assert segment(image, 2, method="deepsvg", **fast).options["smoothness"] == 0.3
+    # deepg's probabilities reach the likelihood only through the M-step: no prior by default
+    assert segment(image, 2, method="deepg", **fast).options["smoothness"] == 0.0
+    assert segment(image, 2, method="deepg", smoothness=0.2, **fast).options["smoothness"] == 0.2
+    with pytest.raises(ValueError, match="smoothness must be >= 0"):
+        segment(image, 2, method="deepsvg", smoothness=-1, **fast)

@@ -126,6 +126,7 @@ class DeepGMMSegmentParameterNode:
     """The panel's settings, saved with the scene. Channel 1 defines the output grid and class
     order; maxIterations/tolerance 0 = method default; priorMeans "10,20;30,40" = one row per
     class, one value per channel; outputSegmentation None = create a new segmentation;
+    smoothness: deepSVG's spatial prior (0 = the published loss);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
     fineTuneSteps 0 = one forward pass."""
 
@@ -141,6 +142,7 @@ class DeepGMMSegmentParameterNode:
     tolerance: Annotated[float, WithinRange(0.0, 1.0), Decimals(7)] = 0.0
     covarianceType: CovarianceType = CovarianceType.FULL
     priorMeans: str = ""
+    smoothness: Annotated[float, WithinRange(0.0, 10.0), Decimals(2)] = 0.3
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
@@ -304,6 +306,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (ui.methodComboBox, ui.numberOfClassesSpinBox, ui.maxIterationsSpinBox, ui.toleranceSpinBox,
                        ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
             widget.enabled = not use  # the model decides these
+        ui.smoothnessSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
         modelIo = self._modelIo() if use else None
         ui.trainedModelInfoLabel.text = panel.trainedModelSummary(path, modelIo, self._trainedModels) if use else ""
         settings = panel.trainedModelSettings(panel.describeTrainedModel(path, modelIo, self._trainedModels)[0]
@@ -391,7 +394,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             priorMeans = panel.parsePriorMeans(parameters.priorMeans, parameters.numberOfClasses, len(channels))
             options = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
-                                          parameters.covarianceType.value, priorMeans)
+                                          parameters.covarianceType.value, priorMeans,
+                                          panel.smoothnessFor(parameters.method.value, parameters.smoothness))
         output = parameters.outputSegmentation
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
             answer = self.askReplaceOrNew(output.GetName(), parameters.roi is not None)

@@ -125,10 +125,18 @@ def parsePriorMeans(text: str, numberOfClasses: int, numberOfChannels: int) -> O
     return means
 
 
+def smoothnessFor(method: str, smoothness: float) -> Optional[float]:
+    """The panel's spatial smoothness for ``method``: deepSVG only (deepG and EM use none), else None."""
+    return float(smoothness) if method == "deepsvg" else None
+
+
 def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType: str = "full",
-                  priorMeans: Optional[list[list[float]]] = None) -> dict:
-    """Engine options from the advanced settings; 0 means "the method's default" and is left out."""
+                  priorMeans: Optional[list[list[float]]] = None, smoothness: Optional[float] = None) -> dict:
+    """Engine options from the advanced settings; 0 means "the method's default" and is left out
+    (except ``smoothness``, where 0 is a choice: None leaves it out)."""
     options: dict = {"covariance_type": covarianceType}
+    if smoothness is not None:
+        options["smoothness"] = float(smoothness)
     if maxIterations and maxIterations > 0:
         options["max_iter"] = int(maxIterations)
     if tolerance and tolerance > 0:

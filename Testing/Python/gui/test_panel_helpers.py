@@ -99,6 +99,16 @@ def test_engine_options_leave_defaults_to_the_engine():
     assert panel.engineOptions() == {"covariance_type": "full"}
     options = panel.engineOptions(maxIterations=40, tolerance=1e-6, covarianceType="diag", priorMeans=[[1.0], [2.0]])
     assert options == {"covariance_type": "diag", "max_iter": 40, "tol": 1e-6, "prior_means": [[1.0], [2.0]]}
+    # smoothness 0 is a choice (the published loss), not "default": it is passed on
+    assert panel.engineOptions(smoothness=0.0) == {"covariance_type": "full", "smoothness": 0.0}
+
+
+def test_smoothness_goes_to_deepsvg_only():
+    from DeepGMMSegmentLib import engine
+    assert panel.smoothnessFor("deepsvg", 0.5) == 0.5
+    assert panel.smoothnessFor("deepsvg", 0.0) == 0.0
+    assert [panel.smoothnessFor(m, 0.5) for m in ("deepg", "em-gmm", "em-svgmm")] == [None] * 3
+    assert "smoothness" in engine.DEEP_OPTIONS  # the name the engine takes
 
 
 def test_engine_options_and_enum_values_are_the_engines_names():

@@ -87,7 +87,7 @@ def test_every_parameter_binding_is_a_parameter_node_field(moduleSource):
     assert checks.parameterNameProblems(tree, moduleSource, PARAMETER_NODE_CLASS) == []
     bindings = set(checks.parameterBindings(tree).values())
     expected = {"inputVolume1", "inputVolume2", "inputVolume3", "inputVolume4", "numberOfClasses", "method",
-                "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "roi",
+                "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "smoothness", "roi",
                 "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps"}
     assert bindings == expected
 
@@ -117,7 +117,7 @@ def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
                 "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
                 "RemoveObserver", "Modified", "parameterNode"}
     fields = checks.parameterNodeFields(moduleSource, PARAMETER_NODE_CLASS)
-    assert len(fields) == 20 and not reserved & set(fields)
+    assert len(fields) == 21 and not reserved & set(fields)
 
 
 def test_combo_box_items_match_the_enum_labels(moduleSource):

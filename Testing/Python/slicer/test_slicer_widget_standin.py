@@ -108,6 +108,10 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     assert [row[1:3] for row in rows] == [("EM-GMM", f"Class {k}") for k in (1, 2, 3)]
     assert all(row[0] == first.GetName() and len(row[4].split(" / ")) == 2 for row in rows)  # two channels
     assert t1.GetImageData().GetMTime() == inputBefore
+    assert "smoothness" not in json.loads(first.GetAttribute("DeepGMMSegment.Options"))  # deepSVG only
+    assert not ui.smoothnessSpinBox.enabled
+    parameters.method = harness.module.SegmentationMethod.DEEP_SVG
+    assert ui.smoothnessSpinBox.enabled and parameters.smoothness == 0.3
 
     # Another method, "Create new (keep both)": a second output and a second block of rows.
     questions = []
@@ -219,6 +223,7 @@ def test_trained_model_is_shown_checked_and_passed_to_the_logic(harness, volumes
     assert ui.trainedModelPathLineEdit.enabled and ui.fineTuneStepsSpinBox.enabled
     assert not ui.methodComboBox.enabled and not ui.numberOfClassesSpinBox.enabled  # the model decides these
     assert not ui.maxIterationsSpinBox.enabled and not ui.priorMeansLineEdit.enabled
+    assert not ui.smoothnessSpinBox.enabled
     assert not ui.segmentButton.enabled and ui.segmentButton.toolTip == ui.trainedModelInfoLabel.text == (
         "Choose a trained model file (.pt, written by deepgmm-train) or uncheck 'Use trained model'.")
 

@@ -154,7 +154,7 @@ def throughput_table() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         f"Measured by `benchmarks/bench_trained.py` on {time.strftime('%Y-%m-%d')}: {cores} CPU cores, torch "
-        f"{torch.__version__}, load average {load:.1f} at the end (other jobs shared the machine).",
+        f"{torch.__version__}, 1-minute load average {load:.1f} at the end (above {cores}, other jobs shared the machine).",
         "",
         f"| training throughput ({THROUGHPUT['n_cases']} derived MNI volumes, 3D patches "
         f"{' x '.join(map(str, THROUGHPUT['patch_size']))}, batch {THROUGHPUT['batch_size']}) | images/s |",
@@ -251,8 +251,9 @@ def main(argv=None) -> int:
     cpu = platform.processor() or platform.machine()
     lines = [
         f"Measured by `benchmarks/bench_trained.py` on {time.strftime('%Y-%m-%d')}: {os.cpu_count()} CPU cores "
-        f"({cpu}), no GPU, torch {torch.__version__}, {torch.get_num_threads()} threads. The machine was shared "
-        "with other jobs, so times are indicative.",
+        f"({cpu}), no GPU, torch {torch.__version__}, {torch.get_num_threads()} threads; 1-minute load average "
+        f"{os.getloadavg()[0]:.1f} at the end (above the core count, other jobs shared the machine and the times "
+        "are pessimistic).",
         "",
         f"Test volume: MNI152 2009a T1 at 2 mm ({' x '.join(map(str, t1.shape))}, {int(mask.sum())} brain voxels), "
         "reference = argmax of the template's CSF/GM/WM maps. Training: 7 derived volumes (2 mm block averages "

@@ -66,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--base-width", type=int, default=8, help="filters at full resolution (default 8)")
     parser.add_argument("--depth", type=int, default=3, help="number of poolings (default 3)")
     parser.add_argument("--covariance", choices=("full", "diag"), default="full", help="covariance type (default full)")
-    parser.add_argument("--smoothness", type=float, default=0.0, metavar="BETA",
-                        help="weight of the spatial prior (neighbouring voxels agree); default 0, the paper's "
-                             "training loss; stored in the model and used when fine-tuning")
+    parser.add_argument("--smoothness", type=float, default=None, metavar="BETA",
+                        help="weight of the spatial prior (neighbouring voxels agree); default as deepgmm-segment "
+                             "(0.3 for deepsvg, 0 for deepg; 0 = the paper's training loss); stored in the model "
+                             "and used when fine-tuning")
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                         help="the network's arithmetic (default auto: bfloat16 where the hardware computes it natively)")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")

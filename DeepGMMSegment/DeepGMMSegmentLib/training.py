@@ -34,7 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from . import model_io
-from .deep import DEEP_METHODS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep, smoothness_penalty
+from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep, smoothness_penalty
 from .engine import SegmentationCancelled, check_prior_means, normalize_channels, resolve_device, validate_inputs
 from .gmm import COVARIANCE_TYPES
 from .networks import PRECISIONS, UNet, resolve_precision
@@ -343,7 +343,7 @@ def train(
     learning_rate: float = 1e-2,
     weight_decay: float = 1e-3,
     grad_clip: float = 12.0,
-    smoothness: float = 0.0,
+    smoothness: float | None = None,
     precision: str = "auto",
     augment: bool = True,
     patch_size: Sequence[int] | None = None,
@@ -385,10 +385,10 @@ def train(
         improving by more than ``min_delta``, or at ``max_epochs``.
     batch_size, learning_rate, weight_decay, grad_clip
         Global batch (over all processes), AdamW with polynomial (0.9) decay, gradient-norm clip.
-    smoothness : float
+    smoothness : float, optional
         Weight of the explicit spatial prior (neighbouring voxels' class probabilities agree), as
-        the per-image ``smoothness`` option; 0 (the default) trains the paper's loss. Stored in
-        the model and used again when fine-tuning.
+        the per-image ``smoothness`` option and with the same default (None: 0.3 for deepsvg, 0
+        for deepg); 0 trains the paper's loss. Stored in the model and used again when fine-tuning.
     precision : {"auto", "float32", "bfloat16"}
         The network's convolutions ("auto": bfloat16 where the hardware computes it natively).
     augment, patch_size
@@ -422,6 +422,8 @@ def train(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     if not 0.0 <= float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if smoothness is None:
+        smoothness = DEFAULT_SMOOTHNESS[method]
     if float(learning_rate) <= 0 or float(prior_weight) < 0 or float(smoothness) < 0:
         raise ValueError("learning_rate must be > 0, prior_weight and smoothness >= 0.")
     if precision not in PRECISIONS:

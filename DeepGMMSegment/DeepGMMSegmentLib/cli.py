@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, TextIO
@@ -47,8 +48,30 @@ class _Terminated(BaseException):
     """SIGTERM arrived; raised like KeyboardInterrupt so staged outputs are cleaned up."""
 
 
-def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise _Terminated()
+class _Interrupts:
+    """Signals received during a run. The handlers raise at once, but Python drops an exception
+    raised while a finaliser runs ("Exception ignored in ..."), so the engine also polls
+    ``cancel`` (its ``cancel_event``) every iteration: a signal always stops the fit."""
+
+    def __init__(self):
+        self.cancel = threading.Event()
+        self.terminated = False
+
+    def on_interrupt(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        self.cancel.set()
+        raise KeyboardInterrupt
+
+    def on_terminate(self, signum, frame):  # noqa: ARG002 - signal handler signature
+        self.terminated = True
+        self.cancel.set()
+        raise _Terminated()
+
+    def stopped(self) -> BaseException:
+        """The exception that ends the run after a cancelled fit."""
+        return _Terminated() if self.terminated else KeyboardInterrupt()
+
+
+_INTERRUPTS = _Interrupts()
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -538,11 +561,11 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
         try:
             result = segment(channels, args.classes, method=args.method, mask=mask,
                              spacing=spacing, device=args.device, seed=args.seed,
-                             progress=progress, **options)
+                             progress=progress, cancel_event=_INTERRUPTS.cancel, **options)
         except ValueError as error:
             raise CliError(str(error)) from None
         except SegmentationCancelled:
-            raise KeyboardInterrupt from None
+            raise _INTERRUPTS.stopped() from None
         finally:
             if progress is not None:
                 progress.close()
@@ -608,11 +631,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return batch.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous_handler = None
+    previous_handlers = {}
+    _INTERRUPTS.cancel.clear()
+    _INTERRUPTS.terminated = False
     try:
-        previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _INTERRUPTS.on_terminate)
+        previous_handlers[signal.SIGINT] = signal.signal(signal.SIGINT, _INTERRUPTS.on_interrupt)
     except ValueError:
-        pass  # not the main thread (e.g. called from a worker thread): keep the default
+        pass  # not the main thread (e.g. called from a worker thread): keep the defaults
     try:
         return run(args, sys.stderr)
     except CliError as error:
@@ -630,8 +656,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         return EXIT_FAILURE
     finally:
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -199,3 +199,21 @@ def test_existing_output_is_replaced_only_on_success(work, capsys):
     code = cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm", "-q", "-o", str(labels)])
     assert code == 0
     assert sitk.ReadImage(str(labels)).GetPixelID() == sitk.sitkUInt8
+
+
+def test_a_signal_also_sets_the_cancel_event_the_engine_polls():
+    """Python drops an exception raised while a finaliser runs; the event still stops the fit."""
+    import signal as signal_module
+
+    import pytest as _pytest
+
+    from DeepGMMSegmentLib import cli as cli_module
+
+    interrupts = cli_module._Interrupts()
+    with _pytest.raises(KeyboardInterrupt):
+        interrupts.on_interrupt(signal_module.SIGINT, None)
+    assert interrupts.cancel.is_set() and isinstance(interrupts.stopped(), KeyboardInterrupt)
+    interrupts = cli_module._Interrupts()
+    with _pytest.raises(cli_module._Terminated):
+        interrupts.on_terminate(signal_module.SIGTERM, None)
+    assert interrupts.cancel.is_set() and isinstance(interrupts.stopped(), cli_module._Terminated)

@@ -18,6 +18,10 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_DIR = REPO_ROOT / "DeepGMMSegment"
+# The modules segment() runs for our methods here (no trained models, CLI or Slicer code): a
+# change to one of them can change our figures, a change elsewhere cannot.
+ENGINE_FILES = tuple(f"DeepGMMSegment/DeepGMMSegmentLib/{name}" for name in
+                     ("__init__.py", "engine.py", "em.py", "gmm.py", "deep.py", "networks.py"))
 
 
 @dataclasses.dataclass

@@ -292,7 +292,7 @@ def engine_revision() -> str:
     def git(*command):
         return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", "DeepGMMSegment/DeepGMMSegmentLib")
+    dirty = git("status", "--porcelain", "--", *methods.ENGINE_FILES)
     return commit + (" with uncommitted engine edits" if dirty else "")
 
 

@@ -224,19 +224,36 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- normalisation
 
 
+def _channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, scale) of each channel from its voxels inside the mask, (C, V): mean and standard deviation."""
+    inside = inside.astype(np.float64)
+    return inside.mean(1), inside.std(1)
+
+
 def normalize_channels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Z-score each channel with the mean and standard deviation inside the mask.
 
     Returns (normalised data (C, *spatial) float32 with 0 outside the mask, centre (C,), scale (C,)).
+    One float32 copy of the volume, normalised in place (the input is never modified).
     """
-    inside = data[:, mask].astype(np.float64)
-    centre = inside.mean(1)
-    scale = inside.std(1)
-    out = (data - centre.reshape((-1,) + (1,) * (data.ndim - 1)).astype(np.float32)) / scale.reshape(
-        (-1,) + (1,) * (data.ndim - 1)
-    ).astype(np.float32)
+    centre, scale = _channel_statistics(data[:, mask])
+    shape = (-1,) + (1,) * (data.ndim - 1)
+    out = np.array(data, dtype=np.float32, copy=True)
+    out -= centre.reshape(shape).astype(np.float32)
+    out /= scale.reshape(shape).astype(np.float32)
     out[:, ~mask] = 0
-    return out.astype(np.float32), centre, scale
+    return out, centre, scale
+
+
+def normalize_voxels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same z-scores as :func:`normalize_channels`, for the mask voxels only: ((V, C) float32, centre, scale).
+
+    EM needs no image grid, so it never holds a normalised copy of the whole volume.
+    """
+    inside = data[:, mask]
+    centre, scale = _channel_statistics(inside)
+    voxels = (inside.T - centre.astype(np.float32)) / scale.astype(np.float32)
+    return np.ascontiguousarray(voxels, dtype=np.float32), centre, scale
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -342,7 +359,14 @@ def check_prior_means(prior: Any, n_classes: int, n_channels: int, units: str = 
 
 def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
     """Normalise, fit on ``dev`` and return (fit in normalised units, centre, scale)."""
-    norm, centre, scale = normalize_channels(data, m)
+    if method in DEEP_METHODS:  # the network needs the image grid
+        norm, centre, scale = normalize_channels(data, m)
+        x_all = torch.from_numpy(norm).to(dev)
+        mask_t = torch.from_numpy(m).to(dev)
+        xv = x_all[:, mask_t].T.contiguous()  # (V, C)
+    else:
+        voxels, centre, scale = normalize_voxels(data, m)
+        xv = torch.from_numpy(voxels).to(dev)
     prior_norm = None if prior is None else torch.as_tensor((prior - centre) / scale, dtype=torch.float32, device=dev)
     cancel_event = opts["cancel_event"]
 
@@ -353,9 +377,6 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             raise SegmentationCancelled("Segmentation cancelled by the progress callback.")
 
     generator = torch.Generator().manual_seed(int(seed))
-    x_all = torch.from_numpy(norm).to(dev)
-    mask_t = torch.from_numpy(m).to(dev)
-    xv = x_all[:, mask_t].T.contiguous()  # (V, C)
     em_kwargs = dict(
         covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), generator=generator,
         means_init=prior_norm,

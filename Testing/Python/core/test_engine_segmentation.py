@@ -104,3 +104,21 @@ def test_deep_fit_lowers_the_nll_and_3d_in_plane_network_runs():
                      min_iter=40, base_width=4)
     assert result.n_iter == 40
     assert result.nll_history[-1] < result.nll_history[0]
+
+
+def test_voxel_normalisation_matches_the_volume_normalisation_and_keeps_the_input():
+    from DeepGMMSegmentLib.engine import normalize_channels, normalize_voxels
+
+    rng = np.random.default_rng(4)
+    data = rng.normal(50.0, 12.0, size=(2, 6, 9, 7)).astype(np.float32)
+    mask = rng.random((6, 9, 7)) > 0.4
+    before = data.copy()
+    volume, centre_v, scale_v = normalize_channels(data, mask)
+    voxels, centre, scale = normalize_voxels(data, mask)
+    np.testing.assert_array_equal(data, before)  # inputs are never modified
+    np.testing.assert_allclose(centre, centre_v) and np.testing.assert_allclose(scale, scale_v)
+    np.testing.assert_allclose(voxels, volume[:, mask].T, rtol=1e-6, atol=1e-6)
+    assert voxels.dtype == np.float32 and voxels.shape == (mask.sum(), 2)
+    np.testing.assert_allclose(voxels.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(voxels.std(0), 1.0, atol=1e-5)
+    assert (volume[:, ~mask] == 0).all()

@@ -44,7 +44,7 @@ class DeepSettings:
     # Adam's step size. 1e-2 for both networks, measured with the spatial prior on the 2 mm MNI:
     # with 3e-3 or 5e-3 the 3D network stalled on the three-channel phantom (NLL 0.88/0.77 vs 0.57,
     # mean Dice 0.65/0.66 vs 0.86) for +0.01..0.025 Dice on the clean T1 (0.903/0.887 vs 0.878).
-    learning_rate: float | None = None  # None: 1e-2
+    learning_rate: float = 1e-2
     max_iter: int = 100
     min_iter: int = 20
     tol: float = 1e-4
@@ -131,15 +131,17 @@ def smoothness_penalty(
     return total
 
 
-def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str) -> tuple[int, bool]:
+def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str,
+                   method: str = "deepsvg") -> tuple[int, bool]:
     """(spatial_dims, pool_in_plane_only) for an image of ``shape`` (z, y, x) or (y, x).
 
-    "auto" uses the 3D network for volumes (deepsvg; fit_deep gives deepg the 2D one): before the
-    spatial prior existed, on the MNI 2 mm sample with noise (sigma = 10 % of
-    the range) it reached a mean Dice of 0.782 against 0.712 for the per-slice 2D network, at the
-    same Dice on the clean image (0.846 vs 0.850), for about twice the time per iteration.
+    "auto" uses the 3D network for deepsvg volumes: before the spatial prior existed, on the MNI
+    2 mm sample with noise (sigma = 10 % of the range) it reached a mean Dice of 0.782 against 0.712
+    for the per-slice 2D network, at the same Dice on the clean image (0.846 vs 0.850), for about
+    twice the time per iteration. deepg gets the 2D network: on the clean 2 mm MNI T1 its 3D fit
+    ended at mean Dice 0.801 against 0.847 per slice (learning rate 1e-2; 0.69 at 3e-3).
     """
-    if len(shape) == 2 or network == "2d":
+    if len(shape) == 2 or network == "2d" or (network == "auto" and method == "deepg"):
         return 2, False
     if network not in ("auto", "3d"):
         raise ValueError(f"Unknown network {network!r}: use 'auto', '2d' or '3d'.")
@@ -179,12 +181,7 @@ def fit_deep(
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]
-    kind = settings.network
-    if kind == "auto" and method == "deepg":
-        # Measured on the clean 2 mm MNI T1: deepg with the 3D network drifted away from the EM
-        # optimum (NLL 1.270 vs 1.213, mean Dice 0.69); per slice it stays there (1.216, 0.845).
-        kind = "2d"
-    dims, in_plane_only = choose_network(tuple(mc.shape), spacing, kind)
+    dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     if dims == 2 and mc.ndim == 3:
         net_in = xc.permute(1, 0, 2, 3)  # slices as a batch: (Z, C, Y, X)
     else:
@@ -201,9 +198,8 @@ def fit_deep(
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
         return F.log_softmax(logits, dim=1)
 
-    learning_rate = settings.learning_rate or 1e-2
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
-    optimiser = torch.optim.Adam(network.parameters(), lr=learning_rate)
+    optimiser = torch.optim.Adam(network.parameters(), lr=settings.learning_rate)
     xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)
     warm_iter = settings.warm_start_iter if warm_start_log_resp is not None else 0
     total = warm_iter + settings.max_iter

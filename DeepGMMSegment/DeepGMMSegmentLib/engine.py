@@ -19,7 +19,7 @@ import torch
 
 from . import em
 from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, deep_gmm_loss, fit_deep
-from .networks import resolve_precision
+from .networks import check_precision
 from .gmm import COVARIANCE_TYPES, GaussianParameters
 
 METHODS = ("deepsvg", "deepg", "em-gmm", "em-svgmm")
@@ -215,7 +215,10 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
             resolved["smoothness"] = DEFAULT_SMOOTHNESS[method]
         if float(resolved["smoothness"]) < 0:
             raise ValueError(f"smoothness must be >= 0 (0 turns the spatial prior off), got {resolved['smoothness']}.")
-        resolve_precision(resolved["precision"], torch.device("cpu"))  # names a valid choice
+        check_precision(resolved["precision"])
+        if isinstance(resolved["learning_rate"], bool) or not isinstance(resolved["learning_rate"], (int, float)) \
+                or not resolved["learning_rate"] > 0:
+            raise ValueError(f"learning_rate must be a number > 0, got {resolved['learning_rate']!r}.")
     if resolved["model"] is not None and method not in DEEP_METHODS:
         raise ValueError(f"A trained model can only be used with the deep methods (deepg, deepsvg), not {method!r}.")
     return resolved

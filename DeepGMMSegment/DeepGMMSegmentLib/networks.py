@@ -19,6 +19,12 @@ from torch.nn import functional as F
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
+def check_precision(precision: str) -> None:
+    """Refuse an unknown ``precision`` with the valid choices."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for the network's convolutions, or None for plain float32.
 
@@ -27,8 +33,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     AVX-512 BF16 CPU, a training step of the 3D U-Net on the 2 mm MNI volume took 0.57 s in
     bfloat16 against 1.1 s in float32 (both channels-last).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    check_precision(precision)
     if precision == "float32":
         return None
     if precision == "bfloat16":

@@ -37,7 +37,7 @@ from . import model_io
 from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, _bounding_box, choose_network, deep_gmm_loss, fit_deep, smoothness_penalty
 from .engine import SegmentationCancelled, check_prior_means, normalize_channels, resolve_device, validate_inputs
 from .gmm import COVARIANCE_TYPES
-from .networks import PRECISIONS, UNet, resolve_precision
+from .networks import UNet, check_precision, resolve_precision
 
 NORMALIZATION = {"kind": "zscore-in-mask", "description": "per image and channel: (x - mean) / std over the mask voxels; 0 outside the mask"}
 # Learning rate of the per-image steps of ``fine_tune`` (smaller than a fresh fit's: the trained
@@ -426,8 +426,7 @@ def train(
         smoothness = DEFAULT_SMOOTHNESS[method]
     if float(learning_rate) <= 0 or float(prior_weight) < 0 or float(smoothness) < 0:
         raise ValueError("learning_rate must be > 0, prior_weight and smoothness >= 0.")
-    if precision not in PRECISIONS:
-        raise ValueError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    check_precision(precision)
 
     cases, n_channels, dims = _prepare_cases(images, masks, n_classes, method, spatial_dims)
     n_classes = int(n_classes)
@@ -472,7 +471,7 @@ def _train_loop(*, cases, n_classes, method, prior, prior_weight, channel_names,
     val_idx, train_idx = sorted(order[:n_val].tolist()), sorted(order[n_val:].tolist())
 
     smallest = tuple(min(c.mask.shape[d] for c in cases) for d in range(dims))
-    net_dims, in_plane_only = choose_network(smallest, None if spacing is None else tuple(spacing), network)
+    net_dims, in_plane_only = choose_network(smallest, None if spacing is None else tuple(spacing), network, method)
     torch.manual_seed(seed)
     net = UNet(net_dims, n_channels, n_classes, base_width, depth, in_plane_only).to(dev)
     net.autocast_dtype = resolve_precision(precision, dev)

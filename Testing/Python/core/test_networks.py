@@ -27,6 +27,8 @@ def test_choose_network():
     assert choose_network((30, 64, 64), (1, 1, 1), "3d") == (3, False)
     assert choose_network((30, 64, 64), (5, 1, 1), "3d") == (3, True)  # thick slices
     assert choose_network((8, 64, 64), None, "3d") == (3, True)  # few slices
+    assert choose_network((30, 64, 64), (1, 1, 1), "auto", "deepg") == (2, False)  # deepg: per slice
+    assert choose_network((30, 64, 64), (1, 1, 1), "3d", "deepg") == (3, False)  # unless asked
     with pytest.raises(ValueError, match="Unknown network"):
         choose_network((8, 64, 64), None, "4d")
 

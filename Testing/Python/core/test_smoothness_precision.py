@@ -87,3 +87,6 @@ def test_default_smoothness_is_per_method():
     assert segment(image, 2, method="deepg", smoothness=0.2, **fast).options["smoothness"] == 0.2
     with pytest.raises(ValueError, match="smoothness must be >= 0"):
         segment(image, 2, method="deepsvg", smoothness=-1, **fast)
+    for bad in (None, 0, -1e-3, "fast"):
+        with pytest.raises(ValueError, match="learning_rate must be a number > 0"):
+            segment(image, 2, method="deepsvg", learning_rate=bad, **fast)

@@ -24,8 +24,11 @@ from typing import Callable, Sequence, TextIO
 
 import numpy as np
 
+from . import images
+from .cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, set_threads
+
 PROG = "deepgmm-segment"
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_FAILED = 1  # some case failed (the others were segmented)
 LOG_NAME = "deepgmm-batch-log.tsv"
 
 
@@ -96,26 +99,12 @@ def output_paths(output_dir: str | os.PathLike, case_id: str, probabilities: boo
     return out
 
 
-def _write_atomically(image, path: Path) -> None:
-    import SimpleITK as sitk
-
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{''.join(path.suffixes)}")
-    try:
-        sitk.WriteImage(image, str(tmp), True)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def segment_case(case, model: str, outputs: Sequence[Path], fine_tune: int = 0, device: str = "auto",
                  seed: int = 0, n_classes: int | None = None) -> CaseOutcome:
     """Read, check, segment and write one case (:class:`.cohort.CaseFiles`); raises on failure."""
-    import SimpleITK as sitk
-
     from . import model_io, segment
     from .cohort import load_case
-    from .training import load_trained_model
+    from .inference import load_trained_model
 
     start = time.perf_counter()
     _, meta = load_trained_model(model)
@@ -124,18 +113,14 @@ def segment_case(case, model: str, outputs: Sequence[Path], fine_tune: int = 0, 
     result = segment(loaded.channels, int(meta["n_classes"]), method=meta["method"], mask=loaded.mask,
                      spacing=loaded.spacing, device=device, seed=seed, model=str(model), fine_tune=int(fine_tune),
                      covariance_type=meta.get("covariance_type", "full"))
-    reference = loaded.reference
-    shape = tuple(reversed(reference.GetSize()))
-    labels = sitk.GetImageFromArray(np.asarray(result.labels, dtype=np.uint8).reshape(shape))
-    labels.CopyInformation(reference)
     for path in outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
-    if len(outputs) > 1:  # probabilities first: the label map's existence marks a finished case
-        probs = np.moveaxis(np.asarray(result.probabilities, np.float32).reshape((-1,) + shape), 0, -1)
-        image = sitk.GetImageFromArray(np.ascontiguousarray(probs), isVector=True)
-        image.CopyInformation(reference)
-        _write_atomically(image, outputs[1])
-    _write_atomically(labels, outputs[0])
+    with images.StagedOutputs() as staging:
+        if len(outputs) > 1:  # probabilities first: the label map's existence marks a finished case
+            images.write_image(images.probability_image(result.probabilities, loaded.reference),
+                               staging.path_for(str(outputs[1])), "probabilities")
+        images.write_image(images.label_image(result.labels, loaded.reference), staging.path_for(str(outputs[0])),
+                           "label map")
     counts = np.bincount(result.labels.ravel(), minlength=result.n_classes + 1)[1:]
     shares = " ".join(f"{100 * c / max(counts.sum(), 1):.0f}%" for c in counts)
     return CaseOutcome(case.case_id, "done", time.perf_counter() - start, f"classes {shares}",
@@ -143,10 +128,7 @@ def segment_case(case, model: str, outputs: Sequence[Path], fine_tune: int = 0, 
 
 
 def _worker_init(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def _run_one(case, model, outputs, fine_tune, device, seed, n_classes) -> CaseOutcome:
@@ -217,8 +199,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     args = build_parser().parse_args(argv)
 
     def error(message: str) -> int:
-        print(f"{PROG}: error: {' '.join(message.split())}", file=stderr, flush=True)
-        return EXIT_USAGE
+        return print_error(PROG, message, stderr)
 
     from . import model_io
     from .cohort import CaseFiles, discover_cases
@@ -239,7 +220,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
                 return error("--mask is for a single case; in a cohort give masks per case (mask column or mask files)")
             names = args.channels.split(",") if args.channels else None
             if names is None and first.is_dir():
-                names = [n for n in info["channel_names"] if not model_io._generic_names([n])] or None
+                names = [n for n in info["channel_names"] if not model_io.is_generic_channel_names([n])] or None
             cases, _ = discover_cases(first, names, args.mask_name)
             if not cases:
                 return error(f"no cases found in {str(first)!r}")

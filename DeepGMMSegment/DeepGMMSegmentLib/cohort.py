@@ -12,8 +12,8 @@ Used by ``deepgmm-train`` and the batch mode of ``deepgmm-segment --model``. Acc
   of ``<case>.nii.gz``. With ``channel_names`` (e.g. T1,T2) files ``<case>_T1.nii.gz``,
   ``<case>_T2.nii.gz`` are grouped into multi-channel cases.
 
-Reading (SimpleITK, resampling of channels 2..N and the mask onto channel 1) reuses the single-case
-reader of :mod:`.cli`, so a case is read the same way in both commands.
+Reading (SimpleITK, resampling of channels 2..N and the mask onto channel 1) is the single-case
+reader of :mod:`.images`, so a case is read the same way in every command.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from .images import engine_geometry, load_inputs
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -181,13 +183,8 @@ def _from_flat_folder(folder: Path, channel_names, mask_name) -> tuple[list[Case
 
 def load_case(case: CaseFiles) -> LoadedCase:
     """Read one case (channels resampled onto channel 1's grid). Raises ``ValueError`` for bad files."""
-    from .cli import CliError, _engine_geometry, _load_inputs
-
-    try:
-        inputs = _load_inputs(case.channels, case.mask)
-    except CliError as error:
-        raise ValueError(str(error)) from None
-    shape, spacing = _engine_geometry(inputs.reference)
+    inputs = load_inputs(case.channels, case.mask)
+    shape, spacing = engine_geometry(inputs.reference)
     channels = [a.reshape(shape) for a in inputs.channels]
     mask = None if inputs.mask is None else inputs.mask.reshape(shape)
     return LoadedCase(case.case_id, channels, mask, tuple(spacing), inputs.reference, list(inputs.notes))

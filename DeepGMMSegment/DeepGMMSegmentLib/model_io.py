@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -196,7 +197,7 @@ def check_compatible(
         problems.append(
             f"the model expects {model_channels} channel(s){expected} but the input has {n_channels}"
         )
-    elif channel_names is not None and model_names and not _generic_names(channel_names) and not _generic_names(model_names):
+    elif channel_names is not None and model_names and not is_generic_channel_names(channel_names) and not is_generic_channel_names(model_names):
         given = [str(n) for n in channel_names]
         if [n.lower() for n in given] != [n.lower() for n in model_names]:
             if sorted(n.lower() for n in given) == sorted(n.lower() for n in model_names):
@@ -219,8 +220,7 @@ def check_compatible(
         raise ValueError("The trained model does not match the input: " + "; ".join(problems) + ".")
 
 
-def _generic_names(names: Sequence[str]) -> bool:
+def is_generic_channel_names(names: Sequence[str]) -> bool:
     """True for placeholder names ("channel1", "input 2", ...) that carry no meaning to compare."""
-    import re
-
     return all(re.fullmatch(r"(channel|input|image|volume)[ _-]?\d+", str(n).strip().lower()) for n in names)
+

@@ -1,0 +1,198 @@
+"""Segmenting with a trained model: load and check a model file, predict, and fit the mixture once.
+
+:func:`fit_with_model` is the one call the engine makes for ``segment(..., model=PATH)``: it reads
+the model file once (cached while the file is unchanged), runs one forward pass or ``fine_tune``
+per-image steps (:func:`.deep.fit_deep` from the trained weights), and fits the model's own mixture
+(its method, covariance type and variance floor) in closed form to the predicted
+responsibilities. :func:`predict_with_model` returns the responsibilities alone.
+Phase 2 of issue 13 moves this file to ``trained/inference.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from . import model_io
+from .deep import DeepSettings, deep_gmm_loss, fit_deep
+from .em import MixtureFit
+from .inputs import crop_box
+from .networks import UNet, resolve_precision
+from .options import FINE_TUNE_LEARNING_RATE, REG_COVAR
+from .result import SegmentationCancelled
+
+__all__ = [
+    "FINE_TUNE_LEARNING_RATE", "build_network", "check_model_request", "fit_with_model", "forward_log_resp",
+    "load_trained_model", "mixture_from_log_resp", "predict_with_model",
+]
+
+Reporter = Callable[[int, int, float], Any]
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_model(path: str, mtime_ns: int, size: int) -> tuple[dict, dict]:
+    return model_io.load_model(path)
+
+
+def load_trained_model(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(state_dict, metadata) of a model file; cached while the file is unchanged (batch use)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"Model file {str(p)!r} does not exist: pass the path of a file written by deepgmm-train.")
+    stat = p.stat()
+    return _cached_model(str(p.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+def check_model_request(model_path: str | os.PathLike, n_classes: int, n_channels: int, spatial_dims: int) -> dict:
+    """Metadata of ``model_path`` after checking it against a ``segment`` call; ``ValueError`` if it does not fit."""
+    _, meta = load_trained_model(model_path)
+    model_io.check_compatible(meta, n_channels=n_channels, spatial_dims=spatial_dims, n_classes=n_classes)
+    return meta
+
+
+def build_network(metadata: dict, state_dict: dict | None = None) -> UNet:
+    """The U-Net described by ``metadata["network"]``, with ``state_dict`` loaded if given."""
+    config = dict(metadata["network"])
+    config.pop("class", None)
+    network = UNet(**config)
+    if state_dict is not None:
+        try:
+            network.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(f"The model file's weights do not fit its network description: {error}") from None
+    return network
+
+
+def forward_log_resp(network: torch.nn.Module, x: torch.Tensor, network_dims: int) -> torch.Tensor:
+    """Log class probabilities (K, *spatial) of a (C, *spatial) image; 2D networks see 3D volumes slice by slice."""
+    if network_dims == 2 and x.ndim == 4:
+        logits = network(x.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as a batch
+    else:
+        logits = network(x.unsqueeze(0))[0]
+    return F.log_softmax(logits, dim=0)
+
+
+def _check_fine_tune(fine_tune: Any) -> int:
+    if isinstance(fine_tune, bool) or not isinstance(fine_tune, (int, np.integer)) or fine_tune < 0:
+        raise ValueError(f"fine_tune must be an integer >= 0 (number of per-image steps), got {fine_tune!r}.")
+    return int(fine_tune)
+
+
+def _reporter(progress: Reporter | None, cancel: Any) -> Reporter:
+    """``report(i, n, nll)`` raising :class:`SegmentationCancelled` when ``progress`` says False or ``cancel`` is set."""
+
+    def report(iteration: int, max_iterations: int, nll: float) -> None:
+        # progress first: the engine's own callback raises its cancellation for its cancel event.
+        if progress is not None and progress(iteration, max_iterations, nll) is False:
+            raise SegmentationCancelled("Segmentation cancelled by the progress callback.")
+        if cancel is not None and (cancel() if callable(cancel) else cancel.is_set()):
+            raise SegmentationCancelled("Segmentation cancelled.")
+
+    return report
+
+
+def _forward_once(x, mask, network, meta, report: Reporter) -> tuple[torch.Tensor, list[float]]:
+    """Log responsibilities on the mask's bounding box after one forward pass, and the NLL there."""
+    box = crop_box(mask)
+    xc, mc = x[(slice(None),) + box] * mask[box], mask[box]
+    network.eval()
+    with torch.inference_mode():
+        log_resp = forward_log_resp(network, xc, int(meta["network"]["spatial_dims"]))
+        _, nll, _ = deep_gmm_loss(xc[None], log_resp[None], mc[None], meta["method"],
+                                  meta.get("covariance_type", "full"), None, 0.0, meta.get("reg_covar", REG_COVAR))
+    history = [nll.item()]
+    report(1, 1, history[0])
+    return log_resp, history, box
+
+
+def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
+    """Per-image steps from the trained weights with the model's own mixture, prior and smoothness."""
+    return DeepSettings(
+        network="2d" if int(meta["network"]["spatial_dims"]) == 2 else "3d", learning_rate=FINE_TUNE_LEARNING_RATE,
+        max_iter=fine_tune, min_iter=fine_tune, tol=0.0, warm_start="none",
+        covariance_type=meta.get("covariance_type", "full"), reg_covar=meta.get("reg_covar", REG_COVAR),
+        prior_weight=float(meta.get("prior_weight") or 0.0), smoothness=float(meta.get("smoothness") or 0.0),
+        base_width=int(meta["network"]["base_width"]), depth=int(meta["network"]["depth"]),
+    )
+
+
+def _predict(x, mask, state, meta, fine_tune: int, device, seed: int, report: Reporter):
+    """(log_resp (K, *spatial), nll_history) of a loaded model; uniform outside the mask."""
+    n_classes = int(meta["n_classes"])
+    network = build_network(meta, state).to(device)
+    network.autocast_dtype = resolve_precision("auto", device)
+    full = torch.full((n_classes,) + tuple(mask.shape), -math.log(n_classes), dtype=x.dtype, device=x.device)
+    if fine_tune == 0:
+        log_resp, history, box = _forward_once(x, mask, network, meta, report)
+        full[(slice(None),) + box] = log_resp
+        return full, history
+    prior = meta.get("prior_means")
+    torch.manual_seed(int(seed))
+    network.train()
+    fit, _ = fit_deep(
+        x, mask, n_classes, meta["method"], _fine_tune_settings(meta, fine_tune),
+        prior_means=None if prior is None else torch.as_tensor(prior, dtype=x.dtype, device=x.device),
+        report=report, network=network,
+    )
+    full[:, mask] = fit.log_resp.T.to(full.dtype)
+    return full, list(fit.nll_history)
+
+
+def predict_with_model(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    model_path: str | os.PathLike,
+    fine_tune: int,
+    device: torch.device,
+    seed: int,
+    progress: Reporter | None = None,
+    cancel: Any = None,
+) -> tuple[torch.Tensor, list[float]]:
+    """Log responsibilities (K, *spatial) of a trained model for one normalised image.
+
+    x: (C, *spatial) float32 normalised as in training (``inputs.normalize_channels``) on
+    ``device``; mask: bool (*spatial). ``fine_tune`` = 0: one forward pass; N > 0: N per-image
+    steps from the trained weights (the model's own method, covariance type and prior). Returns
+    (log_resp, nll_history) where the history holds the NLL after every step (one value for a
+    single forward pass). Voxels outside the mask get uniform probabilities (the engine ignores them).
+    """
+    fine_tune = _check_fine_tune(fine_tune)
+    state, meta = load_trained_model(model_path)
+    model_io.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
+    return _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(progress, cancel))
+
+
+def mixture_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, meta: dict, history: list[float],
+                          n_iter: int) -> MixtureFit:
+    """Closed-form M-step and NLL of the model's mixture for responsibilities (V, K) of voxels (V, C)."""
+    with torch.no_grad():
+        x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the mask voxels
+        lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
+        m = torch.ones((1, xv.shape[0], 1), dtype=torch.bool, device=xv.device)
+        _, nll, fitted = deep_gmm_loss(x, lr, m, meta["method"], meta.get("covariance_type") or "full", None, 0.0,
+                                       meta.get("reg_covar", REG_COVAR))
+    weights, params = fitted[0]
+    return MixtureFit(log_resp, params, weights, list(history) + [nll.item()], n_iter, True)
+
+
+def fit_with_model(x: torch.Tensor, mask: torch.Tensor, model: str | os.PathLike, fine_tune: int,
+                   device: torch.device, seed: int, report: Reporter | None = None) -> MixtureFit:
+    """The whole trained-model branch of ``segment``: predict, then fit the model's mixture once.
+
+    x: (C, *spatial) normalised channels on ``device``; mask: bool (*spatial). ``report(i, n, nll)``
+    is called after every step and cancels by raising (or by returning False). The model's method,
+    covariance type and variance floor apply, whatever the request's defaults; ``n_iter`` counts a
+    single forward pass as one iteration. Returns the fit over the mask voxels (normalised units).
+    """
+    fine_tune = _check_fine_tune(fine_tune)
+    state, meta = load_trained_model(model)
+    model_io.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
+    log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(report, None))
+    return mixture_from_log_resp(x[:, mask].T.contiguous(), log_resp[:, mask].T, meta, history, max(fine_tune, 1))

@@ -1,0 +1,221 @@
+"""Checked, normalised inputs: what the per-image engine and training both need before a fit.
+
+Validation of the channels, mask and class count; the device choice; the z-score normalisation
+inside the mask; the prior means and the crop to the mask's bounding box. These functions sit
+below both faces (``engine.segment`` and ``training.train``), so neither face imports the other.
+Phase 2 of issue 13 moves this file to ``core/inputs.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .options import METHODS
+
+__all__ = [
+    "check_prior_means", "check_spacing", "crop_box", "normalize_channels", "normalize_voxels", "resolve_device",
+    "validate_inputs",
+]
+
+
+def _as_channel_list(channels: Any) -> list[np.ndarray]:
+    if isinstance(channels, (np.ndarray, torch.Tensor)):
+        return [np.asarray(channels)]
+    if isinstance(channels, Sequence) and not isinstance(channels, (str, bytes)):
+        if len(channels) == 0:
+            raise ValueError("No channels given: pass one image array or a list of co-registered arrays.")
+        return [np.asarray(c) for c in channels]
+    raise ValueError(
+        f"channels must be an array or a sequence of arrays, got {type(channels).__name__}: "
+        "pass e.g. segment(t1_array, 3) or segment([t1_array, t2_array], 3)."
+    )
+
+
+def _check_shapes(arrays: list[np.ndarray]) -> tuple[int, ...]:
+    shape = arrays[0].shape
+    if len(shape) not in (2, 3):
+        raise ValueError(
+            f"Channel 1 has {len(shape)} dimensions {shape}: images must be 2D (y, x) or 3D (z, y, x); "
+            "pass several channels as a list, not as one stacked array."
+        )
+    for i, a in enumerate(arrays[1:], start=2):
+        if a.shape != shape:
+            raise ValueError(
+                f"Channel {i} has shape {a.shape} but channel 1 has {shape}: resample all channels onto "
+                "one grid first (the command line and the Slicer module do this for you)."
+            )
+    for i, a in enumerate(arrays, start=1):
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool) or np.iscomplexobj(a):
+            raise ValueError(f"Channel {i} has dtype {a.dtype}: pass real-valued intensity images.")
+    return shape
+
+
+def _checked_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, dtype=bool)
+    m = np.asarray(mask)
+    if m.shape != shape:
+        raise ValueError(f"The mask has shape {m.shape} but the channels have {shape}: give a mask on the same grid.")
+    m = m.astype(bool)
+    if not m.any():
+        raise ValueError("The mask is empty: it must contain the voxels to segment (nonzero = inside).")
+    return m
+
+
+def _check_informative(inside: np.ndarray) -> None:
+    for i in range(inside.shape[0]):
+        if not np.isfinite(inside[i]).all():
+            bad = int((~np.isfinite(inside[i])).sum())
+            raise ValueError(
+                f"Channel {i + 1} has {bad} NaN or infinite values inside the mask: replace them "
+                "(e.g. np.nan_to_num) or exclude them with the mask."
+            )
+        if float(inside[i].max()) == float(inside[i].min()):
+            raise ValueError(
+                f"Channel {i + 1} is constant inside the mask (value {float(inside[i].min())}): it carries no "
+                "information; remove it or check the mask and the input file."
+            )
+
+
+def _check_n_classes(n_classes: Any) -> None:
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
+        raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
+    if n_classes < 2:
+        raise ValueError(f"n_classes must be at least 2, got {n_classes}: a mixture needs two or more classes.")
+    if n_classes > 255:
+        raise ValueError(f"n_classes must be at most 255 (uint8 labels), got {n_classes}.")
+
+
+def validate_inputs(channels: Any, n_classes: Any, method: str, mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Check every input and return (data (C, *spatial) float32, mask bool). Raises ValueError."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    arrays = _as_channel_list(channels)
+    shape = _check_shapes(arrays)
+    m = _checked_mask(mask, shape)
+    data = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
+    inside = data[:, m]
+    _check_informative(inside)
+    _check_n_classes(n_classes)
+    _check_distinct(inside, int(n_classes))
+    return data, m
+
+
+def _check_distinct(inside: np.ndarray, n_classes: int) -> None:
+    """At least n_classes distinct intensity tuples inside the mask (checked cheaply first)."""
+    rows = inside.T
+    probe = rows[:: max(1, rows.shape[0] // 20000)]
+    if np.unique(probe, axis=0).shape[0] >= n_classes:
+        return
+    distinct = np.unique(rows, axis=0).shape[0]
+    if distinct < n_classes:
+        raise ValueError(
+            f"Only {distinct} distinct intensity values inside the mask, fewer than the {n_classes} classes "
+            f"asked for: use n_classes <= {distinct} or a larger mask."
+        )
+
+
+def check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...] | None:
+    """Voxel size as ``ndim`` positive floats in (z, y, x) order, or None."""
+    if spacing is None:
+        return None
+    s = tuple(float(v) for v in spacing)
+    if len(s) != ndim or not all(np.isfinite(v) and v > 0 for v in s):
+        raise ValueError(f"spacing must be {ndim} positive numbers in (z, y, x) order, got {spacing!r}.")
+    return s
+
+
+def check_prior_means(prior: Any, n_classes: int, n_channels: int, units: str = "input units") -> np.ndarray | None:
+    """Prior class means as a finite (K, C) float array (a 1-D array is fine for one channel), or None."""
+    if prior is None:
+        return None
+    p = np.asarray(prior, dtype=np.float64)
+    if p.ndim == 1 and n_channels == 1:
+        p = p[:, None]
+    if p.shape != (n_classes, n_channels) or not np.isfinite(p).all():
+        raise ValueError(
+            f"prior_means must be a finite ({n_classes}, {n_channels}) array (one row per class, one column "
+            f"per channel, {units}), got shape {p.shape}."
+        )
+    return p
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def _checked_cuda(name: str, device: Any) -> torch.device:
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} but no CUDA GPU is available to PyTorch (torch {torch.__version__}, "
+            f"CUDA build: {torch.version.cuda is not None}): use device='auto' or 'cpu', or install a "
+            "CUDA-enabled PyTorch."
+        )
+    dev = torch.device(name)
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device={device!r} but only {torch.cuda.device_count()} CUDA device(s) exist: use cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1}."
+        )
+    return dev
+
+
+def resolve_device(device: Any) -> torch.device:
+    """"auto" → CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}.")
+    name = device.strip().lower()
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        return _checked_cuda(name, device)
+    raise ValueError(f"Unknown device {device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def _channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centre, scale) of each channel from its voxels inside the mask, (C, V): mean and standard deviation."""
+    inside = inside.astype(np.float64)
+    return inside.mean(1), inside.std(1)
+
+
+def normalize_channels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Z-score each channel with the mean and standard deviation inside the mask.
+
+    Returns (normalised data (C, *spatial) float32 with 0 outside the mask, centre (C,), scale (C,)).
+    One float32 copy of the volume, normalised in place (the input is never modified).
+    """
+    centre, scale = _channel_statistics(data[:, mask])
+    shape = (-1,) + (1,) * (data.ndim - 1)
+    out = np.array(data, dtype=np.float32, copy=True)
+    out -= centre.reshape(shape).astype(np.float32)
+    out /= scale.reshape(shape).astype(np.float32)
+    out[:, ~mask] = 0
+    return out, centre, scale
+
+
+def normalize_voxels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same z-scores as :func:`normalize_channels`, for the mask voxels only: ((V, C) float32, centre, scale).
+
+    EM needs no image grid, so it never holds a normalised copy of the whole volume.
+    """
+    inside = data[:, mask]
+    centre, scale = _channel_statistics(inside)
+    voxels = (inside.T - centre.astype(np.float32)) / scale.astype(np.float32)
+    return np.ascontiguousarray(voxels, dtype=np.float32), centre, scale
+
+
+def crop_box(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
+    """The bounding box of the mask's voxels, ``margin`` voxels wider on each side (clipped to the grid)."""
+    idx = mask.nonzero()
+    lo = (idx.min(0).values - margin).clamp_min(0)
+    hi = idx.max(0).values + 1 + margin
+    return tuple(slice(int(a), int(min(b, s))) for a, b, s in zip(lo, hi, mask.shape))

@@ -1,0 +1,352 @@
+"""The vocabulary of every surface: method names, settings with their defaults, their validation.
+
+Torch-free, so the command line's ``--help``, the Slicer panel and the parameter node read it
+without loading torch. Each default is written here once, with the measurement that chose it:
+
+* :class:`EMSettings` (classic EM: ``em-gmm``, ``em-svgmm``), :class:`DeepSettings` (the per-image
+  deep fit: ``deepg``, ``deepsvg``) and :class:`TrainingSettings` (:func:`.training.train`);
+* :func:`resolve_options` fills a request's missing options with the method's defaults and checks
+  every value against :data:`PARAMETER_CONSTRAINTS`, in the manner of scikit-learn's
+  ``_parameter_constraints``, with messages that say what to do;
+* :func:`parse_prior_means` is the one text syntax of prior class means: ``;`` between classes,
+  ``,`` or ``:`` between the channels of a class (``"30,200; 80,120; 110,60"``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
+    "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
+    "check_value", "parse_prior_means", "resolve_options",
+]
+
+# ----------------------------------------------------------------------------- names
+
+#: Every method, the default first. The CLI choices, the Slicer enum and the panel labels derive from it.
+METHODS = ("deepsvg", "deepg", "em-gmm", "em-svgmm")
+DEEP_METHODS = ("deepg", "deepsvg")
+EM_METHODS = ("em-gmm", "em-svgmm")
+DEFAULT_METHOD = METHODS[0]
+COVARIANCE_TYPES = ("full", "diag")
+PRECISIONS = ("auto", "float32", "bfloat16")
+NETWORKS = ("auto", "2d", "3d")
+WARM_STARTS = ("em", "none")
+
+# ----------------------------------------------------------------------------- defaults
+
+# Variance floor added to every covariance, in normalised units (each channel has unit variance
+# inside the mask after the z-score), so a class can never collapse onto one intensity.
+REG_COVAR = 1e-4
+# Gradient-norm clip of every network optimiser step (per-image fit and training).
+GRADIENT_CLIP = 12.0
+# Learning rate of the per-image steps of ``fine_tune`` (smaller than a fresh fit's: the trained
+# weights are already close to a good solution).
+FINE_TUNE_LEARNING_RATE = 1e-3
+# Weight of the explicit spatial prior when the caller gives none. deepsvg: 0.3, measured on the
+# 2 mm MNI T1 at learning rate 3e-3 (mean Dice 0.904 clean / 0.858 at noise 0.10, against
+# 0.873 / 0.730 without it; 0.878 / 0.863 at the current 1e-2;
+# docs/evaluation.md has the current figures). deepg: 0, because its per-voxel probabilities enter
+# the likelihood only through the M-step, so the prior alone pulls them towards one spatially
+# constant mixture (measured: mean Dice 0.43 on the clean 2 mm T1 with 0.3).
+DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
+
+
+@dataclass(frozen=True)
+class EMSettings:
+    """Classic EM (``em-gmm``, ``em-svgmm``)."""
+
+    covariance_type: str = "full"
+    max_iter: int = 200
+    tol: float = 1e-5  # change of the mean NLL per voxel between iterations
+    reg_covar: float = REG_COVAR
+    # The short EM runs inside the deep methods: the per-image warm start (a rough posterior is
+    # enough to distil into the network) and the training's pooled class means and targets.
+    warm_start_max_iter: int = 100
+    warm_start_tol: float = 1e-4
+    pooled_max_iter: int = 200
+    pooled_tol: float = 1e-6
+
+
+@dataclass(frozen=True)
+class DeepSettings:
+    """The per-image deep fit (``deepg``, ``deepsvg``); defaults measured on the MNI sample, see docs.
+
+    Mirrors ``deep.DeepSettings`` until phase 2 of issue 13 makes ``deep.py`` read it from here.
+    """
+
+    network: str = "auto"  # "auto" (2D images: 2d; volumes: 3d) | "2d" | "3d"
+    base_width: int = 8
+    depth: int = 3
+    # Adam's step size. 1e-2 for both networks, measured with the spatial prior on the 2 mm MNI:
+    # with 3e-3 or 5e-3 the 3D network stalled on the three-channel phantom (NLL 0.88/0.77 vs 0.57,
+    # mean Dice 0.65/0.66 vs 0.86) for +0.01..0.025 Dice on the clean T1 (0.903/0.887 vs 0.878).
+    learning_rate: float = 1e-2
+    max_iter: int = 100
+    min_iter: int = 20
+    tol: float = 1e-4  # change of the mean NLL per voxel between steps
+    warm_start: str = "em"  # "em" | "none"
+    warm_start_iter: int = 30
+    covariance_type: str = "full"
+    reg_covar: float = REG_COVAR
+    prior_weight: float = 1.0
+    # beta of the explicit spatial prior (neighbouring voxels' class probabilities agree); 0 is the
+    # paper's loss; None: DEFAULT_SMOOTHNESS of the method
+    smoothness: float | None = None
+    precision: str = "auto"  # the network's convolutions: "auto" | "float32" | "bfloat16"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """:func:`.training.train`: one network for many images (see docs/training.md for the figures)."""
+
+    method: str = DEFAULT_METHOD
+    prior_means: Any = None  # (K, C) in normalised units, "auto" or None
+    prior_weight: float = 1.0
+    covariance_type: str = "full"
+    reg_covar: float = REG_COVAR
+    network: str = "auto"
+    base_width: int = 8
+    depth: int = 3
+    val_fraction: float = 0.2
+    max_epochs: int = 100
+    min_epochs: int = 10
+    patience: int = 10
+    min_delta: float = 1e-3
+    batch_size: int = 4
+    learning_rate: float = 1e-2  # the per-image fit's rate (DeepSettings), with polynomial decay
+    weight_decay: float = 1e-3
+    grad_clip: float = GRADIENT_CLIP
+    smoothness: float | None = None  # None: DEFAULT_SMOOTHNESS of the method
+    precision: str = "auto"
+    augment: bool = True
+    patch_size: tuple[int, ...] | None = None
+    warm_start: str = "em"
+    warm_start_steps: int = 30
+    device: Any = "auto"
+    seed: int = 0
+
+    def replace(self, **overrides: Any) -> TrainingSettings:
+        """A copy with ``overrides``; an unknown name is an error listing the valid ones."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"Unknown training setting(s) {', '.join(unknown)}: valid settings are "
+                             f"{', '.join(f.name for f in dataclasses.fields(self))}.")
+        return dataclasses.replace(self, **overrides)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number in [low, high] (``closed`` says which ends belong), as scikit-learn's ``Interval``."""
+
+    kind: type
+    low: float | None
+    high: float | None
+    closed: str = "both"  # "both" | "left" | "right" | "neither"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, self.kind) or not math.isfinite(float(value)):
+            return False
+        low_ok = self.low is None or (value >= self.low if self.closed in ("both", "left") else value > self.low)
+        high_ok = self.high is None or (value <= self.high if self.closed in ("both", "right") else value < self.high)
+        return low_ok and high_ok
+
+    def describe(self) -> str:
+        kind = "an integer" if self.kind is numbers.Integral else "a number"
+        parts = []
+        if self.low is not None:
+            parts.append((">= " if self.closed in ("both", "left") else "> ") + f"{self.low:g}")
+        if self.high is not None:
+            parts.append(("<= " if self.closed in ("both", "right") else "< ") + f"{self.high:g}")
+        return f"{kind} {' and '.join(parts)}".strip()
+
+
+@dataclass(frozen=True)
+class Choices:
+    """One of a fixed set of strings, as scikit-learn's ``StrOptions``."""
+
+    values: tuple[str, ...]
+
+    def accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.values
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+
+_COUNT = Interval(numbers.Integral, 1, None)
+_NON_NEGATIVE = Interval(numbers.Real, 0, None)
+_POSITIVE = Interval(numbers.Real, 0, None, closed="neither")
+
+#: What each option accepts; ``None`` in a list means "the method's default".
+PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
+    "covariance_type": [Choices(COVARIANCE_TYPES)],
+    "max_iter": [_COUNT, None],
+    "tol": [_NON_NEGATIVE, None],
+    "reg_covar": [_NON_NEGATIVE],
+    "prior_weight": [_NON_NEGATIVE],
+    "fine_tune": [Interval(numbers.Integral, 0, None)],
+    "network": [Choices(NETWORKS)],
+    "base_width": [_COUNT],
+    "depth": [Interval(numbers.Integral, 0, None)],
+    "learning_rate": [_POSITIVE],
+    "min_iter": [Interval(numbers.Integral, 0, None)],
+    "warm_start": [Choices(WARM_STARTS)],
+    "warm_start_iter": [Interval(numbers.Integral, 0, None)],
+    "smoothness": [_NON_NEGATIVE, None],
+    "precision": [Choices(PRECISIONS)],
+    # training
+    "max_epochs": [_COUNT],
+    "min_epochs": [Interval(numbers.Integral, 0, None)],
+    "patience": [_COUNT],
+    "min_delta": [_NON_NEGATIVE],
+    "batch_size": [_COUNT],
+    "val_fraction": [Interval(numbers.Real, 0, 1, closed="left")],
+    "weight_decay": [_NON_NEGATIVE],
+    "grad_clip": [_POSITIVE],
+    "warm_start_steps": [Interval(numbers.Integral, 0, None)],
+}
+
+_HINTS = {
+    "smoothness": " (0 turns the spatial prior off)",
+    "max_iter": " (or None for the method's default)",
+    "tol": " (or None for the method's default)",
+    "fine_tune": " (number of per-image steps after the forward pass)",
+}
+
+
+def check_value(name: str, value: Any) -> None:
+    """Raise ``ValueError`` unless ``value`` meets :data:`PARAMETER_CONSTRAINTS[name]`."""
+    constraints = PARAMETER_CONSTRAINTS[name]
+    if value is None and None in constraints:
+        return
+    if any(c is not None and c.accepts(value) for c in constraints):
+        return
+    wanted = " or ".join(c.describe() for c in constraints if c is not None)
+    raise ValueError(f"{name} must be {wanted}{_HINTS.get(name, '')}, got {value!r}.")
+
+
+# Options of segment() every method understands; None = the method's default.
+_COMMON = {
+    "covariance_type": "full", "max_iter": None, "tol": None, "reg_covar": REG_COVAR, "prior_means": None,
+    "prior_weight": 1.0, "cancel_event": None, "model": None, "fine_tune": 0,
+}
+_DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
+              "smoothness", "precision")
+
+
+def _known_options(method: str) -> dict[str, Any]:
+    known = dict(_COMMON)
+    if method in DEEP_METHODS:
+        deep = DeepSettings()
+        known.update({name: getattr(deep, name) for name in _DEEP_ONLY})
+    return known
+
+
+def resolve_options(method: str, **given: Any) -> dict[str, Any]:
+    """Every option of ``segment(method=..., **given)``: defaults filled in, each value checked.
+
+    Raises ``ValueError`` naming the option, what it accepts and what was given.
+    """
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}: use one of {', '.join(METHODS)}.")
+    known = _known_options(method)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {', '.join(unknown)} for method {method!r}: valid options are "
+                         f"{', '.join(sorted(known))}.")
+    resolved = {**known, **given}
+    family = DeepSettings() if method in DEEP_METHODS else EMSettings()
+    for name in ("max_iter", "tol"):
+        if resolved[name] is None:
+            resolved[name] = getattr(family, name)
+    if method in DEEP_METHODS and resolved["smoothness"] is None:
+        resolved["smoothness"] = DEFAULT_SMOOTHNESS[method]
+    for name, value in resolved.items():
+        if name in PARAMETER_CONSTRAINTS:
+            check_value(name, value)
+    if resolved["model"] is not None and method not in DEEP_METHODS:
+        raise ValueError(f"A trained model can only be used with the deep methods (deepg, deepsvg), not {method!r}.")
+    return resolved
+
+
+# ----------------------------------------------------------------------------- prior means
+
+
+def _prior_rows(text: str) -> list[list[float]]:
+    rows = []
+    for entry in (part.strip() for part in text.split(";")):
+        if not entry:
+            continue
+        try:
+            rows.append([float(v) for v in entry.replace(":", ",").split(",")])
+        except ValueError:
+            raise ValueError(f"prior means entry '{entry}' is not a number; write numbers, e.g. "
+                             "'30,200; 80,120; 110,60' (';' between classes, ',' between channels)") from None
+    return rows
+
+
+def _prior_file(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise ValueError(f"prior means file {path!r} does not exist")
+    if path.lower().endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    return np.loadtxt(path, delimiter=",", ndmin=2)
+
+
+def parse_prior_means(text: str | None, n_classes: int | None = None, n_channels: int | None = None, *,
+                      allow_auto: bool = False, allow_files: bool = False) -> np.ndarray | str | None:
+    """Prior class means from text: ``;`` between classes, ``,`` or ``:`` between channels.
+
+    ``"30,200; 80,120; 110,60"`` gives a (3, 2) array (class k = row k). ``allow_auto`` also accepts
+    ``"auto"`` (returned as is); ``allow_files`` a ``.npy`` or ``.csv`` file of K rows and C columns.
+    With ``n_classes`` / ``n_channels`` the shape is checked. Empty text or ``None`` gives ``None``.
+    """
+    if text is None or not str(text).strip():
+        return None
+    text = str(text).strip()
+    if allow_auto and text == "auto":
+        return "auto"
+    if allow_files and text.lower().endswith((".npy", ".csv")):
+        values = np.asarray(_prior_file(text), dtype=float)
+    else:
+        rows = _prior_rows(text)
+        if n_channels is not None:
+            for row in rows:
+                if len(row) != n_channels:
+                    raise ValueError(
+                        f"prior means entry {','.join(f'{v:g}' for v in row)} has {len(row)} value(s) but there are "
+                        f"{n_channels} channel(s); give one value per channel, joined by ','")
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError("prior means rows have different numbers of values; give one value per channel in "
+                             "every class")
+        values = np.asarray(rows, dtype=float)
+    if values.ndim == 1:
+        values = values[:, None]
+    if n_classes is not None and values.shape[0] != n_classes:
+        raise ValueError(f"prior means have {values.shape[0]} rows but there are {n_classes} classes; "
+                         "give one mean per class, separated by ';'")
+    return values
+
+
+def legacy_prior_means_text(values: Sequence[str]) -> tuple[str, bool]:
+    """The one-syntax text of ``deepgmm-segment --prior-means`` values, and whether they used the old spelling.
+
+    The old spelling gave one command-line word per class (``30:200 80:120``); it is accepted for
+    one release with a deprecation message.
+    """
+    values = [str(v) for v in values]
+    if len(values) == 1:
+        return values[0], False
+    return ";".join(values), True

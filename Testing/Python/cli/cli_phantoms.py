@@ -70,12 +70,23 @@ def decode_png(data: bytes) -> np.ndarray:
     pixels = np.zeros((height, stride), np.int32)
     for row in range(height):
         kind, line = raw[row, 0], raw[row, 1:].astype(np.int32)
-        previous = pixels[row - 1] if row else np.zeros(stride, np.int32)
-        if kind == 0:
-            pixels[row] = line
-        elif kind == 2:
-            pixels[row] = (line + previous) % 256
-        else:  # filters 1, 3, 4 are not used by our writer; a real decoder would handle them
-            raise AssertionError(f"unexpected PNG filter type {kind}")
+        up = pixels[row - 1] if row else np.zeros(stride, np.int32)
+        if kind in (0, 2):
+            pixels[row] = (line + (up if kind == 2 else 0)) % 256
+            continue
+        assert kind in (1, 3, 4), f"unknown PNG filter type {kind}"
+        current = pixels[row]
+        for i in range(stride):  # filters that refer to the pixel on the left: byte by byte
+            left = current[i - channels] if i >= channels else 0
+            upper_left = up[i - channels] if i >= channels else 0
+            if kind == 1:
+                predictor = left
+            elif kind == 3:
+                predictor = (left + up[i]) // 2
+            else:  # Paeth
+                p = left + up[i] - upper_left
+                pa, pb, pc = abs(p - left), abs(p - up[i]), abs(p - upper_left)
+                predictor = left if pa <= pb and pa <= pc else (up[i] if pb <= pc else upper_left)
+            current[i] = (line[i] + predictor) % 256
     shape = (height, width, 3) if channels == 3 else (height, width)
     return pixels.astype(np.uint8).reshape(shape)

@@ -90,9 +90,9 @@ CASES = {
     "non-numeric --classes": (lambda d: [d / "t1.nrrd", "-k", "three"], ["invalid int"]),
     "zero --max-iter": (lambda d: [d / "t1.nrrd", "-k", "3", "--max-iter", "0"], [">= 1"]),
     "unknown device": (lambda d: [d / "t1.nrrd", "-k", "3", "--device", "tpu"], ["device"]),
-    "prior means count": (lambda d: [d / "t1.nrrd", "-k", "3", "--prior-means", "1", "2"],
+    "prior means count": (lambda d: [d / "t1.nrrd", "-k", "3", "--prior-means", "1;2"],
                           ["one mean per class"]),
-    "prior means channels": (lambda d: [d / "t1.nrrd", "-k", "2", "--prior-means", "1:2", "3:4"],
+    "prior means channels": (lambda d: [d / "t1.nrrd", "-k", "2", "--prior-means", "1,2;3,4"],
                              ["one value per channel"]),
     "prior weight alone": (lambda d: [d / "t1.nrrd", "-k", "3", "--prior-weight", "0.5"],
                            ["--prior-means"]),
@@ -175,14 +175,16 @@ def test_bad_output_is_refused_before_segmenting(work, capsys, outputs, words):
 
 def test_failure_while_writing_leaves_no_output(work, capsys, monkeypatch):
     """The probabilities fail to write after the labels were written: neither file remains."""
-    real_write = cli._write_image
+    from DeepGMMSegmentLib import images
+
+    real_write = images.write_image
 
     def failing_write(image, path, role):
         if role == "probabilities":
             raise cli.CliError("cannot write probabilities (disk full)")
         real_write(image, path, role)
 
-    monkeypatch.setattr(cli, "_write_image", failing_write)
+    monkeypatch.setattr(images, "write_image", failing_write)
     before = set(os.listdir(work))
     code = cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm",
                      "-o", str(work / "labels.nii.gz"), "-p", str(work / "probs.nii.gz")])
@@ -207,13 +209,13 @@ def test_a_signal_also_sets_the_cancel_event_the_engine_polls():
 
     import pytest as _pytest
 
-    from DeepGMMSegmentLib import cli as cli_module
+    from DeepGMMSegmentLib.cli_common import Interrupts, Terminated
 
-    interrupts = cli_module._Interrupts()
+    interrupts = Interrupts()
     with _pytest.raises(KeyboardInterrupt):
         interrupts.on_interrupt(signal_module.SIGINT, None)
     assert interrupts.cancel.is_set() and isinstance(interrupts.stopped(), KeyboardInterrupt)
-    interrupts = cli_module._Interrupts()
-    with _pytest.raises(cli_module._Terminated):
+    interrupts = Interrupts()
+    with _pytest.raises(Terminated):
         interrupts.on_terminate(signal_module.SIGTERM, None)
-    assert interrupts.cancel.is_set() and isinstance(interrupts.stopped(), cli_module._Terminated)
+    assert interrupts.cancel.is_set() and isinstance(interrupts.stopped(), Terminated)

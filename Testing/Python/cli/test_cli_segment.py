@@ -288,3 +288,22 @@ def test_smoothness_and_precision_reach_the_deep_fit(phantom, capsys, monkeypatc
     code, err = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "em-gmm", "--smoothness", "0.7",
                         "-o", em_out)
     assert code == 2 and "smoothness" in err and not em_out.exists()
+
+
+def test_prior_means_old_spelling_still_works_with_a_deprecation_message(phantom, capsys):
+    """`--prior-means 60 20 100` (one word per class) means the same as `--prior-means '60;20;100'`."""
+    out = phantom["dir"]
+    common = [phantom["channel_path"], "--classes", 3, "--method", "deepg", "--max-iter", 5, "--device", "cpu",
+              "--mask", phantom["mask_path"]]
+    code, err = run_cli(capsys, *common, "--prior-means", "60; 20; 100", "-o", out / "new.nii.gz")
+    assert code == 0, err
+    assert "deprecated" not in err
+    with pytest.warns(DeprecationWarning, match="one word per class"):
+        code, err = run_cli(capsys, *common, "--prior-means", "60", "20", "100", "-o", out / "old.nii.gz")
+    assert code == 0, err
+    assert "warning: --prior-means with one word per class is deprecated" in err and "'60;20;100'" in err
+    new = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "new.nii.gz")))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "old.nii.gz"))), new)
+    # The prior fixes the class order: class 1 is the class near 60, i.e. the phantom's third tissue.
+    inside = phantom["mask"]
+    assert np.mean(new[inside & (phantom["truth"] == 2)] == 1) > 0.9

@@ -39,7 +39,7 @@ def test_deepgmm_train_writes_model_and_curve(cli_model):
 
 
 def test_training_curve_shows_both_series():
-    from DeepGMMSegmentLib.cli_train import render_curve
+    from DeepGMMSegmentLib.preview import render_curve
 
     history = [dict(epoch=e, train_loss=2.0 - 0.1 * e, val_loss=2.1 - 0.08 * e) for e in range(1, 6)]
     image = render_curve(history, best_epoch=5)
@@ -166,5 +166,5 @@ def test_deepgmm_train_reports_bad_input(tmp_path, capsys):
     write_case_folders(tmp_path / "c", 2)
     assert cli_train.main([str(tmp_path / "c"), "-k", "3", "-o", str(tmp_path / "m.pt"),
                            "--prior-means", "1;2"]) == 2
-    assert "2 rows but --classes is 3" in capsys.readouterr().err
+    assert "2 rows but there are 3 classes" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()

@@ -81,7 +81,9 @@ def test_fine_tuning_lowers_the_nll_of_the_one_pass_prediction(trained_model):
 
 
 def test_cancel_during_fine_tuning_raises(trained_model):
-    from DeepGMMSegmentLib import SegmentationCancelled
+    # result.SegmentationCancelled is the one class; DeepGMMSegmentLib.SegmentationCancelled becomes
+    # the same object when engine.py imports it from result.py (phase 2 of issue 13).
+    from DeepGMMSegmentLib.result import SegmentationCancelled
     from DeepGMMSegmentLib.training import predict_with_model
 
     path, _ = trained_model

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
 from evaluation import methods, metrics
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of ``text`` (lower case, runs of other characters become '-')."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 CLASS_NAMES = ("CSF", "GM", "WM")
 # Goals of issue 4 (mean Dice CSF/GM/WM at 1 mm); figures to read against, not assertions.
@@ -100,7 +106,6 @@ def montage_figure(data, work: Path, resolution: str, case_names, path: Path) ->
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from evaluation.run import slug
     cases = [c for c in _t1_cases(data, resolution) if c["name"] in case_names]
     if not cases:
         return False
@@ -155,7 +160,6 @@ def brainweb_figure(data, work: Path, path: Path) -> bool:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from evaluation.run import slug
     case = next((c for c in data["cases"] if c["group"] == "multi" and not c["has_reference"]), None)
     if case is None:
         return False
@@ -642,7 +646,6 @@ def _observations(data) -> list[str]:
 def oracle_split(data, work: Path) -> dict:
     """Best mean Dice of any two-threshold split of each clean T1 (an upper bound for
     voxel-wise single-channel methods; it looks at the reference, so no method can use it)."""
-    from evaluation.run import slug
     found = {}
     for case in _t1_cases(data, "1 mm") + _t1_cases(data, "2 mm"):
         if case["name"] != "clean":

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -25,14 +24,11 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from evaluation import conditions, methods, metrics  # noqa: E402
+from evaluation.report import slug, write_report  # noqa: E402
 
 PEERS_1D = ("sklearn-gmm", "atropos", "atropos-mrf", "sitk-kmeans", "sitk-otsu")
 PEERS_MULTI = ("sklearn-gmm", "atropos", "atropos-mrf")
 BRAINWEB_CLASSES = 3  # CSF, GM, WM inside the brain region
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def brainweb_case():
@@ -260,9 +256,8 @@ def main(argv=None) -> int:
             info["jobs_done"], info["jobs_planned"] = done, len(jobs)
             results_path.write_text(json.dumps({"info": info, "cases": records}, indent=1))
 
-    from evaluation import report
     data = json.loads(results_path.read_text())
-    written = report.write_report(data, work, output_dir)
+    written = write_report(data, work, output_dir)
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -1,0 +1,139 @@
+"""The package's imports run one way: no import cycle, no private name (``_x``) used across files.
+
+The imports are read from the source with ``ast`` (nothing is imported), at every level: an import
+inside a function is a dependency too, it only happens later. ``from . import segment`` depends on
+the file the package's lazy ``__init__`` takes ``segment`` from (its ``_LAZY`` table).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+PACKAGES = {"DeepGMMSegmentLib": REPO / "DeepGMMSegment" / "DeepGMMSegmentLib", "evaluation": REPO / "evaluation"}
+
+
+def _modules(package: str) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py file of the package (sub-packages included)."""
+    root = PACKAGES[package]
+    modules = {}
+    for path in sorted(root.rglob("*.py")):
+        parts = (package,) + path.relative_to(root).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = path
+    return modules
+
+
+def _lazy_table(init: Path, package: str) -> dict[str, str]:
+    """The lazy ``__init__``'s ``_LAZY = {"name": "module", ...}``: public name -> module."""
+    for node in ast.walk(ast.parse(init.read_text())):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Dict):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "_LAZY" for t in targets):
+                return {ast.literal_eval(k): f"{package}.{ast.literal_eval(v)}"
+                        for k, v in zip(node.value.keys, node.value.values)}
+    return {}
+
+
+def _base(module: str, path: Path, level: int, target: str | None) -> str:
+    """The absolute module a (possibly relative) ``from ... import`` names."""
+    if level == 0:
+        return target or ""
+    parts = module.split(".")
+    if path.name != "__init__.py":
+        parts = parts[:-1]  # a module's package
+    parts = parts[: len(parts) - (level - 1)]
+    return ".".join(parts + ([target] if target else []))
+
+
+def _imports(package: str):
+    """Yield (importer, imported module, imported names) for every import statement of the package."""
+    modules = _modules(package)
+    lazy = _lazy_table(PACKAGES[package] / "__init__.py", package)
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules:
+                        yield module, alias.name, []
+            elif isinstance(node, ast.ImportFrom):
+                base = _base(module, path, node.level, node.module)
+                for alias in node.names:
+                    submodule = f"{base}.{alias.name}"
+                    if submodule in modules:
+                        yield module, submodule, []
+                    elif base in modules:
+                        target = lazy.get(alias.name, base) if base == package else base
+                        yield module, target, [alias.name]
+
+
+def _graph(package: str) -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = {name: set() for name in _modules(package)}
+    for importer, imported, _ in _imports(package):
+        if imported != importer:
+            graph[importer].add(imported)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of two or more modules (Tarjan), each as a sorted list."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return groups
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_import_cycle(package):
+    cycles = _cycles(_graph(package))
+    assert not cycles, "import cycles (each line: modules that import each other, directly or not):\n" + \
+        "\n".join(" <-> ".join(group) for group in cycles)
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_private_name_is_imported_across_files(package):
+    leaks = [f"{importer} imports {name} from {imported}"
+             for importer, imported, names in _imports(package) for name in names
+             if name.startswith("_") and not name.startswith("__") and imported != importer]
+    assert not leaks, "make these names public (no leading underscore) or keep them in their file:\n" + \
+        "\n".join(leaks)
+
+
+def test_the_walker_sees_cycles_and_function_level_imports(tmp_path, monkeypatch):
+    """The checks above would fail on the cycles issue 13 removed (a function-level import counts)."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "__init__.py").write_text('_LAZY = {"segment": "engine"}\n')
+    (lib / "engine.py").write_text("def run():\n    from .training import predict\n")
+    (lib / "training.py").write_text("from . import segment\nfrom .cli import _load_inputs\n")
+    (lib / "cli.py").write_text("X = 1\n")
+    monkeypatch.setitem(PACKAGES, "lib", lib)
+    assert _cycles(_graph("lib")) == [["lib.engine", "lib.training"]]
+    leaks = [(i, n) for i, _, names in _imports("lib") for n in names if n.startswith("_")]
+    assert leaks == [("lib.training", "_load_inputs")]

@@ -158,6 +158,28 @@ def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=
     return "\n".join(parts)
 
 
+# truth colours: background black, blood red, myocardium blue, edema yellow, scar white
+TRUTH_COLOURS = np.array([[0, 0, 0], [220, 60, 60], [110, 110, 230], [240, 200, 40], [255, 255, 255]], np.uint8)
+
+
+def write_figure(case: cardiac_phantom.CardiacCase, path: Path, zoom: int = 2) -> None:
+    """PNG of one case: rows base, mid-infarct and apex slices; columns LGE, T2, bSSFP, truth."""
+    from PIL import Image  # only for the figure
+    middle = case.infarct_slices[len(case.infarct_slices) // 2] if case.has_infarct else case.labels.shape[0] // 2
+    rows = []
+    for k in (0, middle, case.labels.shape[0] - 1):
+        tiles = []
+        for image in case.channels[:, k].astype(np.float64):
+            low, high = np.percentile(image, [1, 99.5])
+            grey = (255 * np.clip((image - low) / (high - low), 0, 1)).astype(np.uint8)
+            tiles.append(np.repeat(grey[..., None], 3, axis=2))
+        tiles.append(TRUTH_COLOURS[case.labels[k]])
+        rows.append(np.concatenate(tiles, axis=1))
+    picture = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).resize((picture.shape[1] * zoom, picture.shape[0] * zoom), Image.NEAREST).save(path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=6, help="number of generated patients (default 6)")
@@ -167,11 +189,17 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the methods' seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    parser.add_argument("--figure", type=Path,
+                        help="also write a PNG of the first infarct case (slices x LGE, T2, bSSFP, truth)")
     args = parser.parse_args(argv)
     if args.cases < 1 or not 0 <= args.deep_cases <= args.cases:
         parser.error("--cases must be >= 1 and --deep-cases between 0 and --cases.")
     import torch
     torch.set_num_threads(max(1, args.threads))
+    if args.figure:
+        case = next((c for c in (cardiac_phantom.generate_case(args.first_seed + i) for i in range(args.cases))
+                     if c.has_infarct), None) or cardiac_phantom.generate_case(args.first_seed)
+        write_figure(case, args.figure)
     report = evaluate(args.cases, args.first_seed, args.deep_cases, args.seed)
     print(report)
     if args.out:

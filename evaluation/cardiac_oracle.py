@@ -11,45 +11,27 @@ oracle except by chance.
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import ndimage
-from scipy.special import logsumexp
+
+from DeepGMMSegmentLib import gmm
 
 DEFAULT_SMOOTHING_PX = 1.0
 
 
-def truth_gaussians(voxels: np.ndarray, truth: np.ndarray, n_classes: int,
-                    reg_covar: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(weights (K,), means (K, C), covariances (K, C, C)) of each class's voxels; absent classes weigh 0."""
-    voxels = np.asarray(voxels, dtype=np.float64)
-    n_channels = voxels.shape[1]
-    weights = np.zeros(n_classes)
-    means = np.zeros((n_classes, n_channels))
-    covariances = np.tile(np.eye(n_channels), (n_classes, 1, 1))
-    for k in range(n_classes):
-        members = voxels[truth == k + 1]
-        if len(members) == 0:
-            continue
-        weights[k] = len(members) / len(voxels)
-        means[k] = members.mean(0)
-        if len(members) > n_channels:
-            covariances[k] = np.cov(members, rowvar=False).reshape(n_channels, n_channels)
-        covariances[k] += reg_covar * np.eye(n_channels)
-    return weights, means, covariances
+def truth_posteriors(voxels: np.ndarray, truth: np.ndarray, n_classes: int, reg_covar: float = 1e-6) -> np.ndarray:
+    """(V, K) posteriors under the mixture fitted on the truth: the engine's M-step on one-hot labels.
 
-
-def log_posteriors(voxels: np.ndarray, weights: np.ndarray, means: np.ndarray,
-                   covariances: np.ndarray) -> np.ndarray:
-    """(V, K) log posterior of each voxel under the mixture; classes of weight 0 get -inf."""
-    voxels = np.asarray(voxels, dtype=np.float64)
-    log_joint = np.full((len(voxels), len(weights)), -np.inf)
-    for k, (w, mu, cov) in enumerate(zip(weights, means, covariances)):
-        if w <= 0:
-            continue
-        chol = np.linalg.cholesky(cov)
-        solved = np.linalg.solve(chol, (voxels - mu).T)
-        log_det = 2.0 * np.log(np.diag(chol)).sum()
-        log_joint[:, k] = np.log(w) - 0.5 * ((solved ** 2).sum(0) + log_det + voxels.shape[1] * np.log(2 * np.pi))
-    return log_joint - logsumexp(log_joint, axis=1, keepdims=True)
+    ``voxels`` (V, C), ``truth`` (V,) in 1..K. Full covariances; each class weighs its share of the
+    voxels, so a class absent from the truth gets posterior 0. float64 throughout.
+    """
+    x = torch.from_numpy(np.asarray(voxels, dtype=np.float64))
+    one_hot = torch.nn.functional.one_hot(torch.from_numpy(np.asarray(truth, dtype=np.int64) - 1),
+                                          n_classes).to(torch.float64)
+    _, params = gmm.weighted_mstep(x, one_hot, "full", reg_covar)
+    log_weights = torch.log(one_hot.sum(0) / len(x))  # -inf for an absent class
+    log_resp, _ = gmm.posterior(log_weights, gmm.log_gaussian(x, params))
+    return log_resp.exp().numpy()
 
 
 def smooth_in_plane(maps: np.ndarray, mask: np.ndarray, sigma_px: float) -> np.ndarray:
@@ -70,7 +52,7 @@ def oracle_labels(channels: np.ndarray, truth: np.ndarray, mask: np.ndarray, n_c
     centre, scale = voxels.mean(0), voxels.std(0)  # z-scoring changes nothing but the conditioning
     voxels = (voxels - centre) / np.where(scale > 0, scale, 1.0)
     truth_inside = np.asarray(truth)[mask]
-    posterior = np.exp(log_posteriors(voxels, *truth_gaussians(voxels, truth_inside, n_classes)))
+    posterior = truth_posteriors(voxels, truth_inside, n_classes)
     if smoothing_px > 0:
         maps = np.zeros((n_classes,) + mask.shape)
         maps[:, mask] = posterior.T

@@ -146,10 +146,14 @@ def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=
         results[variant] = [(case, run_variant(variant, case, seed)) for case in subset]
         log(f"  {variant.name}: {len(subset)} cases done", file=sys.stderr)
     parts = ["**Synthetic data** (evaluation/cardiac_phantom.py); no patient data. " + cohort_summary(cases), ""]
-    for matched, title in ((False, "Class identity as each method gives it (no matching)"),
-                           (True, "After Hungarian matching to the truth (evaluation only)")):
-        rows = {v.name + ("" if v.fixed_identity or matched else " †"): [score(lab, c, matched) for c, lab in runs]
-                for v, runs in results.items()}
+    views = [(False, "Class identity as each method gives it (no matching)", len(cases)),
+             (True, "After Hungarian matching to the truth (evaluation only)", len(cases))]
+    if 0 < deep_cases < len(cases):  # the deep rows cover fewer cases: compare everyone on those too
+        views += [(False, f"The first {deep_cases} cases only, no matching", deep_cases),
+                  (True, f"The first {deep_cases} cases only, Hungarian matching", deep_cases)]
+    for matched, title, count in views:
+        rows = {v.name + ("" if v.fixed_identity or matched else " †"):
+                [score(lab, c, matched) for c, lab in runs[:count]] for v, runs in results.items()}
         parts += [f"### {title}", "", table(rows, matched), ""]
     parts.append("† no prior: classes come in the method's own order (ours: ascending LGE mean; "
                  "scikit-learn: arbitrary), which need not be MyoPS order.")

@@ -1,0 +1,215 @@
+"""Cardiac phantom evaluation (SYNTHETIC data): the oracle, our per-image methods and scikit-learn.
+
+    python -m evaluation.cardiac_run                       # 6 cases, EM methods, oracle, sklearn
+    python -m evaluation.cardiac_run --cases 6 --deep-cases 2 --out out/cardiac.md
+
+Prints a Markdown report: per-class Dice (blood, myocardium, edema, scar), the MyoPS scores (scar,
+scar + edema), the share of infarct cases whose class identity is right with no matching, and the
+scar a method invents in cases without an infarct. Dice is per case over its 3D stack, averaged over
+the cases whose truth holds that class ("mean (4)": per case over the classes its truth holds). Every method is scored twice: with the class identity it
+gives (no matching) and after Hungarian matching to the truth (an evaluation-only oracle step).
+No timings are reported here (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for folder in (REPO_ROOT, REPO_ROOT / "DeepGMMSegment"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+from evaluation import cardiac_oracle, cardiac_phantom, metrics  # noqa: E402
+
+N_CLASSES = len(cardiac_phantom.CLASS_NAMES)
+SCAR, EDEMA = 4, 3
+OUR_METHODS = ("em-gmm", "em-svgmm", "deepg", "deepsvg")
+DEEP = ("deepg", "deepsvg")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    fixed_identity: bool  # class k is MyoPS class k without matching
+
+
+def variants(deep: bool) -> list:
+    """Every row of the report, in order (the deep rows only when ``deep``)."""
+    rows = [Variant("oracle", True), Variant("oracle + smoothing", True)]
+    for method in OUR_METHODS:
+        if method in DEEP and not deep:
+            continue
+        rows.append(Variant(method, False))
+        rows.append(Variant(f"{method} + μ_data", True))
+    rows.append(Variant("sklearn GaussianMixture (n_init=10)", False))
+    return rows
+
+
+def run_variant(variant: Variant, case: cardiac_phantom.CardiacCase, seed: int) -> np.ndarray:
+    """uint8 labels of one row's method on one case."""
+    channels, mask = case.channels, case.mask
+    if variant.name.startswith("oracle"):
+        smoothing = cardiac_oracle.DEFAULT_SMOOTHING_PX if "smoothing" in variant.name else 0.0
+        return cardiac_oracle.oracle_labels(channels, case.labels, mask, N_CLASSES, smoothing)
+    if variant.name.startswith("sklearn"):
+        from sklearn.mixture import GaussianMixture
+        voxels = channels[:, mask].T.astype(np.float64)
+        model = GaussianMixture(N_CLASSES, covariance_type="full", n_init=10, random_state=seed).fit(voxels)
+        labels = np.zeros(mask.shape, dtype=np.uint8)
+        labels[mask] = model.predict(voxels) + 1
+        return labels
+    from DeepGMMSegmentLib import segment
+    method = variant.name.split(" ")[0]
+    options = {"prior_means": case.prior_means()} if "μ_data" in variant.name else {}
+    result = segment(list(channels), N_CLASSES, method=method, mask=mask, spacing=case.spacing,
+                     device="cpu", seed=seed, **options)
+    return result.labels
+
+
+@dataclasses.dataclass
+class Scores:
+    dice: np.ndarray          # (4,) per class, NaN if the class is absent from truth and labels
+    scar: float               # MyoPS: scar Dice
+    scar_edema: float         # MyoPS: (scar + edema) Dice
+    identity_ok: bool | None  # matching would change nothing (infarct cases only)
+    invented_scar: float | None  # share of the mask labelled scar in a case with no infarct
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else float("nan")
+
+
+def score(labels: np.ndarray, case: cardiac_phantom.CardiacCase, matched: bool) -> Scores:
+    inside = case.mask
+    mapping = metrics.hungarian_mapping(labels[inside], case.labels[inside], N_CLASSES)
+    identity_ok = bool((mapping == np.arange(N_CLASSES + 1)).all()) if case.has_infarct else None
+    named = (mapping if matched else np.arange(N_CLASSES + 1))[labels.astype(np.int64)]
+    truth = case.labels
+    invented = None if case.has_infarct else float((named[inside] == SCAR).mean())
+    present = np.array([(truth == k).any() for k in range(1, N_CLASSES + 1)])
+    # Dice only where the truth holds the class; invented classes are counted apart (``invented``)
+    dice = np.where(present, metrics.dice_per_class(named[inside], truth[inside], N_CLASSES), np.nan)
+    if not case.has_infarct:
+        return Scores(dice, float("nan"), float("nan"), identity_ok, invented)
+    return Scores(dice, _dice(named == SCAR, truth == SCAR), _dice(named >= EDEMA, truth >= EDEMA),
+                  identity_ok, invented)
+
+
+def _mean(values) -> str:
+    values = [v for v in values if v is not None and not np.isnan(v)]
+    return f"{np.mean(values):.3f}" if values else "–"
+
+
+def table(rows: dict, matched: bool) -> str:
+    """Markdown table of the rows {variant name: [Scores per case]}."""
+    head = ["method", "cases", *cardiac_phantom.CLASS_NAMES, "mean (4)", "scar (MyoPS)", "scar+edema (MyoPS)",
+            "identity right, no matching", "scar invented, no-infarct cases (% of mask)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, scores in rows.items():
+        per_class = [_mean(s.dice[k] for s in scores) for k in range(N_CLASSES)]
+        case_means = [np.nanmean(s.dice) for s in scores]
+        identity = [s.identity_ok for s in scores if s.identity_ok is not None]
+        invented = [100 * s.invented_scar for s in scores if s.invented_scar is not None]
+        lines.append("| " + " | ".join([
+            name, str(len(scores)), *per_class, _mean(case_means), _mean(s.scar for s in scores),
+            _mean(s.scar_edema for s in scores),
+            f"{sum(identity)}/{len(identity)}" if identity else "–",
+            f"{np.mean(invented):.1f}" if invented else "–",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def cohort_summary(cases: list) -> str:
+    with_infarct = sum(c.has_infarct for c in cases)
+    slices = sum(c.labels.shape[0] for c in cases)
+    scar_slices = sum(len(c.infarct_slices) for c in cases)
+    thickness = [c.spacing[0] for c in cases]
+    pixel = [c.spacing[1] for c in cases]
+    return (f"{len(cases)} SYNTHETIC cases (seeds {cases[0].seed}..{cases[-1].seed}), {with_infarct} with an "
+            f"infarct; {slices} slices, {scar_slices} with scar; slices {min(thickness):.1f}-{max(thickness):.1f} mm, "
+            f"pixels {min(pixel):.2f}-{max(pixel):.2f} mm, {cases[0].labels.shape[1]}x{cases[0].labels.shape[2]}; "
+            f"mask voxels per case {min(int(c.mask.sum()) for c in cases)}-{max(int(c.mask.sum()) for c in cases)}.")
+
+
+def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=print) -> str:
+    cases = cardiac_phantom.generate_cohort(n_cases, first_seed)
+    results: dict = {}
+    for variant in variants(deep=deep_cases > 0):
+        subset = cases[:deep_cases] if variant.name.split(" ")[0] in DEEP else cases
+        results[variant] = [(case, run_variant(variant, case, seed)) for case in subset]
+        log(f"  {variant.name}: {len(subset)} cases done", file=sys.stderr)
+    parts = ["**Synthetic data** (evaluation/cardiac_phantom.py); no patient data. " + cohort_summary(cases), ""]
+    views = [(False, "Class identity as each method gives it (no matching)", len(cases)),
+             (True, "After Hungarian matching to the truth (evaluation only)", len(cases))]
+    if 0 < deep_cases < len(cases):  # the deep rows cover fewer cases: compare everyone on those too
+        views += [(False, f"The first {deep_cases} cases only, no matching", deep_cases),
+                  (True, f"The first {deep_cases} cases only, Hungarian matching", deep_cases)]
+    for matched, title, count in views:
+        rows = {v.name + ("" if v.fixed_identity or matched else " †"):
+                [score(lab, c, matched) for c, lab in runs[:count]] for v, runs in results.items()}
+        parts += [f"### {title}", "", table(rows, matched), ""]
+    parts.append("† no prior: classes come in the method's own order (ours: ascending LGE mean; "
+                 "scikit-learn: arbitrary), which need not be MyoPS order.")
+    if deep_cases and deep_cases < n_cases:
+        parts.append(f"deepg and deepsvg rows: the first {deep_cases} cases only (CPU budget).")
+    return "\n".join(parts)
+
+
+# truth colours: background black, blood red, myocardium blue, edema yellow, scar white
+TRUTH_COLOURS = np.array([[0, 0, 0], [220, 60, 60], [110, 110, 230], [240, 200, 40], [255, 255, 255]], np.uint8)
+
+
+def write_figure(case: cardiac_phantom.CardiacCase, path: Path, zoom: int = 2) -> None:
+    """PNG of one case: rows base, mid-infarct and apex slices; columns LGE, T2, bSSFP, truth."""
+    from PIL import Image  # only for the figure
+    middle = case.infarct_slices[len(case.infarct_slices) // 2] if case.has_infarct else case.labels.shape[0] // 2
+    rows = []
+    for k in (0, middle, case.labels.shape[0] - 1):
+        tiles = []
+        for image in case.channels[:, k].astype(np.float64):
+            low, high = np.percentile(image, [1, 99.5])
+            grey = (255 * np.clip((image - low) / (high - low), 0, 1)).astype(np.uint8)
+            tiles.append(np.repeat(grey[..., None], 3, axis=2))
+        tiles.append(TRUTH_COLOURS[case.labels[k]])
+        rows.append(np.concatenate(tiles, axis=1))
+    picture = np.concatenate(rows, axis=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture).resize((picture.shape[1] * zoom, picture.shape[0] * zoom), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=6, help="number of generated patients (default 6)")
+    parser.add_argument("--first-seed", type=int, default=0, help="seed of the first patient (default 0)")
+    parser.add_argument("--deep-cases", type=int, default=0,
+                        help="run deepg and deepsvg on the first N cases (default 0: EM only)")
+    parser.add_argument("--seed", type=int, default=0, help="the methods' seed (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
+    parser.add_argument("--figure", type=Path,
+                        help="also write a PNG of the first infarct case (slices x LGE, T2, bSSFP, truth)")
+    args = parser.parse_args(argv)
+    if args.cases < 1 or not 0 <= args.deep_cases <= args.cases:
+        parser.error("--cases must be >= 1 and --deep-cases between 0 and --cases.")
+    import torch
+    torch.set_num_threads(max(1, args.threads))
+    if args.figure:
+        case = next((c for c in (cardiac_phantom.generate_case(args.first_seed + i) for i in range(args.cases))
+                     if c.has_infarct), None) or cardiac_phantom.generate_case(args.first_seed)
+        write_figure(case, args.figure)
+    report = evaluate(args.cases, args.first_seed, args.deep_cases, args.seed)
+    print(report)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -321,17 +321,24 @@ def formatProgress(info: Any) -> tuple[Optional[int], str]:
     return percent, " \u00b7 ".join(parts)
 
 
-def describeComputeDevices(torchModule: Any) -> str:
-    """One line about the compute devices the given ``torch`` module sees (for the device label)."""
-    cuda = getattr(torchModule, "cuda", None)
-    if cuda is None or not cuda.is_available():
+def describeComputeDevices(facts: dict) -> str:
+    """One line about the compute devices torch sees, from ``worker.deviceFacts()``'s dict
+    (asked in a worker process: torch and CUDA never start in Slicer's GUI process)."""
+    devices = facts.get("cuda") or []
+    if not facts.get("cudaAvailable") or not devices:
         return "No CUDA GPU found: Automatic runs on the CPU."
-    descriptions = []
-    for index in range(cuda.device_count()):
-        properties = cuda.get_device_properties(index)
-        memoryGb = getattr(properties, "total_memory", 0) / 1024**3
-        descriptions.append(f"cuda:{index} {properties.name} ({memoryGb:.0f} GB)")
+    descriptions = [f"cuda:{index} {device.get('name')} ({device.get('totalMemoryBytes', 0) / 1024**3:.0f} GB)"
+                    for index, device in enumerate(devices)]
     return "GPU: " + ", ".join(descriptions)
+
+
+#: Texts of the device label while the device question is open or cannot be answered.
+DEVICE_QUERY_RUNNING_TEXT = "Looking for GPUs..."
+TORCH_NOT_INSTALLED_TEXT = "PyTorch not installed yet (offered on first Segment)."
+
+
+def deviceQueryFailedText(error: Any) -> str:
+    return f"PyTorch cannot be used: {error}"
 
 
 def formatMeans(meanIntensities: Sequence[float]) -> str:

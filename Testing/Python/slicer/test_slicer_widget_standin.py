@@ -68,15 +68,21 @@ def test_setup_picks_first_volume_and_shows_channels_as_needed(harness, volumes)
 
 def test_mask_selector_and_parameter_node_stay_in_sync(harness, volumes, mrmlScene):
     widget = harness.createWidget()
+    empty = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
     masks = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Masks")
     brainId = masks.GetSegmentation().AddEmptySegment("brain")
+    ventriclesId = masks.GetSegmentation().AddEmptySegment("ventricles")
     selector, parameters = widget.ui.maskSegmentSelector, widget._parameterNode
 
-    selector.setCurrentNode(masks)  # a segmentation without a chosen segment cannot run
-    assert parameters.maskSegmentation.GetID() == masks.GetID() and parameters.maskSegmentId == ""
+    selector.setCurrentNode(empty)  # no segment to choose: Segment says what is missing
+    assert parameters.maskSegmentation.GetID() == empty.GetID() and parameters.maskSegmentId == ""
     assert not widget.ui.segmentButton.enabled and "Choose a segment" in widget.ui.segmentButton.toolTip
+    selector.setCurrentNode(masks)  # the selector shows "None"; the first segment is taken (audit R14)
+    assert selector.currentSegmentID() == brainId and parameters.maskSegmentId == brainId
+    assert widget.ui.segmentButton.enabled
+    selector.setCurrentSegmentID(ventriclesId)
+    assert parameters.maskSegmentId == ventriclesId
     selector.setCurrentSegmentID(brainId)
-    assert parameters.maskSegmentId == brainId and widget.ui.segmentButton.enabled
 
     parameters.maskSegmentation = None  # e.g. a scene loaded with another setting
     assert selector.currentNode() is None

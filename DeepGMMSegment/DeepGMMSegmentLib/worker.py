@@ -132,13 +132,17 @@ def runJob(jobFolder: str) -> int:
         return _reportError(jobFolder, error)
 
     throttle = ProgressThrottle()
+    skipped = []  # the newest report the throttle held back (sent when the fit ends early)
 
     def progress(iteration, maxIterations, nll, elapsedSeconds):
+        report = {"iteration": int(iteration), "maxIterations": int(maxIterations),
+                  "nll": None if nll is None else float(nll), "elapsedSeconds": float(elapsedSeconds)}
         if not throttle.due(iteration, maxIterations):
+            skipped[:] = [report]
             return not _parentGone
+        skipped.clear()
         # False (parent gone) makes the engine raise SegmentationCancelled: the worker ends.
-        return emit("progress", iteration=int(iteration), maxIterations=int(maxIterations),
-                    nll=None if nll is None else float(nll), elapsedSeconds=float(elapsedSeconds))
+        return emit("progress", **report)
 
     options = dict(job.get("options") or {})
     if options.get("prior_means") is not None:
@@ -162,6 +166,8 @@ def runJob(jobFolder: str) -> int:
     except Exception as error:  # noqa: BLE001 - everything is reported to the parent
         return _reportError(jobFolder, error)
 
+    if skipped:  # converged before the next due report: the last iteration is still shown
+        emit("progress", **skipped[0])
     emit("stage", stage="saving")
     try:
         resultPath = os.path.join(jobFolder, RESULT_FILE)

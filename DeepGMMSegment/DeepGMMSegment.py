@@ -6,10 +6,8 @@ process, so this file loads, and the logic exists, before PyTorch is installed.
 """
 
 import enum
-import hashlib
 import importlib
 import os
-import pathlib
 import sys
 import time
 import unittest
@@ -41,9 +39,6 @@ LIB_PACKAGE = "DeepGMMSegmentLib"
 LIB_RELOAD_ORDER = ("gmm", "em", "networks", "deep", "engine", "preview", "model_io", "training", "worker",
                     "mrml_io", "runner", "dependencies", "panel", "logic")
 
-#: How often the panel looks at a running device query (milliseconds).
-DEVICE_QUERY_POLL_MILLISECONDS = 200
-
 
 #
 # DeepGMMSegment
@@ -74,45 +69,11 @@ The sample data is the MNI ICBM 152 2009a template (Fonov et al. 2009, 2011; Col
         slicer.app.connect("startupCompleted()", registerSampleData)
 
 
-#
-# Sample data: the bundled MNI152 T1 (2 mm) and its brain mask, one click in the Sample Data module
-#
-
-SAMPLE_DATA_CATEGORY = "DeepGMMSegment"
-SAMPLE_DATA_FOLDER = os.path.join(os.path.dirname(__file__), "Resources", "SampleData")
-# (file name, node name, Slicer file type): the mask loads as a segmentation, ready for the Mask selector.
-SAMPLE_DATA_FILES = (("mni152_2009_t1_2mm.nii.gz", "MNI152 T1", "VolumeFile"),
-                     ("mni152_2009_brainmask_2mm.nii.gz", "MNI152 brain mask", "SegmentationFile"))
-
-
-def sampleDataSource():
-    """Arguments of ``SampleData.SampleDataLogic.registerCustomSampleDataSource`` for the bundled sample.
-
-    The files ship with the module (250 kB), so the URIs are local ``file://`` URIs (Sample Data
-    copies them into its cache with ``urllib``); the checksums guard that copy."""
-    paths = [os.path.join(SAMPLE_DATA_FOLDER, entry[0]) for entry in SAMPLE_DATA_FILES]
-
-    def sha256(path):
-        with open(path, "rb") as file:
-            return "SHA256:" + hashlib.sha256(file.read()).hexdigest()
-
-    return {
-        "category": SAMPLE_DATA_CATEGORY,
-        "sampleName": "MNI152 T1 + brain mask (2 mm)",
-        "thumbnailFileName": os.path.join(SAMPLE_DATA_FOLDER, "mni152_thumbnail.png"),
-        "uris": [pathlib.Path(path).as_uri() for path in paths],
-        "fileNames": [entry[0] for entry in SAMPLE_DATA_FILES],
-        "nodeNames": [entry[1] for entry in SAMPLE_DATA_FILES],
-        "loadFileTypes": [entry[2] for entry in SAMPLE_DATA_FILES],
-        "checksums": [sha256(path) for path in paths],
-    }
-
-
 def registerSampleData():
-    """Add the MNI152 sample to the Sample Data module (category "DeepGMMSegment")."""
+    """Add the bundled MNI152 sample to the Sample Data module (category "DeepGMMSegment")."""
     import SampleData
 
-    SampleData.SampleDataLogic.registerCustomSampleDataSource(**sampleDataSource())
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(**panel.sampleDataSource(os.path.dirname(__file__)))
 
 
 #
@@ -410,35 +371,19 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return self._processing
 
     def updateDetectedDeviceLabel(self):
-        """Show which GPU PyTorch sees. A short worker process answers (torch and CUDA are never
-        started in Slicer's GUI process); the label is filled when it is done."""
+        """Show which GPU PyTorch sees, asked in a short worker process: torch and CUDA never start
+        in Slicer's GUI process."""
         if installedTorchVersion() is None:
             self.ui.detectedDeviceLabel.text = panel.TORCH_NOT_INSTALLED_TEXT
-            return
-        if self._deviceQuery is not None and self._deviceQuery.isRunning():
-            return
-        self._deviceQuery = DeviceQuery()
-        try:
-            self._deviceQuery.start()
-        except Exception as error:  # e.g. PythonSlicer not found: the panel still works
-            self._deviceQuery = None
-            self.ui.detectedDeviceLabel.text = panel.deviceQueryFailedText(error)
-            return
-        self.ui.detectedDeviceLabel.text = panel.DEVICE_QUERY_RUNNING_TEXT
-        qt.QTimer.singleShot(DEVICE_QUERY_POLL_MILLISECONDS, self._pollDeviceQuery)
+        elif self._deviceQuery is None:
+            self.ui.detectedDeviceLabel.text = panel.DEVICE_QUERY_RUNNING_TEXT
+            self._deviceQuery = DeviceQuery()
+            self._deviceQuery.start(scheduler=qt.QTimer.singleShot, onDone=self._showDevices)
 
-    def _pollDeviceQuery(self):
-        query = self._deviceQuery
-        if query is None:
-            return
-        if query.isRunning():
-            qt.QTimer.singleShot(DEVICE_QUERY_POLL_MILLISECONDS, self._pollDeviceQuery)
-            return
+    def _showDevices(self, facts):
         self._deviceQuery = None
-        try:
-            self.ui.detectedDeviceLabel.text = panel.describeComputeDevices(query.result())
-        except Exception as error:  # a broken torch or CUDA install must not break the panel
-            self.ui.detectedDeviceLabel.text = panel.deviceQueryFailedText(error)
+        self.ui.detectedDeviceLabel.text = (panel.deviceQueryFailedText(facts) if isinstance(facts, Exception)
+                                            else panel.describeComputeDevices(facts))
 
     def askReplaceOrNew(self, outputName, withRoi):
         """Ask what to do with an output that already holds segments: "replace", "new" or "cancel"."""

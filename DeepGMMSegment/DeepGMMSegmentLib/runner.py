@@ -503,10 +503,36 @@ class DeviceQuery:
         self._facts: dict | None = None
         self._error: WorkerError | None = None
 
-    def start(self) -> None:
-        command = [workerPython(self.pythonExecutable), "-u", workerProtocol.__file__, workerProtocol.DEVICES_OPTION]
-        self.worker = WorkerProcess(command, workerEnvironment(self.environment))
-        self.worker.start()
+    pollIntervalMilliseconds = 200
+
+    def start(self, scheduler: Callable | None = None, onDone: Callable[[object], None] | None = None) -> None:
+        """Start the query. With a ``scheduler(delayMilliseconds, callback)`` (``qt.QTimer.singleShot``
+        in Slicer), ``onDone`` is later called with the facts, or with the error (also when the
+        worker cannot start)."""
+        self._scheduler, self._onDone = scheduler, onDone
+        try:
+            command = [workerPython(self.pythonExecutable), "-u", workerProtocol.__file__,
+                       workerProtocol.DEVICES_OPTION]
+            self.worker = WorkerProcess(command, workerEnvironment(self.environment))
+            self.worker.start()
+        except Exception as error:  # noqa: BLE001 - e.g. PythonSlicer not found
+            if onDone is None:
+                raise
+            onDone(error)
+            return
+        if scheduler is not None:
+            scheduler(self.pollIntervalMilliseconds, self._poll)
+
+    def _poll(self) -> None:
+        if self.isRunning():
+            self._scheduler(self.pollIntervalMilliseconds, self._poll)
+            return
+        try:
+            outcome = self.result()
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            outcome = error
+        if self._onDone is not None:
+            self._onDone(outcome)
 
     def isRunning(self) -> bool:
         return self.worker is not None and self.worker.isRunning()

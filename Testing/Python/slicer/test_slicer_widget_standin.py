@@ -453,7 +453,7 @@ def test_module_declares_crop_volume_and_registers_the_sample_data(harness, monk
     slots = [slot for signal, slot in harness.startupSlots if signal == "startupCompleted()"]
     assert len(slots) >= 1
     slots[0]()  # Slicer has started
-    source = harness.module.sampleDataSource()
+    source = harness.module.panel.sampleDataSource(str(MODULE_DATA))
     assert [{key: value for key, value in call.items() if key in source} for call in registered] == [source]
     assert source["loadFileTypes"] == ["VolumeFile", "SegmentationFile"]
     assert os.path.isfile(source["thumbnailFileName"])

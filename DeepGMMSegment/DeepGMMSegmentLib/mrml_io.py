@@ -114,6 +114,19 @@ def parentTransformToWorld(node) -> np.ndarray:
     return _matrixToNumpy(matrix)
 
 
+def firstSelectableVolume(scene):
+    """The first volume the input selectors can show, or None.
+
+    The selectors list exactly ``vtkMRMLScalarVolumeNode`` (``showChildNodeTypes`` is false in
+    the .ui), so labelmaps, vector and tensor volumes, which are subclasses, are skipped: a
+    labelmap picked here would be segmented while the selector shows "None"."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLScalarVolumeNode")
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode":
+            return node
+    return None
+
+
 def volumeGeometry(volumeNode) -> VolumeGeometry:
     """Grid of a volume node in world coordinates (IJK->RAS including linear parent transforms)."""
     imageData = volumeNode.GetImageData() if volumeNode is not None else None

@@ -11,8 +11,10 @@ can load it before PyTorch is installed (the package's ``__init__`` imports the 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import pathlib
 from typing import Any, Callable, Optional, Sequence
 
 #: Number of channel selectors in the panel.
@@ -321,17 +323,24 @@ def formatProgress(info: Any) -> tuple[Optional[int], str]:
     return percent, " \u00b7 ".join(parts)
 
 
-def describeComputeDevices(torchModule: Any) -> str:
-    """One line about the compute devices the given ``torch`` module sees (for the device label)."""
-    cuda = getattr(torchModule, "cuda", None)
-    if cuda is None or not cuda.is_available():
+def describeComputeDevices(facts: dict) -> str:
+    """One line about the compute devices torch sees, from ``worker.deviceFacts()``'s dict
+    (asked in a worker process: torch and CUDA never start in Slicer's GUI process)."""
+    devices = facts.get("cuda") or []
+    if not facts.get("cudaAvailable") or not devices:
         return "No CUDA GPU found: Automatic runs on the CPU."
-    descriptions = []
-    for index in range(cuda.device_count()):
-        properties = cuda.get_device_properties(index)
-        memoryGb = getattr(properties, "total_memory", 0) / 1024**3
-        descriptions.append(f"cuda:{index} {properties.name} ({memoryGb:.0f} GB)")
+    descriptions = [f"cuda:{index} {device.get('name')} ({device.get('totalMemoryBytes', 0) / 1024**3:.0f} GB)"
+                    for index, device in enumerate(devices)]
     return "GPU: " + ", ".join(descriptions)
+
+
+#: Texts of the device label while the device question is open or cannot be answered.
+DEVICE_QUERY_RUNNING_TEXT = "Looking for GPUs..."
+TORCH_NOT_INSTALLED_TEXT = "PyTorch not installed yet (offered on first Segment)."
+
+
+def deviceQueryFailedText(error: Any) -> str:
+    return f"PyTorch cannot be used: {error}"
 
 
 def formatMeans(meanIntensities: Sequence[float]) -> str:
@@ -404,3 +413,34 @@ def replaceQuestion(outputName: str, withRoi: bool) -> str:
                 '"Create new segmentation" as output instead.')
     return (f'"{outputName}" already holds a segmentation. Replace its content with the new result?\n\n'
             'To compare methods, choose "Create new segmentation" as output instead: both results are kept.')
+
+
+# Sample Data: the bundled MNI152 T1 (2 mm) and its brain mask, one click in the Sample Data module.
+SAMPLE_DATA_CATEGORY = "DeepGMMSegment"
+# (file name, node name, Slicer file type): the mask loads as a segmentation, ready for the Mask selector.
+SAMPLE_DATA_FILES = (("mni152_2009_t1_2mm.nii.gz", "MNI152 T1", "VolumeFile"),
+                     ("mni152_2009_brainmask_2mm.nii.gz", "MNI152 brain mask", "SegmentationFile"))
+
+
+def sampleDataSource(moduleFolder: str) -> dict:
+    """Arguments of ``SampleData.SampleDataLogic.registerCustomSampleDataSource`` for the bundled sample.
+
+    The files ship with the module in ``Resources/SampleData`` (250 kB), so the URIs are local
+    ``file://`` URIs: Sample Data copies them into its cache with ``urllib`` and checks the SHA256."""
+    folder = os.path.join(moduleFolder, "Resources", "SampleData")
+    paths = [os.path.join(folder, entry[0]) for entry in SAMPLE_DATA_FILES]
+
+    def sha256(path):
+        with open(path, "rb") as file:
+            return "SHA256:" + hashlib.sha256(file.read()).hexdigest()
+
+    return {
+        "category": SAMPLE_DATA_CATEGORY,
+        "sampleName": "MNI152 T1 + brain mask (2 mm)",
+        "thumbnailFileName": os.path.join(folder, "mni152_thumbnail.png"),
+        "uris": [pathlib.Path(path).as_uri() for path in paths],
+        "fileNames": [entry[0] for entry in SAMPLE_DATA_FILES],
+        "nodeNames": [entry[1] for entry in SAMPLE_DATA_FILES],
+        "loadFileTypes": [entry[2] for entry in SAMPLE_DATA_FILES],
+        "checksums": [sha256(path) for path in paths],
+    }

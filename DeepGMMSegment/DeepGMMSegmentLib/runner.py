@@ -8,10 +8,22 @@ the computation at once. Inputs and results travel through a temporary job folde
 Cancel ends the whole process tree: the child is started in its own session (POSIX) or process
 group (Windows) and the group is killed (``os.killpg`` / ``taskkill /F /T``); ``psutil`` is used in
 addition when installed. Nothing here imports ``slicer``, ``qt`` or ``torch``.
+
+Progress is read by a daemon thread into a queue that the caller polls (MONAIAuto3DSeg's
+pattern), not by ``qt.QProcess`` (SlicerNNUnet's): the same code then runs in pytest, in
+``PythonSlicer`` and in a headless Slicer without Qt. Slicer's main thread holds the GIL while Qt
+idles, so the thread reads mostly during the caller's polls; the worker therefore throttles its
+progress lines (``worker.PROGRESS_INTERVAL_SECONDS``), which keeps the pipe far from full.
+
+Workers are detached from the caller (own session / process group, so a cancel can kill the
+tree). They still end with it: an ``atexit`` hook cancels the workers still running when Python
+exits normally, and a worker whose parent crashed stops at its next progress line (broken pipe,
+see ``worker.emit``).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -23,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -32,6 +45,13 @@ from . import worker as workerProtocol
 
 #: How long :meth:`WorkerProcess.cancel` may take before it reports failure, in seconds.
 CANCEL_TIMEOUT_SECONDS = 2.0
+
+#: Windows ``CREATE_NO_WINDOW`` (``subprocess`` defines it on Windows only): child processes of
+#: the GUI get no console window, as Slicer's own ``slicer.util`` launches do.
+CREATE_NO_WINDOW = 0x08000000
+
+#: Workers started by this process and not finished yet (cancelled at interpreter exit).
+_runningWorkers: "weakref.WeakSet[WorkerProcess]" = weakref.WeakSet()
 
 
 class WorkerError(RuntimeError):
@@ -110,6 +130,45 @@ def workerEnvironment(baseEnvironment: dict | None = None) -> dict:
     return environment
 
 
+def workerPython(pythonExecutable: str | None = None) -> str:
+    """The Python that runs the worker: ``pythonExecutable`` when given, else ``sys.executable``
+    (the ``PythonSlicer`` launcher inside Slicer), else ``PythonSlicer`` found on PATH.
+
+    Raises :class:`WorkerError` naming the fix when none exists (Slicer sets ``sys.executable``
+    to an empty string when it cannot find PythonSlicer next to itself)."""
+    if pythonExecutable:
+        return pythonExecutable
+    for candidate in (sys.executable, shutil.which("PythonSlicer")):
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    raise WorkerError(
+        f"Cannot start the segmentation process: no Python executable found (sys.executable is "
+        f"{sys.executable!r} and PythonSlicer is not on PATH). Reinstall Slicer, or make sure the PythonSlicer "
+        "program next to the Slicer program can be run.", "ProcessError")
+
+
+def jobParentFolder() -> str | None:
+    """Where job folders go: Slicer's temporary folder (Application Settings) inside Slicer, the
+    system's temporary folder elsewhere (None)."""
+    application = getattr(sys.modules.get("slicer"), "app", None)
+    folder = getattr(application, "temporaryPath", None) if application is not None else None
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        return folder
+    return None
+
+
+def _cancelRunningWorkers() -> None:
+    """atexit: end the workers this process started and left running (e.g. a console run with
+    ``waitForCompletion=False`` when Slicer is closed)."""
+    for workerProcess in list(_runningWorkers):
+        if workerProcess.process is not None and workerProcess.process.poll() is None:
+            workerProcess.cancel(timeout=1.0)
+
+
+atexit.register(_cancelRunningWorkers)
+
+
 def _optionalPsutil():
     """psutil when installed (not bundled with Slicer); it also finds children that left the group."""
     try:
@@ -158,7 +217,8 @@ def killProcessTree(process: subprocess.Popen, timeout: float = CANCEL_TIMEOUT_S
         except psutil.Error:
             descendants = []
     if os.name == "nt":
-        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False)
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], capture_output=True, check=False,
+                       creationflags=CREATE_NO_WINDOW)
     else:
         try:
             os.killpg(process.pid, signal.SIGKILL)
@@ -210,12 +270,13 @@ class WorkerProcess:
         self._stderrFile = open(self.stderrPath, "wb") if self.stderrPath else subprocess.DEVNULL
         options = {}
         if os.name == "nt":
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
         else:
             options["start_new_session"] = True
         self.process = subprocess.Popen(
             self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._stderrFile,
             env=self.environment, cwd=self.workingFolder, **options)
+        _runningWorkers.add(self)
         self._readerThread = threading.Thread(target=self._readStdout, name="DeepGMMSegmentWorkerReader",
                                               daemon=True)
         self._readerThread.start()
@@ -316,7 +377,7 @@ class SegmentationJob:
             "spacing": [float(s) for s in spacing] if spacing is not None else None,
             "options": dict(options or {}),
         }
-        self.pythonExecutable = pythonExecutable or sys.executable
+        self.pythonExecutable = pythonExecutable
         self.environment = environment
         self.keepFiles = keepFiles
         self.jobFolder: str | None = None
@@ -327,7 +388,8 @@ class SegmentationJob:
 
     def start(self) -> None:
         """Write the job folder and start the worker process."""
-        self.jobFolder = tempfile.mkdtemp(prefix="DeepGMMSegment-")
+        python = workerPython(self.pythonExecutable)  # before anything is written
+        self.jobFolder = tempfile.mkdtemp(prefix="DeepGMMSegment-", dir=jobParentFolder())
         try:
             with open(os.path.join(self.jobFolder, workerProtocol.JOB_FILE), "w", encoding="utf-8") as file:
                 json.dump(self.parameters, file)
@@ -335,7 +397,7 @@ class SegmentationJob:
             if self.mask is not None:
                 arrays["mask"] = np.asarray(self.mask, dtype=bool)
             np.savez(os.path.join(self.jobFolder, workerProtocol.INPUT_FILE), **arrays)
-            command = [self.pythonExecutable, "-u", workerProtocol.__file__, self.jobFolder]
+            command = [python, "-u", workerProtocol.__file__, self.jobFolder]
             self.worker = WorkerProcess(command, workerEnvironment(self.environment), self.jobFolder,
                                         os.path.join(self.jobFolder, "worker-stderr.txt"))
             self._startTime = time.monotonic()
@@ -423,6 +485,76 @@ class SegmentationJob:
         """Remove the job folder (unless ``keepFiles``)."""
         if self.jobFolder and not self.keepFiles:
             shutil.rmtree(self.jobFolder, ignore_errors=True)
+
+
+class DeviceQuery:
+    """Which compute devices torch sees, answered by a short worker process (``worker.py --devices``).
+
+    Importing torch takes seconds and asking about GPUs initialises CUDA; done here it never
+    happens in the calling process (Slicer's GUI). ``start()``, then poll ``isRunning()``;
+    ``result()`` gives :func:`DeepGMMSegmentLib.worker.deviceFacts`'s dict or raises
+    :class:`WorkerError`.
+    """
+
+    def __init__(self, pythonExecutable: str | None = None, environment: dict | None = None):
+        self.pythonExecutable = pythonExecutable
+        self.environment = environment
+        self.worker: WorkerProcess | None = None
+        self._facts: dict | None = None
+        self._error: WorkerError | None = None
+
+    pollIntervalMilliseconds = 200
+
+    def start(self, scheduler: Callable | None = None, onDone: Callable[[object], None] | None = None) -> None:
+        """Start the query. With a ``scheduler(delayMilliseconds, callback)`` (``qt.QTimer.singleShot``
+        in Slicer), ``onDone`` is later called with the facts, or with the error (also when the
+        worker cannot start)."""
+        self._scheduler, self._onDone = scheduler, onDone
+        try:
+            command = [workerPython(self.pythonExecutable), "-u", workerProtocol.__file__,
+                       workerProtocol.DEVICES_OPTION]
+            self.worker = WorkerProcess(command, workerEnvironment(self.environment))
+            self.worker.start()
+        except Exception as error:  # noqa: BLE001 - e.g. PythonSlicer not found
+            if onDone is None:
+                raise
+            onDone(error)
+            return
+        if scheduler is not None:
+            scheduler(self.pollIntervalMilliseconds, self._poll)
+
+    def _poll(self) -> None:
+        if self.isRunning():
+            self._scheduler(self.pollIntervalMilliseconds, self._poll)
+            return
+        try:
+            outcome = self.result()
+        except Exception as error:  # noqa: BLE001 - handed to the caller
+            outcome = error
+        if self._onDone is not None:
+            self._onDone(outcome)
+
+    def isRunning(self) -> bool:
+        return self.worker is not None and self.worker.isRunning()
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+
+    def result(self) -> dict:
+        """The device facts of a finished query."""
+        if self.worker is None:
+            raise RuntimeError("The device query was not started.")
+        self.worker.wait()
+        for event in self.worker.poll():
+            if event.get("event") == "devices":
+                self._facts = {key: value for key, value in event.items() if key != "event"}
+            elif event.get("event") == "error":
+                self._error = WorkerError(event.get("message", "unknown error"), event.get("type", ""))
+        if self._facts is not None:
+            return self._facts
+        raise self._error or WorkerError(
+            f"The device query stopped without an answer (exit code {self.worker.returnCode}).", "ProcessError")
 
 
 class ManualScheduler:

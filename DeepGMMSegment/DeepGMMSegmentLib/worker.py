@@ -18,6 +18,18 @@ Every stdout line starting with :data:`MESSAGE_PREFIX` is a JSON event:
   ``{"event": "progress", "iteration", "maxIterations", "nll", "elapsedSeconds"}``
   ``{"event": "done"}`` / ``{"event": "error", "type", "message"}`` / ``{"event": "cancelled"}``
 Exit codes: :data:`EXIT_OK`, :data:`EXIT_ERROR`, :data:`EXIT_CANCELLED`.
+
+Progress events are throttled to at most one per :data:`PROGRESS_INTERVAL_SECONDS` (plus the
+first and the last iteration). Inside Slicer the parent's reader thread only gets the GIL while
+Slicer runs Python code, so one line per iteration of a fast EM fit would fill the pipe and slow
+the worker down; 10 lines a second is all a progress bar can show.
+
+When the parent is gone (Slicer crashed or was killed), writing the next event fails with a
+broken pipe; the fit is then cancelled, so no worker outlives Slicer by more than one iteration.
+
+``python worker.py --devices`` prints one ``{"event": "devices", ...}`` line (see
+:func:`deviceFacts`): the GPU question is answered here, so torch and CUDA are never initialised
+in Slicer's GUI process.
 """
 
 from __future__ import annotations
@@ -25,7 +37,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import traceback
+from typing import Callable
 
 MESSAGE_PREFIX = "DEEPGMMSEGMENT "
 EXIT_OK = 0
@@ -37,13 +51,53 @@ INPUT_FILE = "input.npz"
 RESULT_FILE = "result.npz"
 RESULT_INFO_FILE = "result.json"
 ERROR_FILE = "error.json"
+DEVICES_OPTION = "--devices"
+
+#: Shortest time between two progress events (seconds).
+PROGRESS_INTERVAL_SECONDS = 0.1
+
+_parentGone = False
 
 
-def emit(event: str, **fields) -> None:
-    """Print one machine-readable event line and flush it at once (the parent reads it live)."""
+def emit(event: str, **fields) -> bool:
+    """Print one machine-readable event line and flush it at once (the parent reads it live).
+
+    Returns False once the parent has closed the pipe (it crashed or was killed)."""
+    global _parentGone
+    if _parentGone:
+        return False
     fields["event"] = event
-    sys.stdout.write(MESSAGE_PREFIX + json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    try:
+        sys.stdout.write(MESSAGE_PREFIX + json.dumps(fields) + "\n")
+        sys.stdout.flush()
+    except (BrokenPipeError, OSError):  # OSError: Windows reports a closed pipe as EINVAL
+        _parentGone = True
+        # Nothing can be printed any more; route stdout to the null device so that the
+        # interpreter's own flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    return True
+
+
+class ProgressThrottle:
+    """Decides which iterations are reported: the first, the last, and then at most one per
+    ``intervalSeconds`` (``clock`` is injectable for tests)."""
+
+    def __init__(self, intervalSeconds: float = PROGRESS_INTERVAL_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        self.intervalSeconds = intervalSeconds
+        self.clock = clock
+        self._lastReport: float | None = None
+
+    def due(self, iteration: int, maxIterations: int) -> bool:
+        now = self.clock()
+        if (self._lastReport is None or iteration >= maxIterations
+                or now - self._lastReport >= self.intervalSeconds):
+            self._lastReport = now
+            return True
+        return False
 
 
 def _writeJson(path: str, data: dict) -> None:
@@ -77,10 +131,18 @@ def runJob(jobFolder: str) -> int:
     except Exception as error:  # noqa: BLE001 - everything is reported to the parent
         return _reportError(jobFolder, error)
 
+    throttle = ProgressThrottle()
+    skipped = []  # the newest report the throttle held back (sent when the fit ends early)
+
     def progress(iteration, maxIterations, nll, elapsedSeconds):
-        emit("progress", iteration=int(iteration), maxIterations=int(maxIterations),
-             nll=None if nll is None else float(nll), elapsedSeconds=float(elapsedSeconds))
-        return True
+        report = {"iteration": int(iteration), "maxIterations": int(maxIterations),
+                  "nll": None if nll is None else float(nll), "elapsedSeconds": float(elapsedSeconds)}
+        if not throttle.due(iteration, maxIterations):
+            skipped[:] = [report]
+            return not _parentGone
+        skipped.clear()
+        # False (parent gone) makes the engine raise SegmentationCancelled: the worker ends.
+        return emit("progress", **report)
 
     options = dict(job.get("options") or {})
     if options.get("prior_means") is not None:
@@ -104,6 +166,8 @@ def runJob(jobFolder: str) -> int:
     except Exception as error:  # noqa: BLE001 - everything is reported to the parent
         return _reportError(jobFolder, error)
 
+    if skipped:  # converged before the next due report: the last iteration is still shown
+        emit("progress", **skipped[0])
     emit("stage", stage="saving")
     try:
         resultPath = os.path.join(jobFolder, RESULT_FILE)
@@ -140,11 +204,36 @@ def _reportError(jobFolder: str, error: BaseException) -> int:
     return EXIT_ERROR
 
 
+def deviceFacts() -> dict:
+    """What torch sees: ``{"torchVersion", "cudaAvailable", "cuda": [{"name", "totalMemoryBytes"}]}``."""
+    import torch
+
+    facts = {"torchVersion": str(torch.__version__), "cudaAvailable": bool(torch.cuda.is_available()), "cuda": []}
+    if facts["cudaAvailable"]:
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            facts["cuda"].append({"name": str(properties.name), "totalMemoryBytes": int(properties.total_memory)})
+    return facts
+
+
+def reportDevices() -> int:
+    """``worker.py --devices``: one "devices" event (or an "error" event when torch cannot be used)."""
+    try:
+        facts = deviceFacts()
+    except Exception as error:  # noqa: BLE001 - e.g. a broken torch or CUDA install: reported to the parent
+        emit("error", type=type(error).__name__, message=str(error) or type(error).__name__)
+        return EXIT_ERROR
+    emit("devices", **facts)
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: ``python worker.py <jobFolder>``."""
+    """Entry point: ``python worker.py <jobFolder>`` or ``python worker.py --devices``."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv == [DEVICES_OPTION]:
+        return reportDevices()
     if len(argv) != 1 or not os.path.isdir(argv[0]):
-        sys.stderr.write("usage: worker.py <jobFolder>\n")
+        sys.stderr.write(f"usage: worker.py <jobFolder> | worker.py {DEVICES_OPTION}\n")
         return EXIT_ERROR
     return runJob(argv[0])
 

@@ -9,7 +9,8 @@ Run (one case per call; loop in your shell for many cases)::
 It writes ``<output>/segmentation.seg.nrrd`` (one segment per class, "Class 1".. in the engine's
 stable order), ``<output>/probability_class<k>.nrrd`` (float32, 0..1) and ``<output>/summary.json``
 (per-class volume in mL and mean intensities, final NLL, method, seed, device, run time).
-The exit code is 0 on success, 1 on failure (the message is printed). Outside Slicer the same
+The exit code is 0 on success, 1 on failure (the message is printed). Without PyTorch the run
+fails at once with instructions: a Slicer without a main window never asks to install it. Outside Slicer the same
 command works with any Python that has the ``slicer-core`` wheel and torch:
 ``python batch_segment.py --input T1.nii.gz --output out``.
 

@@ -178,6 +178,23 @@ def test_extensions_index_entry_is_valid():
     checkCatalogEntry(json.loads((REPOSITORY / f"{MODULE_NAME}.json").read_text(encoding="utf-8")))
 
 
+def prettierJsonText(entry):
+    """The text the ExtensionsIndex lint accepts: prettier (2-space indent, final newline) with
+    prettier-plugin-multiline-arrays at multilineArraysWrapThreshold 0, which wraps every non-empty
+    array, one element per line (Slicer/ExtensionsIndex: .prettierrc.js, .pre-commit-config.yaml).
+    For a flat entry like ours that is exactly json.dumps(indent=2)."""
+    assert all(not isinstance(value, dict) for value in entry.values()), "nested objects need prettier itself"
+    return json.dumps(entry, indent=2, ensure_ascii=False) + "\n"
+
+
+def test_extensions_index_entry_is_formatted_as_the_index_lint_requires():
+    text = (REPOSITORY / f"{MODULE_NAME}.json").read_text(encoding="utf-8")
+    assert text == prettierJsonText(json.loads(text))
+    # The check catches the one-line array the lint rewrites (audit D8).
+    oneLine = text.replace('[\n    "PyTorch"\n  ]', '["PyTorch"]')
+    assert oneLine != text and oneLine != prettierJsonText(json.loads(oneLine))
+
+
 @pytest.mark.parametrize("change", [
     {"tier": "1"}, {"build_dependencies": []}, {"homepage": "https://x"}, {"category": "Utilities"},
     {"scm_url": "https://github.com/x/DeepGMMSegment.git"}, {"$schema": "v1.0.0"},
@@ -201,7 +218,8 @@ def checkCatalogEntry(entry):
     assert entry["category"] == "Segmentation"
     assert entry["build_dependencies"] == ["PyTorch"]
     assert entry["scm_revision"] == "main"
-    assert entry["tier"] == 1
+    assert entry["tier"] == 1 and 1 <= entry["tier"] <= 5
+    assert entry.get("build_subdirectory", ".") == "."  # not a superbuild
     # ExtensionsIndex rule: the repository name starts with "Slicer", the extension name does not.
     repositoryName = entry["scm_url"].rstrip("/").split("/")[-1].removesuffix(".git")
     assert repositoryName.startswith("Slicer") and not MODULE_NAME.startswith("Slicer")

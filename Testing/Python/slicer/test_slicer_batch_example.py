@@ -81,3 +81,32 @@ def test_command_line_main_and_exit_codes(mrmlScene, helpers, tmp_path, capsys):
     missing = subprocess.run([sys.executable, EXAMPLE, "--input", str(tmp_path / "nothing.nrrd"), "--output",
                               str(tmp_path / "out2")], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 1 and "Input file not found" in missing.stderr
+
+
+def test_without_torch_and_without_a_window_it_fails_with_a_clear_message(mrmlScene, helpers, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Slicer --no-main-window --python-script batch_segment.py ... in a Slicer without PyTorch: no
+    question can be answered there, so the run must end with the fix instead of waiting for a click."""
+    import types
+
+    import slicer
+    import slicer.util
+
+    from DeepGMMSegmentLib import dependencies
+
+    channel1, _, _ = helpers.phantom((4, 12, 12))
+    _writeVolume(mrmlScene, helpers, channel1, tmp_path / "t1.nrrd")
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome="/opt/Slicer", testingEnabled=lambda: False),
+                        raising=False)
+    monkeypatch.setattr(slicer.util, "mainWindow", lambda: None, raising=False)
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: pytest.fail("asked a question"),
+                        raising=False)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+    monkeypatch.setattr(dependencies.TorchDependency, "_pyTorchUtils",
+                        lambda self: pytest.fail("PyTorchUtils must not be used"))
+    exitCode = _loadExample().main(["--input", str(tmp_path / "t1.nrrd"), "--output", str(tmp_path / "out"),
+                                    "--method", "em-gmm"])
+    assert exitCode == 1
+    error = capsys.readouterr().err
+    assert "PyTorch is not installed" in error and "no main window" in error and "PyTorch Util" in error
+    assert not (tmp_path / "out").exists()

@@ -134,34 +134,57 @@ def test_torch_too_old_is_reported(monkeypatch):
         TorchDependency(insideSlicer=False)()
 
 
-def test_inside_slicer_without_pytorch_extension():
+def test_inside_slicer_without_pytorch_extension(torchMissing):
     assert "PyTorchUtils" not in sys.modules
     with pytest.raises(MissingDependencyError, match="Extensions Manager"):
-        TorchDependency(insideSlicer=True, confirm=lambda question: pytest.fail("must not ask"))()
+        TorchDependency(insideSlicer=True, testingMode=False, canAsk=True,
+                        confirm=lambda question: pytest.fail("must not ask"))()
 
 
-def test_inside_slicer_with_torch_installed_asks_nothing():
-    utils = _fakePyTorchUtils(installed=True)
-    TorchDependency(pyTorchUtilsModule=utils, insideSlicer=True, confirm=lambda q: pytest.fail("must not ask"))()
-    assert utils.PyTorchUtilsLogic.calls == []
+@pytest.fixture
+def torchMissing(monkeypatch):
+    """torch absent from the package metadata until the stand-in PyTorchUtils installs it."""
+    state = {"installed": False}
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: (2, 13, 0) if state["installed"] else None)
+    return state
 
 
-def test_inside_slicer_installs_through_pytorchutils_after_asking_once():
+def _insideSlicer(utils, questions, answer=True, **options):
+    """A TorchDependency as inside a Slicer with a main window, not in testing mode (unless overridden)."""
+    return TorchDependency(pyTorchUtilsModule=utils, insideSlicer=True,
+                           confirm=lambda question: questions.append(question) or answer,
+                           **{"testingMode": False, "canAsk": True, **options})
+
+
+def test_inside_slicer_with_torch_installed_asks_nothing_and_does_not_import_torch(monkeypatch):
+    # Installed (package metadata): neither PyTorchUtils (whose torchInstalled() imports torch) nor torch is used.
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: (2, 13, 0))
+    TorchDependency(pyTorchUtilsModule=types.SimpleNamespace(), insideSlicer=True,
+                    confirm=lambda q: pytest.fail("must not ask"))()
+
+
+def test_inside_slicer_installs_through_pytorchutils_after_asking_once(torchMissing):
     utils = _fakePyTorchUtils(installed=False)
+    utils.PyTorchUtilsLogic.installTorch = lambda self, **kwargs: (
+        type(self).calls.append(kwargs), torchMissing.update(installed=True))[0] or "torch-module"
     questions = []
-    dependency = TorchDependency(pyTorchUtilsModule=utils, insideSlicer=True,
-                                 confirm=lambda question: questions.append(question) or True)
-    dependency()
-    assert len(questions) == 1 and "PyTorch" in questions[0]
+    _insideSlicer(utils, questions)()
+    assert len(questions) == 1 and "PyTorch" in questions[0] and "restart" not in questions[0]
     assert utils.PyTorchUtilsLogic.calls == [{"askConfirmation": False,
                                               "torchVersionRequirement": dependencies.TORCH_VERSION_REQUIREMENT}]
 
 
-def test_inside_slicer_declined_install_is_not_asked_again():
+def test_torch_floor_suits_numpy_2_of_slicer_5_10():
+    # Slicer 5.10 ships NumPy 2 and Python 3.12: torch 2.3 is the first release built for NumPy 2.
+    assert dependencies.MINIMUM_TORCH_VERSION == (2, 3) and dependencies.TORCH_VERSION_REQUIREMENT == ">=2.3"
+    pyproject = open(os.path.join(runner.moduleFolder(), "..", "pyproject.toml"), encoding="utf-8").read()
+    assert '"torch>=2.3"' in pyproject
+
+
+def test_inside_slicer_declined_install_is_not_asked_again(torchMissing):
     utils = _fakePyTorchUtils(installed=False)
     questions = []
-    dependency = TorchDependency(pyTorchUtilsModule=utils, insideSlicer=True,
-                                 confirm=lambda question: questions.append(question) or False)
+    dependency = _insideSlicer(utils, questions, answer=False)
     with pytest.raises(MissingDependencyError, match="declined"):
         dependency()
     with pytest.raises(MissingDependencyError, match="declined"):
@@ -169,10 +192,43 @@ def test_inside_slicer_declined_install_is_not_asked_again():
     assert len(questions) == 1 and utils.PyTorchUtilsLogic.calls == []
 
 
-def test_inside_slicer_failed_install_points_to_pytorch_util():
+def test_inside_slicer_failed_install_points_to_pytorch_util(torchMissing):
     utils = _fakePyTorchUtils(installed=False, installResult=None)
     with pytest.raises(MissingDependencyError, match="PyTorch Util module"):
-        TorchDependency(pyTorchUtilsModule=utils, insideSlicer=True, confirm=lambda q: True)()
+        _insideSlicer(utils, [])()
+
+
+def test_inside_slicer_install_error_is_a_clear_message(torchMissing):
+    def failingInstall(self, **kwargs):
+        raise subprocess.CalledProcessError(1, ["light-the-torch", "install"])
+
+    utils = _fakePyTorchUtils(installed=False)
+    utils.PyTorchUtilsLogic.installTorch = failingInstall
+    with pytest.raises(MissingDependencyError, match="could not be installed.*PyTorch Util.*light-the-torch"):
+        _insideSlicer(utils, [])()
+
+
+def test_testing_mode_never_installs_anything(torchMissing, monkeypatch):
+    """ctest and the extensions factory run Slicer with --testing, where the install question would be
+    answered OK by itself (slicer.util._messageDisplay returns testingReturnValue)."""
+    utils = _fakePyTorchUtils(installed=False)
+    application = types.SimpleNamespace(slicerHome="/opt/Slicer", testingEnabled=lambda: True)
+    monkeypatch.setattr(sys.modules["slicer"], "app", application, raising=False)
+    dependency = TorchDependency(pyTorchUtilsModule=utils, confirm=lambda q: pytest.fail("must not ask"))
+    assert dependency.insideSlicer
+    with pytest.raises(dependencies.TorchNotInstalledInTestingMode, match="testing mode.*never installs"):
+        dependency()
+    assert utils.PyTorchUtilsLogic.calls == [] and not torchMissing["installed"]
+
+
+def test_without_a_main_window_nothing_is_asked(torchMissing, monkeypatch):
+    utils = _fakePyTorchUtils(installed=False)
+    application = types.SimpleNamespace(slicerHome="/opt/Slicer", testingEnabled=lambda: False)
+    monkeypatch.setattr(sys.modules["slicer"], "app", application, raising=False)
+    monkeypatch.setattr(sys.modules["slicer"].util, "mainWindow", lambda: None, raising=False)
+    with pytest.raises(MissingDependencyError, match="no main window.*PyTorch Util"):
+        TorchDependency(pyTorchUtilsModule=utils, confirm=lambda q: pytest.fail("must not ask"))()
+    assert utils.PyTorchUtilsLogic.calls == []
 
 
 def test_logic_checks_dependencies_before_starting_a_worker(mrmlScene, helpers):
@@ -207,3 +263,128 @@ def test_logic_imports_without_torch():
                                env={**os.environ, "PYTHONPATH": runner.moduleFolder()})
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "missing:" in completed.stdout and "pip install torch" in completed.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch, progress throttling, orphans, device query (audit R1, R2, R3, R4, R12)
+
+
+def test_missing_python_executable_is_a_clear_error(monkeypatch, tmp_path):
+    # Inside Slicer, sys.executable is "" when PythonSlicer was not found next to Slicer.
+    monkeypatch.setattr(sys, "executable", "")
+    monkeypatch.setattr(runner.shutil, "which", lambda name: None)
+    job = runner.SegmentationJob([np.zeros((2, 3, 3), np.float32)], None, 2, "em-gmm")
+    with pytest.raises(runner.WorkerError, match="no Python executable found.*PythonSlicer"):
+        job.start()
+    assert job.jobFolder is None  # nothing written
+    monkeypatch.setattr(runner.shutil, "which", lambda name: "/usr/bin/true" if name == "PythonSlicer" else None)
+    assert runner.workerPython() == "/usr/bin/true"
+
+
+def test_cancel_on_windows_hides_the_taskkill_console(monkeypatch):
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    calls = []
+    monkeypatch.setattr(runner.os, "name", "nt")
+    monkeypatch.setattr(runner.subprocess, "run", lambda command, **options: calls.append((command, options)))
+    try:
+        assert runner.killProcessTree(process, timeout=5.0)
+    finally:
+        process.kill()
+    assert calls[0][0][:4] == ["taskkill", "/F", "/T", "/PID"]
+    assert calls[0][1]["creationflags"] & runner.CREATE_NO_WINDOW
+
+
+def test_progress_throttle_reports_first_last_and_ten_per_second():
+    now = [0.0]
+    throttle = worker.ProgressThrottle(0.1, clock=lambda: now[0])
+    reported = []
+    for iteration in range(1, 1001):  # 1000 iterations in 1 s: a fast EM fit
+        now[0] = iteration / 1000
+        if throttle.due(iteration, 1000):
+            reported.append(iteration)
+    assert reported[0] == 1 and reported[-1] == 1000
+    assert 10 <= len(reported) <= 12
+
+
+def test_fast_fit_sends_a_throttled_stream_of_progress_lines(tmp_path):
+    channel = np.random.default_rng(0).normal(0, 1, (4, 16, 16)).astype(np.float32)
+    job = runner.SegmentationJob([channel], None, 3, "em-gmm", device="cpu",
+                                 options={"max_iter": 400, "tol": 0.0}, keepFiles=True)
+    job.start()
+    try:
+        job.wait(timeout=120)
+        updates = job.progressUpdates()
+        result = job.result()
+    finally:
+        job.cleanup()
+    fitting = [info for info in updates if info.stage == "fitting"]
+    assert result.numberOfIterations == 400 and fitting and fitting[-1].iteration == 400
+    # One line per 0.1 s at most (plus first and last), not one per iteration.
+    assert len(fitting) <= 2 + result.seconds / worker.PROGRESS_INTERVAL_SECONDS + 1
+    assert len(fitting) < 400
+
+
+_FAKE_SLICER = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from DeepGMMSegmentLib.runner import SegmentationJob
+job = SegmentationJob([np.random.default_rng(0).normal(0, 1, (4, 12, 12)).astype(np.float32)], None, 2, "deepsvg",
+                      device="cpu", options={"max_iter": 100000, "tol": 0.0})
+job.start()
+while not any(info.stage == "fitting" and info.iteration > 0 for info in job.progressUpdates()):
+    time.sleep(0.05)
+print(json.dumps({"worker": job.worker.pid}), flush=True)
+if sys.argv[2] == "crash":
+    import os; os._exit(1)     # as a crashed Slicer: no atexit, no cleanup
+sys.exit(0)                    # a normal exit with the run still going: atexit cancels it
+"""
+
+
+@pytest.mark.parametrize("how", ["crash", "exit"])
+def test_worker_does_not_outlive_its_parent(how):
+    parent = subprocess.run([sys.executable, "-c", _FAKE_SLICER, runner.moduleFolder(), how], capture_output=True,
+                            text=True, timeout=180)
+    workerPid = json.loads(parent.stdout.strip().splitlines()[-1])["worker"]
+    deadline = time.monotonic() + 30
+    while not _gone(workerPid):
+        assert time.monotonic() < deadline, f"worker {workerPid} still runs after its parent ended ({how})"
+        time.sleep(0.1)
+
+
+def test_device_query_runs_in_a_worker_process():
+    query = runner.DeviceQuery()
+    query.start()
+    assert query.worker.pid != os.getpid()
+    deadline = time.monotonic() + 120
+    while query.isRunning():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    facts = query.result()
+    import torch
+
+    assert facts["torchVersion"] == str(torch.__version__)
+    assert facts["cudaAvailable"] == torch.cuda.is_available()
+    assert len(facts["cuda"]) == (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+_DEVICE_LABEL_WITHOUT_TORCH = """
+import sys, time
+sys.modules["torch"] = None  # this process (the GUI) cannot import torch at all
+from DeepGMMSegmentLib import panel
+from DeepGMMSegmentLib.runner import DeviceQuery
+query = DeviceQuery(); query.start()
+while query.isRunning():
+    time.sleep(0.05)
+print(panel.describeComputeDevices(query.result()))
+"""
+
+
+def test_device_question_is_answered_without_torch_in_the_asking_process():
+    completed = subprocess.run([sys.executable, "-c", _DEVICE_LABEL_WITHOUT_TORCH], capture_output=True, text=True,
+                               timeout=180, env={**os.environ, "PYTHONPATH": runner.moduleFolder()})
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    import torch
+
+    expected = "GPU: cuda:0" if torch.cuda.is_available() else "No CUDA GPU found: Automatic runs on the CPU."
+    assert completed.stdout.strip().startswith(expected)

@@ -8,11 +8,15 @@ else is real: the module file, the MRML scene, DeepGMMSegmentLogic and its worke
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
+import types
 
 import pytest
 
 from DeepGMMSegmentLib.runner import ManualScheduler
+from slicer_gui_standin import MODULE_FOLDER as MODULE_DATA
 from slicer_gui_standin import GuiHarness
 
 
@@ -68,15 +72,21 @@ def test_setup_picks_first_volume_and_shows_channels_as_needed(harness, volumes)
 
 def test_mask_selector_and_parameter_node_stay_in_sync(harness, volumes, mrmlScene):
     widget = harness.createWidget()
+    empty = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
     masks = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Masks")
     brainId = masks.GetSegmentation().AddEmptySegment("brain")
+    ventriclesId = masks.GetSegmentation().AddEmptySegment("ventricles")
     selector, parameters = widget.ui.maskSegmentSelector, widget._parameterNode
 
-    selector.setCurrentNode(masks)  # a segmentation without a chosen segment cannot run
-    assert parameters.maskSegmentation.GetID() == masks.GetID() and parameters.maskSegmentId == ""
+    selector.setCurrentNode(empty)  # no segment to choose: Segment says what is missing
+    assert parameters.maskSegmentation.GetID() == empty.GetID() and parameters.maskSegmentId == ""
     assert not widget.ui.segmentButton.enabled and "Choose a segment" in widget.ui.segmentButton.toolTip
+    selector.setCurrentNode(masks)  # the selector shows "None"; the first segment is taken (audit R14)
+    assert selector.currentSegmentID() == brainId and parameters.maskSegmentId == brainId
+    assert widget.ui.segmentButton.enabled
+    selector.setCurrentSegmentID(ventriclesId)
+    assert parameters.maskSegmentId == ventriclesId
     selector.setCurrentSegmentID(brainId)
-    assert parameters.maskSegmentId == brainId and widget.ui.segmentButton.enabled
 
     parameters.maskSegmentation = None  # e.g. a scene loaded with another setting
     assert selector.currentNode() is None
@@ -192,6 +202,7 @@ def test_module_description(harness):
     assert parent.categories == ["Segmentation"] and parent.title == "Deep GMM Segment"
     assert "arXiv:2404.12252" in parent.acknowledgementText
     assert parent.contributors == ["DeepGMMSegment contributors"] and "docs/slicer.md" in parent.helpText
+    assert parent.dependencies == ["Segmentations", "Markups", "CropVolume"]
 
 
 def test_closing_the_scene_cancels_a_run_and_resets_the_panel(harness, volumes, mrmlScene):
@@ -261,3 +272,258 @@ def test_trained_model_is_shown_checked_and_passed_to_the_logic(harness, volumes
     assert ui.segmentButton.enabled and ui.methodComboBox.enabled and ui.maxIterationsSpinBox.enabled
     assert ui.trainedModelInfoLabel.text == "" and not ui.trainedModelPathLineEdit.enabled
     assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The audit of the Slicer-facing code (../shared/research/slicer-api-audit.md): D1-D7, R3, R8, R10,
+# R11, R14 and the Sample Data registration, each on the stand-in that models the real behaviour.
+
+
+def test_logic_exists_before_any_run(harness, volumes):
+    import slicer.util
+
+    logic = slicer.util.getModuleLogic("DeepGMMSegment")  # Slicer's own accessor, before any Segment click
+    assert isinstance(logic, harness.module.DeepGMMSegmentLogic) and not logic.isProcessing()
+    assert logic is harness.moduleWidget.logic
+    parameters = logic.getParameterNode()
+    assert parameters.parameterNode.GetAttribute("ModuleName") == "DeepGMMSegment"
+    assert parameters.inputVolume1.GetID() == volumes[0].GetID()  # the panel's parameter node
+
+
+_PANEL_WITHOUT_TORCH = """
+import sys, types
+sys.modules["torch"] = None  # a Slicer whose PyTorch is not installed yet
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+import pytest, slicer, slicer.util
+from conftest import SlicerTestEnvironment
+from slicer_gui_standin import GuiHarness
+from DeepGMMSegmentLib import dependencies
+from DeepGMMSegmentLib.runner import ManualScheduler
+monkeypatch = pytest.MonkeyPatch()
+environment = SlicerTestEnvironment()
+monkeypatch.setattr(slicer, "mrmlScene", environment.scene, raising=False)
+monkeypatch.setattr(slicer, "modules", environment.modulesNamespace(), raising=False)
+monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+harness = GuiHarness(monkeypatch, ManualScheduler())
+monkeypatch.setattr(harness.module, "installedTorchVersion", lambda: None)
+logic = slicer.util.getModuleLogic("DeepGMMSegment")
+print(type(logic).__name__, harness.moduleWidget.ui.detectedDeviceLabel.text)
+"""
+
+
+def test_module_and_logic_load_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    completed = subprocess.run([sys.executable, "-c", _PANEL_WITHOUT_TORCH, str(here), str(here.parents[2] /
+                                "DeepGMMSegment")], capture_output=True, text=True, timeout=180)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == (
+        "DeepGMMSegmentLogic PyTorch not installed yet (offered on first Segment).")
+
+
+def test_parameter_node_logs_no_unused_annotations(monkeypatch, mrmlScene, caplog):
+    with caplog.at_level("WARNING"):
+        GuiHarness(monkeypatch, ManualScheduler())
+    assert "Unused annotations" not in caplog.text
+    # The stand-in's wrapper does warn, as Slicer's does, for a GUI annotation on a field with a default.
+    import typing
+
+    from slicer_gui_standin import Decimals, WithinRange, parameterNodeWrapper
+
+    WithDecimals = type("WithDecimals", (), {  # built directly: this file's annotations are strings
+        "__annotations__": {"tolerance": typing.Annotated[float, WithinRange(0.0, 1.0), Decimals(7)]},
+        "tolerance": 0.0})
+
+    with caplog.at_level("WARNING"):
+        parameterNodeWrapper(WithDecimals)
+    assert "Unused annotations: [Decimals(value=7)]" in caplog.text
+
+
+def test_spin_box_ranges_after_connecting_are_the_ui_ranges(harness):
+    widget = harness.createWidget()
+    bound = [w for w in vars(widget.ui).values()
+             if w.className in ("QSpinBox", "QDoubleSpinBox") and w.property("SlicerParameterName")]
+    assert {w.objectName for w in bound} >= {"fineTuneStepsSpinBox", "numberOfClassesSpinBox", "seedSpinBox"}
+    for spinBox in bound:
+        assert (spinBox.minimum, spinBox.maximum) == (spinBox.property("minimum") or 0,
+                                                      spinBox.property("maximum")), spinBox.objectName
+
+
+def test_every_model_path_edit_reaches_the_parameter_node(harness, volumes, tmp_path):
+    widget = harness.createWidget()
+    ui, parameters = widget.ui, widget._parameterNode
+    parameters.useTrainedModel = True
+    pathEdit = ui.trainedModelPathLineEdit
+    for text, acceptable in ((str(tmp_path / "model.pt"), True), (str(tmp_path / "model.ckpt"), False),
+                             (str(tmp_path / "MODEL.PT"), False), ("", False)):
+        emitted = []
+        pathEdit.connect("currentPathChanged(QString)", emitted.append)
+        pathEdit.userEdits(text)
+        assert bool(emitted) == acceptable  # what ctkPathLineEdit's validator lets through
+        assert parameters.trainedModelPath == text
+        parameters.seed = parameters.seed + 1  # any other change: the old path must not come back
+        assert pathEdit.currentPath == text and parameters.trainedModelPath == text
+    assert "Choose a trained model file" in ui.segmentButton.toolTip
+
+
+def test_question_boxes_are_deleted_and_never_under_a_wait_cursor(harness, volumes, mrmlScene, monkeypatch):
+    from DeepGMMSegmentLib import dependencies
+
+    widget = harness.createWidget()
+    parameters = widget._parameterNode
+    parameters.method = harness.module.SegmentationMethod.EM_GMM
+    widget.ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.overrideCursorDepth == 0
+
+    # PyTorch "missing": the install question and the install run without a wait cursor too.
+    installed = {"done": False, "cursor": None}
+    monkeypatch.setattr(harness.module, "installedTorchVersion", lambda: (2, 13) if installed["done"] else None)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: (2, 13) if installed["done"] else None)
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            installed.update(done=True, cursor=harness.overrideCursorDepth)
+            return "torch"
+
+    questions = []
+    widget.logic.dependencyInstaller = dependencies.TorchDependency(
+        pyTorchUtilsModule=types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic), insideSlicer=True,
+        testingMode=False, canAsk=True, confirm=lambda q: questions.append(harness.overrideCursorDepth) or True)
+    harness.answers = [1]  # "Create new (keep both)"
+    widget.ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == []
+    assert questions == [0] and installed == {"done": True, "cursor": 0}
+    assert harness.cursorDuringQuestions == [0]
+    assert len(harness.messageBoxes) == 1 and harness.liveHiddenMessageBoxes() == []
+    assert segmentationCount(mrmlScene) == 2 and harness.overrideCursorDepth == 0
+
+
+def test_labelmap_is_not_picked_as_first_input(harness, mrmlScene, helpers):
+    channel1, _, labels = helpers.phantom(shape=(4, 8, 8))
+    ijkToRas = helpers.ijkToRasMatrix((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    helpers.addVolume(mrmlScene, labels, ijkToRas, "labels", "vtkMRMLLabelMapVolumeNode")
+    t1 = helpers.addVolume(mrmlScene, channel1, ijkToRas, "T1")
+    widget = harness.createWidget()
+    assert widget._parameterNode.inputVolume1.GetID() == t1.GetID()
+
+
+def test_entering_the_module_again_does_not_connect_the_gui_again(harness, volumes, mrmlScene):
+    import slicer.util
+
+    slicer.util.selectModule("DeepGMMSegment")
+    widget = harness.moduleWidget
+    for _ in range(5):
+        widget.exit()
+        widget.enter()
+    assert len(harness.guiObservers) == 1  # Slicer 5.10 leaks one observer per connectGui
+    mrmlScene.Clear(0)  # a new scene: a new parameter node, connected once
+    assert len(harness.guiObservers) == 2 and widget._parameterNode is not None
+
+
+def test_module_declares_crop_volume_and_registers_the_sample_data(harness, monkeypatch, mrmlScene):
+    import hashlib
+    import inspect
+    import urllib.parse
+    import urllib.request
+
+    parent = types.SimpleNamespace()
+    harness.module.DeepGMMSegment(parent)
+    assert "CropVolume" in parent.dependencies  # mrml_io.roiRegion uses vtkSlicerCropVolumeLogic
+
+    registered = []
+
+    # Parameters of SampleDataLogic.registerCustomSampleDataSource in Slicer v5.10.0
+    # (Modules/Scripted/SampleData/SampleData.py).
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None,
+                                       nodeNames=None, customDownloader=None, thumbnailFileName=None,
+                                       loadFileTypes=None, loadFiles=None, loadFileProperties={}, checksums=None,
+                                       loadFileType=None):
+        registered.append(inspect.getcallargs(registerCustomSampleDataSource, category, sampleName, uris, fileNames,
+                                              nodeNames, customDownloader, thumbnailFileName, loadFileTypes,
+                                              loadFiles, loadFileProperties, checksums, loadFileType))
+
+    sampleData = types.ModuleType("SampleData")
+    sampleData.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=registerCustomSampleDataSource)
+    monkeypatch.setitem(sys.modules, "SampleData", sampleData)
+    slots = [slot for signal, slot in harness.startupSlots if signal == "startupCompleted()"]
+    assert len(slots) >= 1
+    slots[0]()  # Slicer has started
+    source = harness.module.panel.sampleDataSource(str(MODULE_DATA))
+    assert [{key: value for key, value in call.items() if key in source} for call in registered] == [source]
+    assert source["loadFileTypes"] == ["VolumeFile", "SegmentationFile"]
+    assert os.path.isfile(source["thumbnailFileName"])
+    repository = MODULE_DATA.parent
+    for uri, fileName, checksum in zip(source["uris"], source["fileNames"], source["checksums"]):
+        # What Sample Data does with the URI: urllib copies it into its cache, then checks the SHA256.
+        path, _ = urllib.request.urlretrieve(uri)
+        with open(path, "rb") as file:
+            content = file.read()
+        assert checksum == "SHA256:" + hashlib.sha256(content).hexdigest()
+        assert content == (repository / "data" / "sample" / fileName).read_bytes()  # the bundled sample
+    # The T1 loads as a volume with real MRML.
+    volume = mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", source["nodeNames"][0])
+    storage = mrmlScene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(urllib.request.url2pathname(urllib.parse.urlparse(source["uris"][0]).path))
+    assert storage.ReadData(volume) and volume.GetImageData().GetDimensions()[0] > 50
+
+
+def test_device_label_comes_from_a_worker_process(harness, volumes):
+    import torch
+
+    from DeepGMMSegmentLib import panel
+
+    widget = harness.createWidget()
+    assert widget.ui.detectedDeviceLabel.text == panel.DEVICE_QUERY_RUNNING_TEXT
+    query = widget._deviceQuery
+    assert query is not None and query.worker.pid != os.getpid()
+    start = time.monotonic()
+    while widget._deviceQuery is not None:
+        assert time.monotonic() - start < 120
+        harness.scheduler.runPending()
+        time.sleep(0.05)
+    expected = "GPU: " if torch.cuda.is_available() else "No CUDA GPU found: Automatic runs on the CPU."
+    assert widget.ui.detectedDeviceLabel.text.startswith(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# The module's SelfTest, run on the stand-in (in Slicer it runs with Slicer's own classes)
+
+
+def _runSelfTest(harness, names):
+    import unittest
+
+    suite = unittest.TestSuite(harness.module.DeepGMMSegmentTest(name) for name in names)
+    return unittest.TextTestRunner(stream=open(os.devnull, "w"), verbosity=0).run(suite)
+
+
+def test_self_test_runs_logic_em_and_cancel_paths(harness, mrmlScene):
+    result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
+                                    "test_PanelCancel"])
+    assert result.wasSuccessful() and not result.skipped, result.errors + result.failures
+    assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+def test_self_test_in_testing_mode_without_torch_skips_and_installs_nothing(monkeypatch, mrmlScene):
+    from DeepGMMSegmentLib import dependencies
+
+    harness = GuiHarness(monkeypatch, ManualScheduler(), testingEnabled=True)
+    monkeypatch.setattr(harness, "module", harness.module)
+    monkeypatch.setattr(dependencies, "installedTorchVersion", lambda: None)
+    monkeypatch.setattr(harness.module, "installedTorchVersion", lambda: None)
+    monkeypatch.setattr(sys.modules["slicer"].app, "slicerHome", "/opt/Slicer", raising=False)
+    pyTorchUtils = types.ModuleType("PyTorchUtils")  # any use would fail the test
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", pyTorchUtils)
+    try:
+        result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
+                                        "test_PanelCancel"])
+    finally:
+        harness.cleanup()
+    assert result.wasSuccessful(), result.errors + result.failures
+    assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm", "test_PanelCancel"]
+    assert all("testing mode" in reason and "never installs" in reason for _, reason in result.skipped)
+    assert mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0

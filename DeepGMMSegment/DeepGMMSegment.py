@@ -29,15 +29,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DeepGMMSegmentLib import mrml_io, panel
-from DeepGMMSegmentLib.dependencies import TorchNotInstalledInTestingMode, installedTorchVersion
+from DeepGMMSegmentLib import options
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic as ProcessingLogic
-from DeepGMMSegmentLib.runner import DeviceQuery
+from DeepGMMSegmentLib.slicer_adapter import geometry, panel
+from DeepGMMSegmentLib.slicer_adapter.dependencies import TorchNotInstalledInTestingMode, installedTorchVersion
+from DeepGMMSegmentLib.slicer_adapter.runner import DeviceQuery
 
 LIB_PACKAGE = "DeepGMMSegmentLib"
-# Reload order for the developer "Reload" button: dependencies before their users.
-LIB_RELOAD_ORDER = ("gmm", "em", "networks", "deep", "engine", "preview", "model_io", "training", "worker",
-                    "mrml_io", "runner", "dependencies", "panel", "logic")
 
 
 #
@@ -50,7 +48,7 @@ class DeepGMMSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("Deep GMM Segment")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        # CropVolume: its logic computes an ROI's voxel extent (mrml_io.roiRegion).
+        # CropVolume: its logic computes an ROI's voxel extent (slicer_adapter.geometry.roiRegion).
         self.parent.dependencies = ["Segmentations", "Markups", "CropVolume"]
         self.parent.contributors = ["DeepGMMSegment contributors"]
         self.parent.helpText = _("""
@@ -81,19 +79,20 @@ def registerSampleData():
 #
 
 
-class SegmentationMethod(enum.Enum):
-    """The engine's methods (values are its method names)."""
-
-    DEEP_SVG = "deepsvg"
-    DEEP_G = "deepg"
-    EM_GMM = "em-gmm"
-    EM_SVGMM = "em-svgmm"
+class MethodChoice(enum.Enum):
+    """Base of :data:`SegmentationMethod`: the combo box texts of a method."""
 
     def label(self):
         return panel.METHOD_LABELS[self.value]
 
     def shortName(self):
         return panel.METHOD_SHORT_NAMES[self.value]
+
+
+#: The engine's methods, one member per ``options.METHODS`` entry (the default first). The member
+#: names are what the parameter node saves in a scene ("EM_GMM"), so they never change.
+SegmentationMethod = MethodChoice("SegmentationMethod", [(panel.METHOD_ENUM_NAMES[method], method)
+                                                         for method in options.METHODS])
 
 
 class ComputeDevice(enum.Enum):
@@ -131,7 +130,7 @@ class DeepGMMSegmentParameterNode:
     inputVolume3: Optional[vtkMRMLScalarVolumeNode]
     inputVolume4: Optional[vtkMRMLScalarVolumeNode]
     numberOfClasses: Annotated[int, WithinRange(2, 12)] = 3
-    method: SegmentationMethod = SegmentationMethod.DEEP_SVG
+    method: SegmentationMethod = SegmentationMethod(options.DEFAULT_METHOD)
     device: ComputeDevice = ComputeDevice.AUTO
     seed: Annotated[int, Minimum(0)] = 0
     maxIterations: Annotated[int, WithinRange(0, 100000)] = 0
@@ -140,7 +139,7 @@ class DeepGMMSegmentParameterNode:
     tolerance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     covarianceType: CovarianceType = CovarianceType.FULL
     priorMeans: str = ""
-    smoothness: Annotated[float, WithinRange(0.0, 10.0)] = 0.3
+    smoothness: Annotated[float, WithinRange(0.0, 10.0)] = options.DEFAULT_SMOOTHNESS["deepsvg"]
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
@@ -254,7 +253,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self):
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume1:
-            firstVolumeNode = mrml_io.firstSelectableVolume(slicer.mrmlScene)
+            firstVolumeNode = geometry.firstSelectableVolume(slicer.mrmlScene)
             if firstVolumeNode:
                 self._parameterNode.inputVolume1 = firstVolumeNode
 
@@ -321,11 +320,11 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.trainedModelPath = path
 
     def _modelIo(self):
-        """``model_io`` once PyTorch is installed (reading a model file's metadata needs it; no GPU
-        is touched), else None."""
+        """``trained.model_file`` once PyTorch is installed (reading a model file's metadata needs it;
+        no GPU is touched), else None."""
         if installedTorchVersion() is None:
             return None
-        return importlib.import_module(f"{LIB_PACKAGE}.model_io")
+        return importlib.import_module(f"{LIB_PACKAGE}.trained.model_file")
 
     def _updateTrainedModel(self):
         """Sync the model file field, show the model's metadata and take over its method and classes."""
@@ -421,12 +420,13 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(problem)
         channels = panel.chosenChannels(self._channelVolumes())
         if parameters.useTrainedModel:
-            options = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
+            engineOptions = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
         else:
-            priorMeans = panel.parsePriorMeans(parameters.priorMeans, parameters.numberOfClasses, len(channels))
-            options = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
-                                          parameters.covarianceType.value, priorMeans,
-                                          panel.smoothnessFor(parameters.method.value, parameters.smoothness))
+            priorMeans = options.parse_prior_means(parameters.priorMeans, parameters.numberOfClasses, len(channels))
+            engineOptions = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
+                                                parameters.covarianceType.value,
+                                                None if priorMeans is None else priorMeans.tolist(),
+                                                panel.smoothnessFor(parameters.method.value, parameters.smoothness))
         output = parameters.outputSegmentation
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
             answer = self.askReplaceOrNew(output.GetName(), parameters.roi is not None)
@@ -450,7 +450,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():  # reading and resampling the inputs before the worker starts
                 self.logic.process(channels, outputSegmentation=output, numberOfClasses=parameters.numberOfClasses,
                                    method=parameters.method.value, roi=parameters.roi, mask=mask,
-                                   device=parameters.device.value, seed=parameters.seed, options=options,
+                                   device=parameters.device.value, seed=parameters.seed, options=engineOptions,
                                    probabilityMaps=parameters.probabilityMaps, waitForCompletion=False,
                                    progressCallback=self.onProgress, completedCallback=self.onCompleted)
         except Exception:
@@ -520,10 +520,10 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTableWidget.setRowCount(0)
 
     def onReload(self):
-        """Developer reload: also reload the Lib submodules (Python 3.12 has no ``imp``)."""
-        for name in LIB_RELOAD_ORDER:
-            if f"{LIB_PACKAGE}.{name}" in sys.modules:
-                importlib.reload(sys.modules[f"{LIB_PACKAGE}.{name}"])
+        """Developer reload: also reload every loaded Lib module, subpackages included, deepest
+        first (``panel.reloadOrder``; Python 3.12 has no ``imp``)."""
+        for name in panel.reloadOrder(list(sys.modules), LIB_PACKAGE):
+            importlib.reload(sys.modules[name])
         ScriptedLoadableModuleWidget.onReload(self)
 
 

@@ -115,7 +115,7 @@ THROUGHPUT = dict(n_cases=4, epochs=3, batch_size=2, patch_size=(32, 48, 48))
 
 def throughput_worker() -> None:
     """Run under torchrun: a short fixed training; rank 0 prints images/s as JSON."""
-    from DeepGMMSegmentLib.training import train
+    from DeepGMMSegmentLib.trained.training import train
 
     images, masks = derived_training_volumes(THROUGHPUT["n_cases"], seed=1)
     result = train(images, 3, masks=masks, spatial_dims=3, val_fraction=0.0, max_epochs=THROUGHPUT["epochs"],
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
     import torch
     from DeepGMMSegmentLib import segment
     from DeepGMMSegmentLib.engine import normalize_channels
-    from DeepGMMSegmentLib.training import predict_with_model, train
+    from DeepGMMSegmentLib.trained.training import predict_with_model, train
 
     torch.set_num_threads(os.cpu_count() or 2)
     t1, mask, reference, spacing = test_volume()

@@ -1,8 +1,8 @@
 """DeepGMMSegment engine: unsupervised tissue segmentation with deep and classic Gaussian mixtures.
 
 The public names (``segment``, ``train``, ...) are loaded on first use, so importing a submodule
-that does not need torch (the Slicer adapter: ``logic``, ``mrml_io``, ``runner``, ``panel``,
-``dependencies``) works in a Slicer whose PyTorch is not installed yet. This package never imports
+that does not need torch (``options``, ``result``, ``logic`` and the ``slicer_adapter`` package)
+works in a Slicer whose PyTorch is not installed yet. This package never imports
 ``slicer``; the Slicer adapter modules are imported explicitly by the Slicer module.
 """
 
@@ -13,11 +13,12 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    # engine until phase 2b of issue 13 makes the engine raise and return the types of result.py
     "METHODS": "engine",
     "SegmentationCancelled": "engine",
     "SegmentationResult": "engine",
     "segment": "engine",
-    "train": "training",
+    "train": "trained.training",
 }
 
 __all__ = [*_LAZY, "__version__"]

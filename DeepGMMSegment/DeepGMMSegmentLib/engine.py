@@ -314,7 +314,7 @@ def segment(
     prior = check_prior_means(opts["prior_means"], n_classes, data.shape[0])
     fixed_identity = prior is not None
     if opts["model"] is not None:
-        from .training import check_model_request  # trained models are optional
+        from .trained.inference import check_model_request  # trained models are optional
 
         meta = check_model_request(opts["model"], n_classes, data.shape[0], data.ndim - 1)
         # A model trained with prior means outputs class k as the k-th prior row.
@@ -399,7 +399,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(int(seed))
         if opts["model"] is not None:
-            from .training import load_trained_model, predict_with_model  # trained models are optional
+            from .trained.inference import load_trained_model, predict_with_model  # trained models are optional
 
             # The final M-step uses the mixture the model was trained for, not the request's defaults.
             _, meta = load_trained_model(opts["model"])

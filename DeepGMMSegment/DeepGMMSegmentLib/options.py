@@ -290,10 +290,13 @@ def _prior_rows(text: str) -> list[list[float]]:
         if not entry:
             continue
         try:
-            rows.append([float(v) for v in entry.replace(":", ",").split(",")])
+            row = [float(v) for v in entry.replace(":", ",").split(",")]
         except ValueError:
             raise ValueError(f"prior means entry '{entry}' is not a number; write numbers, e.g. "
                              "'30,200; 80,120; 110,60' (';' between classes, ',' between channels)") from None
+        if not all(math.isfinite(v) for v in row):
+            raise ValueError(f"prior means entry '{entry}' is not finite; use finite numbers")
+        rows.append(row)
     return rows
 
 

@@ -53,7 +53,7 @@ def trainedModelFile(tmp_path_factory):
         if key not in models:
             import torch
 
-            from DeepGMMSegmentLib.training import train
+            from DeepGMMSegmentLib.trained.training import train
 
             cases = [phantomCase(seed, numberOfChannels=len(channelNames)) for seed in range(4)]
             if spatialDims == 2:

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DeepGMMSegmentLib import cli
+from DeepGMMSegmentLib.cli import segment as segment_cli
 
 from cli_phantoms import make_image
 
@@ -128,7 +128,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(name, work, capsys):
     if "--max-iter" not in arguments:
         argv += ["--max-iter", "5"]  # keeps a wrongly accepted input from running long
     try:
-        code = cli.main(argv)
+        code = segment_cli.main(argv)
     except SystemExit as exit_:  # argparse errors exit from inside parse_args
         code = exit_.code
     _assert_failed_cleanly(code, capsys.readouterr().err, work, before, words)
@@ -137,7 +137,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(name, work, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_cuda_without_gpu_is_a_clear_error(work, capsys):
     before = set(os.listdir(work))
-    code = cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm", "--device", "cuda",
+    code = segment_cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm", "--device", "cuda",
                      "-o", str(work / "labels.nii.gz")])
     _assert_failed_cleanly(code, capsys.readouterr().err, work, before, ["CUDA"])
 
@@ -151,7 +151,7 @@ def test_output_that_is_an_input_is_refused_and_input_untouched(work, capsys, op
     if option == "-o":
         argv[-1] = str(channel)
     before = set(os.listdir(work))
-    code = cli.main(argv)
+    code = segment_cli.main(argv)
     _assert_failed_cleanly(code, capsys.readouterr().err, work, before,
                            ["is also an input"])
     assert channel.read_bytes() == content
@@ -167,7 +167,7 @@ def test_bad_output_is_refused_before_segmenting(work, capsys, outputs, words):
     before = set(os.listdir(work))
     argv = [str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm"]
     argv += [item.format(d=work) for item in outputs]
-    code = cli.main(argv)
+    code = segment_cli.main(argv)
     err = capsys.readouterr().err
     _assert_failed_cleanly(code, err, work, before, words)
     assert "iteration" not in err  # refused before the segmentation started
@@ -175,18 +175,18 @@ def test_bad_output_is_refused_before_segmenting(work, capsys, outputs, words):
 
 def test_failure_while_writing_leaves_no_output(work, capsys, monkeypatch):
     """The probabilities fail to write after the labels were written: neither file remains."""
-    from DeepGMMSegmentLib import images
+    from DeepGMMSegmentLib.cli import images
 
     real_write = images.write_image
 
     def failing_write(image, path, role):
         if role == "probabilities":
-            raise cli.CliError("cannot write probabilities (disk full)")
+            raise segment_cli.CliError("cannot write probabilities (disk full)")
         real_write(image, path, role)
 
     monkeypatch.setattr(images, "write_image", failing_write)
     before = set(os.listdir(work))
-    code = cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm",
+    code = segment_cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm",
                      "-o", str(work / "labels.nii.gz"), "-p", str(work / "probs.nii.gz")])
     _assert_failed_cleanly(code, capsys.readouterr().err, work, before, ["disk full"])
 
@@ -194,11 +194,11 @@ def test_failure_while_writing_leaves_no_output(work, capsys, monkeypatch):
 def test_existing_output_is_replaced_only_on_success(work, capsys):
     labels = work / "labels.nii.gz"
     labels.write_bytes(b"previous result")
-    code = cli.main([str(work / "t1.nrrd"), "-k", "1", "-o", str(labels)])
+    code = segment_cli.main([str(work / "t1.nrrd"), "-k", "1", "-o", str(labels)])
     assert code == 2
     assert labels.read_bytes() == b"previous result"
     capsys.readouterr()
-    code = cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm", "-q", "-o", str(labels)])
+    code = segment_cli.main([str(work / "t1.nrrd"), "-k", "3", "-m", "em-gmm", "-q", "-o", str(labels)])
     assert code == 0
     assert sitk.ReadImage(str(labels)).GetPixelID() == sitk.sitkUInt8
 
@@ -209,7 +209,7 @@ def test_a_signal_also_sets_the_cancel_event_the_engine_polls():
 
     import pytest as _pytest
 
-    from DeepGMMSegmentLib.cli_common import Interrupts, Terminated
+    from DeepGMMSegmentLib.cli.common import Interrupts, Terminated
 
     interrupts = Interrupts()
     with _pytest.raises(KeyboardInterrupt):

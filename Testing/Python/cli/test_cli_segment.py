@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from DeepGMMSegmentLib import cli
-from DeepGMMSegmentLib.preview import OVERLAY_ALPHA, class_colors
+from DeepGMMSegmentLib.cli import segment as segment_cli
+from DeepGMMSegmentLib.cli.preview import OVERLAY_ALPHA, class_colors
 
 from cli_phantoms import DIRECTION, ORIGIN, SPACING, make_image, phantom_truth
 
@@ -22,7 +22,7 @@ SAMPLE = REPO / "data" / "sample"
 
 
 def run_cli(capsys, *arguments) -> tuple[int, str]:
-    code = cli.main([str(a) for a in arguments])
+    code = segment_cli.main([str(a) for a in arguments])
     return code, capsys.readouterr().err
 
 
@@ -262,7 +262,7 @@ def test_interrupt_exits_cleanly_without_outputs(phantom, signal_number, expecte
 
 def test_model_option_switches_to_trained_model_mode(capsys):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["--model", "brain.pt", "--help"])
+        segment_cli.main(["--model", "brain.pt", "--help"])
     assert exit_.value.code == 0
     assert "--model MODEL" in capsys.readouterr().out
 

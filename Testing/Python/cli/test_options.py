@@ -96,11 +96,12 @@ def test_training_settings_replace_names_the_valid_settings():
 
 
 def test_the_cli_choices_come_from_the_method_list():
-    from DeepGMMSegmentLib import cli, cli_train
+    from DeepGMMSegmentLib.cli import segment as segment_cli
+    from DeepGMMSegmentLib.cli import train as train_cli
 
-    actions = {a.dest: a for a in cli.build_parser()._actions}
+    actions = {a.dest: a for a in segment_cli.build_parser()._actions}
     assert tuple(actions["method"].choices) == options.METHODS
     assert actions["method"].default == options.DEFAULT_METHOD
-    train_actions = {a.dest: a for a in cli_train.build_parser()._actions}
+    train_actions = {a.dest: a for a in train_cli.build_parser()._actions}
     assert tuple(train_actions["method"].choices) == options.DEEP_METHODS
     assert train_actions["epochs"].default == options.TrainingSettings().max_epochs

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from DeepGMMSegmentLib.cli import ProgressBar
-from DeepGMMSegmentLib.preview import OVERLAY_ALPHA, class_colors, render_preview, write_png
+from DeepGMMSegmentLib.cli.preview import OVERLAY_ALPHA, class_colors, render_preview, write_png
 
 from cli_phantoms import decode_png
 

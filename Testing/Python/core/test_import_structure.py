@@ -137,3 +137,71 @@ def test_the_walker_sees_cycles_and_function_level_imports(tmp_path, monkeypatch
     assert _cycles(_graph("lib")) == [["lib.engine", "lib.training"]]
     leaks = [(i, n) for i, _, names in _imports("lib") for n in names if n.startswith("_")]
     assert leaks == [("lib.training", "_load_inputs")]
+
+
+# ----------------------------------------------------------------------------- layer direction
+
+LIB = "DeepGMMSegmentLib"
+#: The numerics (``core/`` after phase 2b of issue 13; flat until then).
+CORE = ("core", "inputs", "gmm", "em", "networks", "deep")
+#: Modules of each layer (prefixes below ``DeepGMMSegmentLib.``) and what they must never import.
+FORBIDDEN = {
+    ("options", "result"): ("core", "inputs", "gmm", "em", "networks", "deep", "trained", "engine", "cli",
+                            "slicer_adapter", "logic"),
+    CORE: ("trained", "engine", "cli", "slicer_adapter", "logic"),
+    ("trained",): ("engine", "cli", "slicer_adapter", "logic"),
+    ("engine",): ("cli", "slicer_adapter", "logic"),
+    ("cli",): ("slicer_adapter", "logic"),
+    ("slicer_adapter",): ("cli",),
+}
+#: Third-party modules the torch-free vocabulary must not load (numpy is allowed: Slicer ships it).
+HEAVY = ("torch", "SimpleITK", "slicer", "vtk", "qt", "ctk", "scipy", "sklearn")
+
+
+def _under(module: str, prefixes) -> bool:
+    return any(module == f"{LIB}.{p}" or module.startswith(f"{LIB}.{p}.") for p in prefixes)
+
+
+def _layer_violations(package: str = LIB) -> list[str]:
+    violations = []
+    for importer, imported, _ in _imports(package):
+        for layer, forbidden in FORBIDDEN.items():
+            if _under(importer, layer) and _under(imported, forbidden):
+                violations.append(f"{importer} imports {imported}")
+    return sorted(set(violations))
+
+
+def _third_party_imports(package: str):
+    """Yield (module, top-level name) for every absolute import of something outside the package."""
+    for module, path in _modules(package).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for alias in node.names:
+                    yield module, alias.name.split(".")[0]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                yield module, node.module.split(".")[0]
+
+
+def test_layers_import_downwards_only():
+    violations = _layer_violations()
+    assert not violations, "imports against the layer direction (docs/architecture.md):\n" + "\n".join(violations)
+
+
+def test_vocabulary_is_torch_free():
+    heavy = sorted({f"{module} imports {name}" for module, name in _third_party_imports(LIB)
+                    if module in (f"{LIB}.options", f"{LIB}.result") and name in HEAVY})
+    assert not heavy, "options.py and result.py must load without torch, SimpleITK or Slicer:\n" + "\n".join(heavy)
+
+
+def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
+    """The direction check would fail if the adapter imported the command line."""
+    lib = tmp_path / LIB
+    (lib / "slicer_adapter").mkdir(parents=True)
+    (lib / "cli").mkdir()
+    (lib / "__init__.py").write_text("")
+    (lib / "cli" / "__init__.py").write_text("")
+    (lib / "cli" / "preview.py").write_text("X = 1\n")
+    (lib / "slicer_adapter" / "__init__.py").write_text("")
+    (lib / "slicer_adapter" / "outputs.py").write_text("def colors():\n    from ..cli.preview import X\n")
+    monkeypatch.setitem(PACKAGES, LIB, lib)
+    assert _layer_violations() == [f"{LIB}.slicer_adapter.outputs imports {LIB}.cli.preview"]

@@ -1,24 +1,14 @@
-"""The panel's Qt-free helpers (DeepGMMSegmentLib/panel.py), loaded from their file as the widget does."""
+"""The panel's Qt-free helpers (DeepGMMSegmentLib/slicer_adapter/panel.py)."""
 
-import importlib.util
 import math
-from pathlib import Path
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-PANEL_PATH = Path(__file__).resolve().parents[3] / "DeepGMMSegment" / "DeepGMMSegmentLib" / "panel.py"
-
-
-def loadPanel():
-    # The widget loads panel.py from its file before torch is installed: it must not need the package.
-    spec = importlib.util.spec_from_file_location("panel_standalone_test", PANEL_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-panel = loadPanel()
+from DeepGMMSegmentLib import options
+from DeepGMMSegmentLib.slicer_adapter import panel
 
 
 class Node:
@@ -31,16 +21,29 @@ class Node:
         return self.nodeId
 
 
-def test_panel_module_imports_only_the_standard_library():
-    import ast
+def test_widget_side_loads_without_torch():
+    # The widget imports the panel, the logic and the device query before PyTorch is installed.
+    code = ("import sys; import DeepGMMSegmentLib.slicer_adapter.panel, DeepGMMSegmentLib.logic, "
+            "DeepGMMSegmentLib.slicer_adapter.runner; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'SimpleITK')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
 
-    tree = ast.parse(PANEL_PATH.read_text(encoding="utf-8"))
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom):
-            assert node.level == 0, "panel.py must not use package-relative imports"
-            assert node.module in ("__future__", "typing"), node.module
-        elif isinstance(node, ast.Import):
-            assert all(alias.name in ("hashlib", "math", "os", "pathlib") for alias in node.names)
+
+def test_method_labels_and_enum_names_follow_the_one_method_list():
+    assert tuple(panel.METHOD_LABELS) == options.METHODS  # combo box order = options.METHODS
+    assert set(panel.METHOD_SHORT_NAMES) == set(panel.METHOD_ENUM_NAMES) == set(options.METHODS)
+    assert panel.METHOD_LABELS[options.DEFAULT_METHOD].endswith("(default)")
+    assert set(panel.TRAINED_MODEL_METHODS) == set(options.DEEP_METHODS)
+
+
+def test_reload_order_puts_the_vocabulary_first_and_deeper_modules_before_their_users():
+    loaded = ["DeepGMMSegmentLib", "DeepGMMSegmentLib.logic", "DeepGMMSegmentLib.options", "numpy",
+              "DeepGMMSegmentLib.slicer_adapter", "DeepGMMSegmentLib.slicer_adapter.panel",
+              "DeepGMMSegmentLib.result", "DeepGMMSegmentLibExtra"]
+    assert panel.reloadOrder(loaded, "DeepGMMSegmentLib") == [
+        "DeepGMMSegmentLib.options", "DeepGMMSegmentLib.result", "DeepGMMSegmentLib.slicer_adapter.panel",
+        "DeepGMMSegmentLib.logic", "DeepGMMSegmentLib.slicer_adapter", "DeepGMMSegmentLib"]
 
 
 @pytest.mark.parametrize("selected, expected", [
@@ -74,24 +77,25 @@ def test_inputs_problem_requires_a_segment_when_a_mask_is_chosen():
     assert "first channel" in panel.inputsProblem([None, None], masks, "Segment_1")
 
 
-def test_parse_prior_means():
-    assert panel.parsePriorMeans("", 3, 2) is None
-    assert panel.parsePriorMeans("   ", 3, 2) is None
-    assert panel.parsePriorMeans("10,20;30,40", 2, 2) == [[10.0, 20.0], [30.0, 40.0]]
-    assert panel.parsePriorMeans(" 10, 20 ; 30 40 ;", 2, 2) == [[10.0, 20.0], [30.0, 40.0]]
-    assert panel.parsePriorMeans("1e2;-5.5;0", 3, 1) == [[100.0], [-5.5], [0.0]]
+def test_the_panel_prior_means_text_is_the_one_syntax():
+    # The widget parses its "Prior class means" field with options.parse_prior_means (as the CLI does).
+    assert options.parse_prior_means("", 3, 2) is None
+    assert options.parse_prior_means("   ", 3, 2) is None
+    assert options.parse_prior_means("10,20;30,40", 2, 2).tolist() == [[10.0, 20.0], [30.0, 40.0]]
+    assert options.parse_prior_means(" 10, 20 ; 30, 40 ;", 2, 2).tolist() == [[10.0, 20.0], [30.0, 40.0]]
+    assert options.parse_prior_means("1e2;-5.5;0", 3, 1).tolist() == [[100.0], [-5.5], [0.0]]
 
 
 @pytest.mark.parametrize("text, classes, channels, message", [
-    ("10,20;30,40", 3, 2, "2 rows given but the number of classes is 3"),
-    ("10,20;30", 2, 2, "row 2 has 1 values but 2 channel(s)"),
-    ("10,abc;30,40", 2, 2, "'abc' in row 1 is not a number"),
+    ("10,20;30,40", 3, 2, "2 rows but there are 3 classes"),
+    ("10,20;30", 2, 2, "has 1 value(s) but there are 2 channel(s)"),
+    ("10,abc;30,40", 2, 2, "'10,abc' is not a number"),
     ("10,inf;30,40", 2, 2, "use finite numbers"),
     ("10;nan", 2, 1, "use finite numbers"),
 ])
-def test_parse_prior_means_errors_name_problem_and_fix(text, classes, channels, message):
+def test_prior_means_errors_name_problem_and_fix(text, classes, channels, message):
     with pytest.raises(ValueError) as error:
-        panel.parsePriorMeans(text, classes, channels)
+        options.parse_prior_means(text, classes, channels)
     assert message in str(error.value)
 
 
@@ -130,7 +134,7 @@ def test_format_duration(seconds, text):
 
 
 def test_format_progress_with_the_runner_progress_info():
-    from DeepGMMSegmentLib import runner
+    from DeepGMMSegmentLib.slicer_adapter import runner
     percent, text = panel.formatProgress(runner.ProgressInfo("starting"))
     assert percent is None and text.startswith("Starting")
     percent, text = panel.formatProgress(runner.ProgressInfo("fitting", 30, 120, 1.23456, 12.0, 36.4))
@@ -179,7 +183,7 @@ def test_nan_mean_and_nll_are_shown_as_such():
 def test_describe_compute_devices_with_real_torch_on_cpu():
     import torch
 
-    from DeepGMMSegmentLib import worker
+    from DeepGMMSegmentLib.slicer_adapter import worker
 
     text = panel.describeComputeDevices(worker.deviceFacts())  # what the device query's worker reports
     if torch.cuda.is_available():
@@ -210,9 +214,9 @@ def test_user_facing_texts():
 
 @pytest.fixture(scope="module")
 def modelIo():
-    from DeepGMMSegmentLib import model_io
+    from DeepGMMSegmentLib.trained import model_file
 
-    return model_io
+    return model_file
 
 
 def test_trained_model_summary_shows_the_metadata(trainedModelFile, modelIo):

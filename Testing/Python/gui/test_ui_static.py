@@ -18,7 +18,6 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 MODULE_FOLDER = REPOSITORY / "DeepGMMSegment"
 UI_PATH = MODULE_FOLDER / "Resources" / "UI" / "DeepGMMSegment.ui"
 MODULE_PATH = MODULE_FOLDER / "DeepGMMSegment.py"
-PANEL_PATH = MODULE_FOLDER / "DeepGMMSegmentLib" / "panel.py"
 PARAMETER_NODE_CLASS = "DeepGMMSegmentParameterNode"
 
 
@@ -125,12 +124,10 @@ def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
 
 def test_combo_box_items_match_the_enum_labels(moduleSource):
     """The .ui items are what the parameter node connector shows (labels from panel.py)."""
-    import importlib.util
+    from DeepGMMSegmentLib import options
+    from DeepGMMSegmentLib.slicer_adapter import panel
 
-    spec = importlib.util.spec_from_file_location("panel_for_ui_test", PANEL_PATH)
-    panel = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(panel)
-    enumValues = {}
+    enumValues = {"SegmentationMethod": list(options.METHODS)}  # the module builds that enum from it
     for node in ast.walk(ast.parse(moduleSource)):
         if isinstance(node, ast.ClassDef) and any(ast.unparse(base) == "enum.Enum" for base in node.bases):
             enumValues[node.name] = [statement.value.value for statement in node.body
@@ -148,25 +145,22 @@ def test_combo_box_items_match_the_enum_labels(moduleSource):
 
 
 def test_results_table_columns_match_panel_rows():
-    import importlib.util
+    from DeepGMMSegmentLib.slicer_adapter import panel
 
-    spec = importlib.util.spec_from_file_location("panel_for_columns_test", PANEL_PATH)
-    panel = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(panel)
     tree = checks.parseUi(UI_PATH)
     table = next(element for element in tree.iter("widget") if element.get("name") == "resultsTableWidget")
     assert tuple(column.findtext("property/string") for column in table.findall("column")) == panel.RESULT_COLUMNS
 
 
 def test_trained_model_file_filter_offers_the_model_io_suffix(moduleSource):
-    from DeepGMMSegmentLib import model_io
+    from DeepGMMSegmentLib.trained import model_file
 
     tree = checks.parseUi(UI_PATH)
     pathEdit = next(element for element in tree.iter("widget") if element.get("name") == "trainedModelPathLineEdit")
     assert pathEdit.get("class") == "ctkPathLineEdit"
     nameFilters = [string.text for prop in pathEdit.findall("property") if prop.get("name") == "nameFilters"
                    for string in prop.iter("string")]
-    assert f"*{model_io.MODEL_SUFFIX}" in nameFilters[0].split("(")[1]
+    assert f"*{model_file.MODEL_SUFFIX}" in nameFilters[0].split("(")[1]
     # Not bound through SlicerParameterName: the code keeps it and the str field in sync.
     assert "trainedModelPathLineEdit" not in checks.parameterBindings(tree)
     # Every edit reaches the parameter node: the inner combo box's editTextChanged, not currentPathChanged,
@@ -189,7 +183,7 @@ def test_module_declares_slicer_module_conventions(moduleSource):
     assert '"Segmentation"' in moduleSource and "arXiv:2404.12252" in moduleSource
     assert "import imp\n" not in moduleSource and "importlib.reload" in moduleSource
     # Qt-only imports stay in this file: the Lib package must never import qt/ctk at module level.
-    for path in (MODULE_FOLDER / "DeepGMMSegmentLib").glob("*.py"):
+    for path in (MODULE_FOLDER / "DeepGMMSegmentLib").rglob("*.py"):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]

@@ -12,8 +12,8 @@ import types
 import numpy as np
 import pytest
 
-from DeepGMMSegmentLib import dependencies, runner, worker
-from DeepGMMSegmentLib.dependencies import MissingDependencyError, TorchDependency
+from DeepGMMSegmentLib.slicer_adapter import dependencies, runner, worker
+from DeepGMMSegmentLib.slicer_adapter.dependencies import MissingDependencyError, TorchDependency
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
 
 psutil = pytest.importorskip("psutil")
@@ -250,7 +250,7 @@ _WITHOUT_TORCH = """
 import sys
 sys.modules["torch"] = None  # as in a Slicer where the PyTorch extension has not installed torch yet
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
-from DeepGMMSegmentLib.dependencies import MissingDependencyError, TorchDependency
+from DeepGMMSegmentLib.slicer_adapter.dependencies import MissingDependencyError, TorchDependency
 try:
     TorchDependency()()
 except MissingDependencyError as error:
@@ -328,7 +328,7 @@ _FAKE_SLICER = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
-from DeepGMMSegmentLib.runner import SegmentationJob
+from DeepGMMSegmentLib.slicer_adapter.runner import SegmentationJob
 job = SegmentationJob([np.random.default_rng(0).normal(0, 1, (4, 12, 12)).astype(np.float32)], None, 2, "deepsvg",
                       device="cpu", options={"max_iter": 100000, "tol": 0.0})
 job.start()
@@ -371,8 +371,8 @@ def test_device_query_runs_in_a_worker_process():
 _DEVICE_LABEL_WITHOUT_TORCH = """
 import sys, time
 sys.modules["torch"] = None  # this process (the GUI) cannot import torch at all
-from DeepGMMSegmentLib import panel
-from DeepGMMSegmentLib.runner import DeviceQuery
+from DeepGMMSegmentLib.slicer_adapter import panel
+from DeepGMMSegmentLib.slicer_adapter.runner import DeviceQuery
 query = DeviceQuery(); query.start()
 while query.isRunning():
     time.sleep(0.05)

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from . import model_io
-from .deep import DeepSettings, deep_gmm_loss, fit_deep
-from .em import MixtureFit
-from .inputs import crop_box
-from .networks import UNet, resolve_precision
-from .options import FINE_TUNE_LEARNING_RATE, REG_COVAR
-from .result import SegmentationCancelled
+from . import model_file
+from ..deep import DeepSettings, deep_gmm_loss, fit_deep
+from ..em import MixtureFit
+from ..inputs import crop_box
+from ..networks import UNet, resolve_precision
+from ..options import FINE_TUNE_LEARNING_RATE, REG_COVAR
+from ..result import SegmentationCancelled
 
 __all__ = [
     "FINE_TUNE_LEARNING_RATE", "build_network", "check_model_request", "fit_with_model", "forward_log_resp",
@@ -38,7 +38,7 @@ Reporter = Callable[[int, int, float], Any]
 
 @functools.lru_cache(maxsize=4)
 def _cached_model(path: str, mtime_ns: int, size: int) -> tuple[dict, dict]:
-    return model_io.load_model(path)
+    return model_file.load_model(path)
 
 
 def load_trained_model(path: str | os.PathLike) -> tuple[dict, dict]:
@@ -53,7 +53,7 @@ def load_trained_model(path: str | os.PathLike) -> tuple[dict, dict]:
 def check_model_request(model_path: str | os.PathLike, n_classes: int, n_channels: int, spatial_dims: int) -> dict:
     """Metadata of ``model_path`` after checking it against a ``segment`` call; ``ValueError`` if it does not fit."""
     _, meta = load_trained_model(model_path)
-    model_io.check_compatible(meta, n_channels=n_channels, spatial_dims=spatial_dims, n_classes=n_classes)
+    model_file.check_compatible(meta, n_channels=n_channels, spatial_dims=spatial_dims, n_classes=n_classes)
     return meta
 
 
@@ -165,7 +165,7 @@ def predict_with_model(
     """
     fine_tune = _check_fine_tune(fine_tune)
     state, meta = load_trained_model(model_path)
-    model_io.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
+    model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
     return _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(progress, cancel))
 
 
@@ -193,6 +193,6 @@ def fit_with_model(x: torch.Tensor, mask: torch.Tensor, model: str | os.PathLike
     """
     fine_tune = _check_fine_tune(fine_tune)
     state, meta = load_trained_model(model)
-    model_io.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
+    model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
     log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(report, None))
     return mixture_from_log_resp(x[:, mask].T.contiguous(), log_resp[:, mask].T, meta, history, max(fine_tune, 1))

@@ -18,19 +18,19 @@ TRAIN = ["-k", "3", "--epochs", "6", "--min-epochs", "6", "--base-width", "8", "
 @pytest.fixture(scope="module")
 def cli_model(tmp_path_factory):
     """A model trained by deepgmm-train on a folder of case folders (T1, T2, mask)."""
-    from DeepGMMSegmentLib import cli_train
+    from DeepGMMSegmentLib.cli import train as train_cli
 
     root = tmp_path_factory.mktemp("cli")
     write_case_folders(root / "cohort", 8)
     model = root / "model.pt"
-    assert cli_train.main([str(root / "cohort"), "-o", str(model), *TRAIN]) == 0
+    assert train_cli.main([str(root / "cohort"), "-o", str(model), *TRAIN]) == 0
     return model
 
 
 def test_deepgmm_train_writes_model_and_curve(cli_model):
-    from DeepGMMSegmentLib import model_io
+    from DeepGMMSegmentLib.trained import model_file
 
-    info = model_io.describe_model(cli_model)
+    info = model_file.describe_model(cli_model)
     assert info["channel_names"] == ["T1", "T2"] and info["n_classes"] == 3
     assert info["training"]["n_train"] + info["training"]["n_val"] == 8
     curve = cli_model.with_name("model_curve.png")
@@ -39,7 +39,7 @@ def test_deepgmm_train_writes_model_and_curve(cli_model):
 
 
 def test_training_curve_shows_both_series():
-    from DeepGMMSegmentLib.preview import render_curve
+    from DeepGMMSegmentLib.cli.preview import render_curve
 
     history = [dict(epoch=e, train_loss=2.0 - 0.1 * e, val_loss=2.1 - 0.08 * e) for e in range(1, 6)]
     image = render_curve(history, best_epoch=5)
@@ -53,12 +53,12 @@ def _write_cohort_for_batch(root: Path, first_seed: int = 50) -> list[str]:
 
 
 def test_batch_segments_a_folder_skips_done_cases_and_continues_past_a_bad_one(tmp_path, cli_model, capsys):
-    from DeepGMMSegmentLib import cli
+    from DeepGMMSegmentLib.cli import segment as segment_cli
 
     cohort = tmp_path / "new"
     ids = _write_cohort_for_batch(cohort)
     out = tmp_path / "out"
-    assert cli.main(["--model", str(cli_model), str(cohort), "-o", str(out), "--device", "cpu"]) == 0
+    assert segment_cli.main(["--model", str(cli_model), str(cohort), "-o", str(out), "--device", "cpu"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == 3 and all(": done in " in line for line in lines)
     for i, case_id in enumerate(ids):
@@ -74,7 +74,7 @@ def test_batch_segments_a_folder_skips_done_cases_and_continues_past_a_bad_one(t
     extra = write_case_folders(tmp_path / "extra", 1, first_seed=60)[0]
     (tmp_path / "extra" / extra).rename(cohort / "zlast")
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_labels.nii.gz")}
-    assert cli.main(["--model", str(cli_model), str(cohort), "-o", str(out), "--device", "cpu"]) == 1
+    assert segment_cli.main(["--model", str(cli_model), str(cohort), "-o", str(out), "--device", "cpu"]) == 1
     captured = capsys.readouterr()
     assert sum(line.startswith("[") and "skipped" in line for line in captured.out.splitlines()) == 3
     assert any("broken: FAILED:" in line and "cannot read channel 1" in line for line in captured.err.splitlines())
@@ -87,8 +87,8 @@ def test_batch_segments_a_folder_skips_done_cases_and_continues_past_a_bad_one(t
 
 
 def test_batch_with_two_worker_processes(tmp_path, cli_model):
-    from DeepGMMSegmentLib.batch import run_batch
-    from DeepGMMSegmentLib.cohort import discover_cases
+    from DeepGMMSegmentLib.cli.segment_model import run_batch
+    from DeepGMMSegmentLib.cli.cohort import discover_cases
 
     ids = _write_cohort_for_batch(tmp_path / "cohort", first_seed=70)
     cases, _ = discover_cases(tmp_path / "cohort", ["T1", "T2"])
@@ -102,26 +102,26 @@ def test_batch_with_two_worker_processes(tmp_path, cli_model):
 
 
 def test_single_case_with_model_and_mismatch_message(tmp_path, cli_model, capsys):
-    from DeepGMMSegmentLib import cli
+    from DeepGMMSegmentLib.cli import segment as segment_cli
 
     write_case_folders(tmp_path, 1, first_seed=80)
     case = tmp_path / "case00"
     out = tmp_path / "labels.nii.gz"
-    status = cli.main(["--model", str(cli_model), str(case / "T1.nii.gz"), str(case / "T2.nii.gz"),
+    status = segment_cli.main(["--model", str(cli_model), str(case / "T1.nii.gz"), str(case / "T2.nii.gz"),
                        "--mask", str(case / "mask.nii.gz"), "-o", str(out), "--fine-tune", "3", "--device", "cpu"])
     assert status == 0 and out.exists()
     _, mask, truth = synthetic_case(80, n_channels=2)
     assert accuracy(sitk.GetArrayFromImage(sitk.ReadImage(str(out))), truth, mask) > 0.9
 
-    status = cli.main(["--model", str(cli_model), str(case / "T1.nii.gz"), "-o", str(tmp_path / "x.nii.gz")])
+    status = segment_cli.main(["--model", str(cli_model), str(case / "T1.nii.gz"), "-o", str(tmp_path / "x.nii.gz")])
     assert status == 2
     assert "expects 2 channel(s) (T1, T2) but the input has 1" in capsys.readouterr().err
-    status = cli.main(["--model", str(tmp_path / "missing.pt"), str(case / "T1.nii.gz"), "-o", str(out)])
+    status = segment_cli.main(["--model", str(tmp_path / "missing.pt"), str(case / "T1.nii.gz"), "-o", str(out)])
     assert status == 2
 
 
 def test_cohort_layouts(tmp_path):
-    from DeepGMMSegmentLib.cohort import discover_cases
+    from DeepGMMSegmentLib.cli.cohort import discover_cases
 
     for name in ("a.nii.gz", "a_mask.nii.gz", "b.nrrd", "notes.txt"):
         (tmp_path / "flat").mkdir(exist_ok=True)
@@ -158,13 +158,13 @@ def test_cohort_layouts(tmp_path):
 
 
 def test_deepgmm_train_reports_bad_input(tmp_path, capsys):
-    from DeepGMMSegmentLib import cli_train
+    from DeepGMMSegmentLib.cli import train as train_cli
 
     (tmp_path / "empty").mkdir()
-    assert cli_train.main([str(tmp_path / "empty"), "-k", "3", "-o", str(tmp_path / "m.pt")]) == 2
+    assert train_cli.main([str(tmp_path / "empty"), "-k", "3", "-o", str(tmp_path / "m.pt")]) == 2
     assert "holds no image files" in capsys.readouterr().err
     write_case_folders(tmp_path / "c", 2)
-    assert cli_train.main([str(tmp_path / "c"), "-k", "3", "-o", str(tmp_path / "m.pt"),
+    assert train_cli.main([str(tmp_path / "c"), "-k", "3", "-o", str(tmp_path / "m.pt"),
                            "--prior-means", "1;2"]) == 2
     assert "2 rows but there are 3 classes" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()

@@ -92,7 +92,7 @@ def test_without_torch_and_without_a_window_it_fails_with_a_clear_message(mrmlSc
     import slicer
     import slicer.util
 
-    from DeepGMMSegmentLib import dependencies
+    from DeepGMMSegmentLib.slicer_adapter import dependencies
 
     channel1, _, _ = helpers.phantom((4, 12, 12))
     _writeVolume(mrmlScene, helpers, channel1, tmp_path / "t1.nrrd")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from DeepGMMSegmentLib import panel
+from DeepGMMSegmentLib.slicer_adapter import panel
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
-from DeepGMMSegmentLib.runner import ManualScheduler
+from DeepGMMSegmentLib.slicer_adapter.runner import ManualScheduler
 
 
 def _nodeName(scene):

@@ -32,15 +32,15 @@ def _output_irrelevant(name: str) -> bool:
 
 def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path):
     from DeepGMMSegmentLib.engine import normalize_channels
-    from DeepGMMSegmentLib.model_io import load_model
-    from DeepGMMSegmentLib.training import predict_with_model
+    from DeepGMMSegmentLib.trained.model_file import load_model
+    from DeepGMMSegmentLib.trained.training import predict_with_model
 
     # 7 training cases with batch size 3: the last batch (1 case) leaves one process without an
     # image, which must still join the gradient all-reduce with weight 0.
     write_case_folders(tmp_path / "cohort", 9)
-    _run([sys.executable, "-m", "DeepGMMSegmentLib.cli_train", "cohort", "-o", "one.pt", *TRAIN_ARGS], tmp_path)
+    _run([sys.executable, "-m", "DeepGMMSegmentLib.cli.train", "cohort", "-o", "one.pt", *TRAIN_ARGS], tmp_path)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          "-m", "DeepGMMSegmentLib.cli_train", "cohort", "-o", "two.pt", *TRAIN_ARGS], tmp_path)
+          "-m", "DeepGMMSegmentLib.cli.train", "cohort", "-o", "two.pt", *TRAIN_ARGS], tmp_path)
 
     one, meta_one = load_model(tmp_path / "one.pt")
     two, meta_two = load_model(tmp_path / "two.pt")

@@ -70,7 +70,7 @@ def write_case_folders(root: Path, n: int, n_channels: int = 2, first_seed: int 
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory):
     """(path, TrainingResult) of a 2-channel model trained once per session on 10 synthetic cases."""
-    from DeepGMMSegmentLib.training import train
+    from DeepGMMSegmentLib.trained.training import train
 
     images, masks, _ = cohort(10, n_channels=2)
     path = tmp_path_factory.mktemp("model") / "synthetic.pt"

@@ -16,10 +16,11 @@ import slicer
 import slicer.util
 import vtk
 
-from DeepGMMSegmentLib import mrml_io
+from DeepGMMSegmentLib.slicer_adapter import geometry as sceneGeometry
+from DeepGMMSegmentLib.slicer_adapter import outputs as sceneOutputs
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic, ProcessingCancelled, WorkerError
-from DeepGMMSegmentLib.preview import class_colors
-from DeepGMMSegmentLib.runner import ManualScheduler
+from DeepGMMSegmentLib.result import class_colors
+from DeepGMMSegmentLib.slicer_adapter.runner import ManualScheduler
 
 
 def _sceneSnapshot(scene):
@@ -51,7 +52,7 @@ def _twoChannelInputs(scene, helpers, shape=(6, 20, 24)):
 
 
 def _labels(outputs, volume):
-    return mrml_io.readClassLabels(outputs.segmentationNode, mrml_io.volumeGeometry(volume))
+    return sceneOutputs.readClassLabels(outputs.segmentationNode, sceneGeometry.volumeGeometry(volume))
 
 
 def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, helpers):
@@ -91,7 +92,7 @@ def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, help
     np.testing.assert_allclose(probabilities.sum(axis=0), 1.0, atol=1e-4)
     np.testing.assert_array_equal(probabilities.argmax(axis=0) + 1, labels)
     for volume in outputs.probabilityVolumes:
-        np.testing.assert_allclose(mrml_io.volumeGeometry(volume).ijkToRas, ijkToRas, atol=1e-9)
+        np.testing.assert_allclose(sceneGeometry.volumeGeometry(volume).ijkToRas, ijkToRas, atol=1e-9)
 
     # Subject hierarchy: segmentation beside the input, probabilities in a folder beside it.
     shNode = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(mrmlScene)
@@ -133,7 +134,7 @@ def test_mask_limits_labels_and_probabilities(mrmlScene, helpers):
     masks = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
     masks.CreateDefaultDisplayNodes()
     masks.SetReferenceImageGeometryParameterFromVolumeNode(t1)
-    brainImage = mrml_io.volumeGeometry(t1).orientedImage(inside)
+    brainImage = sceneGeometry.volumeGeometry(t1).orientedImage(inside)
     brainId = masks.AddSegmentFromBinaryLabelmapRepresentation(brainImage, "brain")
     maskMTimes = (masks.GetMTime(), masks.GetSegmentation().GetMTime(), brainImage.GetMTime())
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", mask=(masks, brainId))
@@ -152,12 +153,12 @@ def test_roi_refinement_changes_nothing_outside_the_roi(mrmlScene, helpers):
     logic = DeepGMMSegmentLogic()
     first = logic.process([t1, t2], numberOfClasses=3, method="em-gmm")
     segmentationNode = first.segmentationNode
-    segmentIds = mrml_io.classSegmentIds(segmentationNode)
+    segmentIds = sceneOutputs.classSegmentIds(segmentationNode)
     labelsBefore = _labels(first, t1)
     probabilitiesBefore = np.stack([slicer.util.arrayFromVolume(v).copy() for v in first.probabilityVolumes])
 
     roi = mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    centre = mrml_io.volumeGeometry(t1).ijkToRas @ np.array([12.0, 10.0, 3.0, 1.0])
+    centre = sceneGeometry.volumeGeometry(t1).ijkToRas @ np.array([12.0, 10.0, 3.0, 1.0])
     roi.SetCenter(*centre[:3])
     roi.SetSize(8.0, 8.0, 5.0)
     # Reversed prior means make class 1 the brightest tissue, so inside the ROI the labels visibly
@@ -168,8 +169,8 @@ def test_roi_refinement_changes_nothing_outside_the_roi(mrmlScene, helpers):
                            roi=roi, options={"prior_means": np.array(means)})
     assert roi.GetMTime() == roiMTime
     assert second.segmentationNode is segmentationNode
-    assert mrml_io.classSegmentIds(segmentationNode) == segmentIds
-    region = mrml_io.roiRegion(roi, t1)
+    assert sceneOutputs.classSegmentIds(segmentationNode) == segmentIds
+    region = sceneGeometry.roiRegion(roi, t1)
     assert second.region == region
     outside = np.ones(truth.shape, bool)
     outside[region] = False
@@ -199,14 +200,14 @@ def test_second_output_kept_and_rerun_replaces_content_only(mrmlScene, helpers):
     # The user renames a class and adds a segment of their own; then reruns with 2 classes.
     node = gmm.segmentationNode
     nodeId = node.GetID()
-    ids = mrml_io.classSegmentIds(node)
+    ids = sceneOutputs.classSegmentIds(node)
     node.GetSegmentation().GetSegment(ids[1]).SetName("CSF")
     own = node.GetSegmentation().AddEmptySegment("", "my notes")
     oldThird = gmm.probabilityVolumes[2].GetID()
     rerun = logic.process([t1, t2], outputSegmentation=node, numberOfClasses=2, method="em-gmm")
 
     assert rerun.segmentationNode.GetID() == nodeId
-    assert mrml_io.classSegmentIds(node) == {1: ids[1], 2: ids[2]}
+    assert sceneOutputs.classSegmentIds(node) == {1: ids[1], 2: ids[2]}
     assert node.GetSegmentation().GetSegment(ids[1]).GetName() == "CSF"
     assert node.GetSegmentation().GetSegment(own) is not None
     assert mrmlScene.GetNodeByID(oldThird) is None
@@ -234,8 +235,8 @@ def test_seg_nrrd_save_and_reload_agrees_with_slicerio(mrmlScene, helpers, tmp_p
     reader = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
     reader.SetFileName(path)
     assert reader.ReadData(reloaded)
-    assert mrml_io.classSegmentIds(reloaded) == mrml_io.classSegmentIds(outputs.segmentationNode)
-    np.testing.assert_array_equal(mrml_io.readClassLabels(reloaded, mrml_io.volumeGeometry(t1)), labels)
+    assert sceneOutputs.classSegmentIds(reloaded) == sceneOutputs.classSegmentIds(outputs.segmentationNode)
+    np.testing.assert_array_equal(sceneOutputs.readClassLabels(reloaded, sceneGeometry.volumeGeometry(t1)), labels)
 
     # An independent reader of the file: names, colours, label values, voxels and geometry.
     segmentationInfo = slicerio.read_segmentation(path)
@@ -273,7 +274,7 @@ def test_seg_nrrd_save_and_reload_agrees_with_slicerio(mrmlScene, helpers, tmp_p
             f"DeepGMMSegment.{name}")
     assert float(node.GetAttribute("DeepGMMSegment.FinalNLL")) == pytest.approx(outputs.finalNll)
     assert [node.GetNthNodeReference("DeepGMMSegmentInputVolume", n).GetName() for n in range(2)] == ["T1", "T2"]
-    assert sorted(mrml_io.classSegmentIds(node)) == [1, 2, 3]
+    assert sorted(sceneOutputs.classSegmentIds(node)) == [1, 2, 3]
     restoredSegmentations.SetMRMLScene(None)
 
 
@@ -322,7 +323,7 @@ def test_worker_error_surfaces_engine_message(mrmlScene, helpers):
 
     with pytest.raises(ValueError) as direct:
         segment([slicer.util.arrayFromVolume(t1).astype(np.float32), np.full(truth.shape, 42.0, np.float32)], 3,
-                method="em-gmm", spacing=mrml_io.volumeGeometry(t1).spacingKji)
+                method="em-gmm", spacing=sceneGeometry.volumeGeometry(t1).spacingKji)
     assert str(raised.value) == str(direct.value)
     assert "constant" in str(raised.value)
     assert raised.value.errorType == "ValueError"
@@ -378,7 +379,7 @@ def test_invalid_requests_are_clear_errors_before_any_work(mrmlScene, helpers):
     with pytest.raises(ValueError, match="scheduler"):
         logic.process([t1], method="em-gmm", waitForCompletion=False)
     emptyMask = helpers.addVolume(mrmlScene, np.zeros((6, 20, 24), np.uint8),
-                                  mrml_io.volumeGeometry(t1).ijkToRas, "empty", "vtkMRMLLabelMapVolumeNode")
+                                  sceneGeometry.volumeGeometry(t1).ijkToRas, "empty", "vtkMRMLLabelMapVolumeNode")
     with pytest.raises(ValueError, match="No voxel to segment"):
         logic.process([t1], method="em-gmm", mask=emptyMask)
 
@@ -402,7 +403,7 @@ def test_inputs_on_other_grids_and_under_a_transform(mrmlScene, helpers):
     fineChannel2 = np.repeat(np.repeat(np.repeat(channel2, 2, 0), 2, 1), 2, 2)
     t2 = helpers.addVolume(mrmlScene, fineChannel2, fine, "T2 fine")
 
-    channels, covered, _ = mrml_io.channelsOnReferenceGrid([t1, t2])
+    channels, covered, _ = sceneGeometry.channelsOnReferenceGrid([t1, t2])
     np.testing.assert_allclose(channels[1], channel2, rtol=1e-5)
     assert covered.all()
 

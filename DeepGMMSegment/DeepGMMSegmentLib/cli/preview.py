@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .result import class_colors
+from ..result import class_colors
 
 __all__ = [
     "OVERLAY_ALPHA",

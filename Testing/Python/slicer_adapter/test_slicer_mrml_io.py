@@ -8,7 +8,8 @@ import slicer
 import slicer.util
 import vtk
 
-from DeepGMMSegmentLib import mrml_io
+from DeepGMMSegmentLib.slicer_adapter import geometry as sceneGeometry
+from DeepGMMSegmentLib.slicer_adapter import outputs as sceneOutputs
 
 
 def _rasToIjk(volumeNode) -> np.ndarray:
@@ -25,7 +26,7 @@ def test_volume_array_round_trip_keeps_oblique_geometry(mrmlScene, helpers):
     ijkToRas = helpers.ijkToRasMatrix((0.7, 0.9, 2.5), (-12.0, 30.0, 4.0), helpers.obliqueDirection(25))
     array = np.random.default_rng(1).normal(size=(5, 7, 9)).astype(np.float32)
     node = mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "oblique")
-    mrml_io.updateVolumeNodeFromArray(node, array, mrml_io.VolumeGeometry(array.shape, ijkToRas))
+    sceneGeometry.updateVolumeNodeFromArray(node, array, sceneGeometry.VolumeGeometry(array.shape, ijkToRas))
 
     # Slicer's own view of the node: same voxels (numpy K,J,I order), same matrix, spacing, origin.
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), array)
@@ -35,11 +36,11 @@ def test_volume_array_round_trip_keeps_oblique_geometry(mrmlScene, helpers):
     np.testing.assert_allclose(node.GetSpacing(), (0.7, 0.9, 2.5), atol=1e-9)
     np.testing.assert_allclose(node.GetOrigin(), (-12.0, 30.0, 4.0), atol=1e-9)
 
-    back = mrml_io.arrayFromVolumeNode(node)
+    back = sceneGeometry.arrayFromVolumeNode(node)
     np.testing.assert_array_equal(back, array)
     back[0, 0, 0] = 1e6  # a copy: the node must not change
     assert slicer.util.arrayFromVolume(node)[0, 0, 0] == array[0, 0, 0]
-    geometry = mrml_io.volumeGeometry(node)
+    geometry = sceneGeometry.volumeGeometry(node)
     assert geometry.shape == (5, 7, 9)
     np.testing.assert_allclose(geometry.ijkToRas, ijkToRas, atol=1e-9)
     np.testing.assert_allclose(geometry.spacingKji, (2.5, 0.9, 0.7), atol=1e-9)
@@ -54,8 +55,8 @@ def test_geometry_includes_linear_parent_transform(mrmlScene, helpers):
     shift[:3, 3] = (5.0, -2.0, 1.0)
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(shift))
     node.SetAndObserveTransformNodeID(transform.GetID())
-    np.testing.assert_allclose(mrml_io.volumeGeometry(node).ijkToRas[:3, 3], (5.0, -2.0, 1.0))
-    np.testing.assert_allclose(mrml_io.localGeometry(node).ijkToRas[:3, 3], (0.0, 0.0, 0.0))
+    np.testing.assert_allclose(sceneGeometry.volumeGeometry(node).ijkToRas[:3, 3], (5.0, -2.0, 1.0))
+    np.testing.assert_allclose(sceneGeometry.localGeometry(node).ijkToRas[:3, 3], (0.0, 0.0, 0.0))
 
 
 def test_second_channel_is_resampled_onto_first_grid_at_known_ras_points(mrmlScene, helpers):
@@ -76,7 +77,7 @@ def test_second_channel_is_resampled_onto_first_grid_at_known_ras_points(mrmlSce
     second = helpers.addVolume(mrmlScene, field(ras).astype(np.float32), secondToRas, "second")
     secondVoxels = slicer.util.arrayFromVolume(second).copy()
 
-    channels, covered, geometry = mrml_io.channelsOnReferenceGrid([first, second])
+    channels, covered, geometry = sceneGeometry.channelsOnReferenceGrid([first, second])
 
     assert geometry.shape == (5, 12, 11)
     np.testing.assert_array_equal(channels[0], slicer.util.arrayFromVolume(first))
@@ -105,7 +106,7 @@ def test_same_grid_inputs_are_taken_as_they_are(mrmlScene, helpers):
     a, b, _ = helpers.phantom((3, 5, 6))
     first = helpers.addVolume(mrmlScene, a, ijkToRas, "a")
     second = helpers.addVolume(mrmlScene, b, ijkToRas, "b")
-    channels, covered, _ = mrml_io.channelsOnReferenceGrid([first, second])
+    channels, covered, _ = sceneGeometry.channelsOnReferenceGrid([first, second])
     np.testing.assert_array_equal(channels[1], b)
     assert covered.all()
 
@@ -116,7 +117,7 @@ def test_input_that_does_not_overlap_is_a_clear_error(mrmlScene, helpers):
     far = helpers.addVolume(mrmlScene, np.ones((4, 4, 4), np.float32),
                             helpers.ijkToRasMatrix((1, 1, 1), (500, 0, 0)), "FLAIR")
     with pytest.raises(ValueError, match=r"'FLAIR' does not overlap the first input 'T1'.*regist"):
-        mrml_io.channelsOnReferenceGrid([first, far])
+        sceneGeometry.channelsOnReferenceGrid([first, far])
 
 
 def test_roi_region_is_crop_volume_extent(mrmlScene, helpers):
@@ -125,7 +126,7 @@ def test_roi_region_is_crop_volume_extent(mrmlScene, helpers):
     roi = mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
     roi.SetCenter(-10.0, -8.0, 5.0)
     roi.SetSize(6.0, 4.0, 2.0)
-    region = mrml_io.roiRegion(roi, volume)
+    region = sceneGeometry.roiRegion(roi, volume)
     extent = [0] * 6
     slicer.vtkSlicerCropVolumeLogic.GetVoxelBasedCropOutputExtent(roi, volume, extent, True)
     assert region == (slice(extent[4], extent[5] + 1), slice(extent[2], extent[3] + 1),
@@ -135,32 +136,32 @@ def test_roi_region_is_crop_volume_extent(mrmlScene, helpers):
     assert centre == pytest.approx([5, 8, 10], abs=0.51)
     roi.SetCenter(400.0, 0.0, 0.0)
     with pytest.raises(ValueError, match="does not overlap"):
-        mrml_io.roiRegion(roi, volume)
+        sceneGeometry.roiRegion(roi, volume)
 
 
 def test_mask_from_segment_and_labelmap(mrmlScene, helpers):
     ijkToRas = helpers.ijkToRasMatrix((1, 1, 2), (3, 4, 5), helpers.obliqueDirection())
     volume = helpers.addVolume(mrmlScene, np.zeros((4, 6, 8), np.float32), ijkToRas, "vol")
-    geometry = mrml_io.volumeGeometry(volume)
+    geometry = sceneGeometry.volumeGeometry(volume)
     inside = np.zeros((4, 6, 8), bool)
     inside[1:3, 2:5, 1:7] = True
     segmentation = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "masks")
     segmentation.CreateDefaultDisplayNodes()
     segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
     segmentId = segmentation.AddSegmentFromBinaryLabelmapRepresentation(geometry.orientedImage(inside), "brain")
-    np.testing.assert_array_equal(mrml_io.maskFromSegment(segmentation, segmentId, geometry), inside)
+    np.testing.assert_array_equal(sceneGeometry.maskFromSegment(segmentation, segmentId, geometry), inside)
     with pytest.raises(ValueError, match="does not exist"):
-        mrml_io.maskFromSegment(segmentation, "noSuchSegment", geometry)
+        sceneGeometry.maskFromSegment(segmentation, "noSuchSegment", geometry)
 
     labelmap = helpers.addVolume(mrmlScene, inside.astype(np.uint8) * 7, ijkToRas, "lm", "vtkMRMLLabelMapVolumeNode")
-    np.testing.assert_array_equal(mrml_io.maskFromLabelmapVolume(labelmap, geometry), inside)
+    np.testing.assert_array_equal(sceneGeometry.maskFromLabelmapVolume(labelmap, geometry), inside)
     # A labelmap on a grid twice as fine (same field of view) is resampled nearest-neighbour.
     fine = np.repeat(np.repeat(np.repeat(inside, 2, 0), 2, 1), 2, 2).astype(np.uint8)
     fineToRas = ijkToRas.copy()
     fineToRas[:3, :3] = ijkToRas[:3, :3] / 2.0
     fineToRas[:3, 3] = (ijkToRas @ np.array([-0.25, -0.25, -0.25, 1.0]))[:3]
     fineLabelmap = helpers.addVolume(mrmlScene, fine, fineToRas, "fine", "vtkMRMLLabelMapVolumeNode")
-    np.testing.assert_array_equal(mrml_io.maskFromLabelmapVolume(fineLabelmap, geometry), inside)
+    np.testing.assert_array_equal(sceneGeometry.maskFromLabelmapVolume(fineLabelmap, geometry), inside)
 
 
 def test_class_segments_written_and_read_back(mrmlScene, helpers):
@@ -170,15 +171,15 @@ def test_class_segments_written_and_read_back(mrmlScene, helpers):
     segmentation = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "out")
     segmentation.CreateDefaultDisplayNodes()
     userSegment = segmentation.GetSegmentation().AddEmptySegment("", "my notes")
-    mrml_io.writeClassSegments(segmentation, labels, 3, volume)
-    np.testing.assert_array_equal(mrml_io.readClassLabels(segmentation, mrml_io.volumeGeometry(volume)), labels)
-    ids = mrml_io.classSegmentIds(segmentation)
+    sceneOutputs.writeClassSegments(segmentation, labels, 3, volume)
+    np.testing.assert_array_equal(sceneOutputs.readClassLabels(segmentation, sceneGeometry.volumeGeometry(volume)), labels)
+    ids = sceneOutputs.classSegmentIds(segmentation)
     assert sorted(ids) == [1, 2, 3]
 
     # Rewriting with fewer classes keeps the ids of the kept classes, drops class 3, and leaves
     # the segment this module did not write alone.
     newLabels = np.where(labels == 3, 1, labels).astype(np.uint8)
-    mrml_io.writeClassSegments(segmentation, newLabels, 2, volume)
-    assert mrml_io.classSegmentIds(segmentation) == {1: ids[1], 2: ids[2]}
+    sceneOutputs.writeClassSegments(segmentation, newLabels, 2, volume)
+    assert sceneOutputs.classSegmentIds(segmentation) == {1: ids[1], 2: ids[2]}
     assert segmentation.GetSegmentation().GetSegment(userSegment) is not None
-    np.testing.assert_array_equal(mrml_io.readClassLabels(segmentation, mrml_io.volumeGeometry(volume)), newLabels)
+    np.testing.assert_array_equal(sceneOutputs.readClassLabels(segmentation, sceneGeometry.volumeGeometry(volume)), newLabels)

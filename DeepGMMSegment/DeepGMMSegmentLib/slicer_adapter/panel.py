@@ -2,11 +2,12 @@
 
 Everything the panel decides or formats without touching a Qt widget lives here, so that CI can
 test it with plain pytest: which channel selectors to show, whether the inputs can be segmented,
-parsing the "prior class means" text, the engine options from the advanced settings, what to show
-and refuse for a trained model file, the progress text and the rows of the results table.
+the engine options from the advanced settings, what to show and refuse for a trained model file,
+the progress text, the rows of the results table and the order of a developer reload.
 
-This module imports only the standard library and has no package-relative imports, so the widget
-can load it before PyTorch is installed (the package's ``__init__`` imports the torch engine).
+Method names and defaults come from :mod:`DeepGMMSegmentLib.options` (torch-free), so the widget
+loads this before PyTorch is installed. The prior-means text is parsed by
+``options.parse_prior_means``, the one syntax of every surface.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ import hashlib
 import math
 import os
 import pathlib
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-#: Number of channel selectors in the panel.
-CHANNEL_SLOTS = 4
+from ..options import DEEP_METHODS, DEFAULT_METHOD, METHODS
 
-#: Combo box texts of the parameter node's enums, keyed by the engine's names (the .ui lists the same items).
-METHOD_LABELS = {"deepsvg": "deepSVG (default)", "deepg": "deepG", "em-gmm": "EM-GMM (classic, fast)",
-                 "em-svgmm": "EM-SVGMM (classic, spatially variant)"}
+#: Member names of the Slicer enum of each method, keyed by ``options.METHODS``: the parameter node
+#: saves these names in scenes, so they stay as they are.
+METHOD_ENUM_NAMES = {"deepsvg": "DEEP_SVG", "deepg": "DEEP_G", "em-gmm": "EM_GMM", "em-svgmm": "EM_SVGMM"}
+#: How each method is written in the panel, keyed by ``options.METHODS``.
 METHOD_SHORT_NAMES = {"deepsvg": "deepSVG", "deepg": "deepG", "em-gmm": "EM-GMM", "em-svgmm": "EM-SVGMM"}
+_METHOD_NOTES = {DEFAULT_METHOD: "default", "em-gmm": "classic, fast", "em-svgmm": "classic, spatially variant"}
+#: Combo box texts of the method enum, in ``options.METHODS`` order (the .ui lists the same items).
+METHOD_LABELS = {method: METHOD_SHORT_NAMES[method] + (f" ({_METHOD_NOTES[method]})" if method in _METHOD_NOTES else "")
+                 for method in METHODS}
 DEVICE_LABELS = {"auto": "Automatic", "cpu": "CPU", "cuda": "CUDA (GPU)"}
 COVARIANCE_LABELS = {"full": "Full", "diag": "Diagonal"}
 
@@ -88,45 +93,6 @@ def chosenChannels(volumes: Sequence[Any]) -> list[Any]:
     return [volume for volume in volumes if volume is not None]
 
 
-def parsePriorMeans(text: str, numberOfClasses: int, numberOfChannels: int) -> Optional[list[list[float]]]:
-    """Parse prior class means written as ``"10,20;30,40"`` (rows = classes, columns = channels).
-
-    Returns None for an empty text (no prior). Raises ValueError naming the problem and the fix
-    when the text is not numbers, or when its shape is not ``numberOfClasses`` rows of
-    ``numberOfChannels`` values.
-    """
-    if text is None or not text.strip():
-        return None
-    rows = [row for row in text.strip().strip(";").split(";")]
-    means = []
-    for rowNumber, row in enumerate(rows, start=1):
-        fields = [field for field in row.replace(" ", ",").split(",") if field.strip()]
-        values = []
-        for field in fields:
-            try:
-                value = float(field)
-            except ValueError:
-                raise ValueError(
-                    f"Prior class means: {field.strip()!r} in row {rowNumber} is not a number. "
-                    "Write one row per class separated by ';' and one value per channel separated by ',', "
-                    "for example 10,20;30,40.") from None
-            if not math.isfinite(value):
-                raise ValueError(f"Prior class means: row {rowNumber} contains {field.strip()!r}; "
-                                 "use finite numbers.")
-            values.append(value)
-        means.append(values)
-    if len(means) != numberOfClasses:
-        raise ValueError(
-            f"Prior class means: {len(means)} rows given but the number of classes is {numberOfClasses}. "
-            f"Give one row per class (separated by ';') or clear the field.")
-    for rowNumber, values in enumerate(means, start=1):
-        if len(values) != numberOfChannels:
-            raise ValueError(
-                f"Prior class means: row {rowNumber} has {len(values)} values but {numberOfChannels} "
-                f"channel(s) are selected. Give one value per channel (separated by ',').")
-    return means
-
-
 def smoothnessFor(method: str, smoothness: float) -> Optional[float]:
     """The panel's spatial smoothness for ``method``: deepSVG only (deepG and EM use none), else None."""
     return float(smoothness) if method == "deepsvg" else None
@@ -148,8 +114,8 @@ def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType
     return options
 
 
-#: Deep methods a trained model can be made for (engine names).
-TRAINED_MODEL_METHODS = ("deepsvg", "deepg")
+#: Deep methods a trained model can be made for (engine names, in ``options.METHODS`` order).
+TRAINED_MODEL_METHODS = tuple(method for method in METHODS if method in DEEP_METHODS)
 #: Number of classes the panel's spin box allows (the parameter node's range).
 CLASS_RANGE = (2, 12)
 UNCHECK_HINT = "or uncheck 'Use trained model'"
@@ -172,9 +138,9 @@ def trainedModelPathProblem(path: Any) -> Optional[str]:
 def describeTrainedModel(path: Any, modelIo: Any, cache: Optional[dict] = None) -> tuple[Optional[dict], Optional[str]]:
     """``(metadata, None)`` for a readable model file, ``(None, why not)`` otherwise.
 
-    ``modelIo`` is ``DeepGMMSegmentLib.model_io`` (it needs PyTorch), or None when PyTorch is not
+    ``modelIo`` is ``DeepGMMSegmentLib.trained.model_file`` (it needs PyTorch), or None when PyTorch is not
     installed yet: then ``(None, None)`` (not known yet) is returned for an existing file. Files
-    are read with ``model_io.describe_model``, which never runs code from the file. ``cache``
+    are read with ``model_file.describe_model``, which never runs code from the file. ``cache``
     (a dict the caller keeps) remembers each file version (path, size, modification time).
     """
     problem = trainedModelPathProblem(path)
@@ -212,7 +178,7 @@ def trainedModelSettings(info: Optional[dict]) -> Optional[tuple[str, int]]:
 
 
 def trainedModelSummary(path: Any, modelIo: Any, cache: Optional[dict] = None) -> str:
-    """The text under the model file: its metadata (``model_io.format_description``) or why it cannot be used."""
+    """The text under the model file: its metadata (``model_file.format_description``) or why it cannot be used."""
     info, error = describeTrainedModel(path, modelIo, cache)
     if error is not None:
         return error
@@ -234,7 +200,7 @@ def trainedModelProblem(path: Any, numberOfChannels: int, modelIo: Any, cache: O
                         numberOfClasses: Optional[int] = None) -> Optional[str]:
     """Why Segment cannot run with this model and these inputs (message with the fix), or None.
 
-    The comparison is ``model_io.check_compatible`` (the one place that decides compatibility):
+    The comparison is ``model_file.check_compatible`` (the one place that decides compatibility):
     channel count, 3D (Slicer volumes are 3D), number of classes and, when the chosen volumes
     are named exactly like the model's channels in some order (e.g. "T1", "PD"), their order.
     Without PyTorch (``modelIo`` None) only the path is checked; the logic checks the rest
@@ -444,3 +410,15 @@ def sampleDataSource(moduleFolder: str) -> dict:
         "loadFileTypes": [entry[2] for entry in SAMPLE_DATA_FILES],
         "checksums": [sha256(path) for path in paths],
     }
+
+
+def reloadOrder(moduleNames: Iterable[str], package: str) -> list[str]:
+    """The loaded modules of ``package`` in the order a developer reload runs them.
+
+    ``options`` and ``result`` first (the vocabulary imports nothing of the package), then the
+    deepest modules first (``slicer_adapter.*`` before ``logic``, which imports them), the
+    package itself last. Modules of one depth go in name order."""
+    names = [name for name in moduleNames if name == package or name.startswith(package + ".")]
+    vocabulary = [f"{package}.{name}" for name in ("options", "result") if f"{package}.{name}" in names]
+    rest = sorted((name for name in names if name not in vocabulary), key=lambda name: (-name.count("."), name))
+    return vocabulary + rest

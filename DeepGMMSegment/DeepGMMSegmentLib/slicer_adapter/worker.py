@@ -1,6 +1,6 @@
 """Worker process: runs the core engine on a job folder and reports on stdout.
 
-Started by :mod:`DeepGMMSegmentLib.runner` with the running Python (``PythonSlicer`` inside
+Started by :mod:`DeepGMMSegmentLib.slicer_adapter.runner` with the running Python (``PythonSlicer`` inside
 Slicer) as ``python worker.py <jobFolder>``, so the heavy torch work never blocks Slicer's GUI
 and a cancel can end the whole process. It needs only numpy, torch and the core engine, never
 ``slicer``.
@@ -8,9 +8,10 @@ and a cancel can end the whole process. It needs only numpy, torch and the core 
 Job folder (written by the runner, read here):
   ``job.json``   ``{"numberOfClasses", "method", "device", "seed", "spacing", "options"}``
   ``input.npz``  ``channels`` (C, z, y, x) float32 and optionally ``mask`` (z, y, x) bool
-Results (written here):
-  ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nllHistory``
-  ``result.json`` ``{"numberOfIterations", "device", "seconds", "method", "converged"}``
+Results (written here), the fields of :class:`DeepGMMSegmentLib.result.SegmentationResult` (the
+one result type of a run; the runner rebuilds it from these two files):
+  ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nll_history``
+  ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes"}``
   ``error.json`` ``{"type", "message", "traceback"}`` when the engine failed
 
 Every stdout line starting with :data:`MESSAGE_PREFIX` is a JSON event:
@@ -100,16 +101,25 @@ class ProgressThrottle:
         return False
 
 
+def _plainJson(value):
+    """JSON for what ``json`` cannot write itself (numpy arrays and scalars in the result's options)."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
 def _writeJson(path: str, data: dict) -> None:
     temporaryPath = path + ".partial"
     with open(temporaryPath, "w", encoding="utf-8") as file:
-        json.dump(data, file)
+        json.dump(data, file, default=_plainJson)
     os.replace(temporaryPath, path)
 
 
-def _moduleFolder() -> str:
-    """The Slicer module folder that holds the DeepGMMSegmentLib package."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+def moduleFolder() -> str:
+    """The Slicer module folder that holds the ``DeepGMMSegmentLib`` package this file belongs to
+    (``<moduleFolder>/DeepGMMSegmentLib/slicer_adapter/worker.py``). The runner puts it first on the
+    worker's ``PYTHONPATH`` and the worker first on ``sys.path``, so the worker imports this copy
+    of the package, never another installed one. Defined here because the worker runs as a script
+    and cannot import the package before it knows this folder."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def runJob(jobFolder: str) -> int:
@@ -121,8 +131,8 @@ def runJob(jobFolder: str) -> int:
         import numpy as np
 
         # The module folder comes first so this copy of the package is used, not another install.
-        if _moduleFolder() not in sys.path:
-            sys.path.insert(0, _moduleFolder())
+        if moduleFolder() not in sys.path:
+            sys.path.insert(0, moduleFolder())
         from DeepGMMSegmentLib import SegmentationCancelled, segment
 
         with np.load(os.path.join(jobFolder, INPUT_FILE)) as data:
@@ -178,14 +188,17 @@ def runJob(jobFolder: str) -> int:
                      means=np.asarray(result.means, dtype=np.float64),
                      covariances=np.asarray(result.covariances, dtype=np.float64),
                      weights=np.asarray(result.weights, dtype=np.float64),
-                     nllHistory=np.asarray(result.nll_history, dtype=np.float64))
+                     nll_history=np.asarray(result.nll_history, dtype=np.float64))
         os.replace(resultPath + ".partial", resultPath)
         _writeJson(os.path.join(jobFolder, RESULT_INFO_FILE), {
-            "numberOfIterations": int(result.n_iter),
+            "n_iter": int(result.n_iter),
             "device": str(result.device),
             "seconds": float(result.seconds),
             "method": str(result.method),
             "converged": bool(result.converged),
+            "n_classes": int(result.n_classes),
+            "options": result.options,
+            "notes": [str(note) for note in result.notes],
         })
     except Exception as error:  # noqa: BLE001
         return _reportError(jobFolder, error)

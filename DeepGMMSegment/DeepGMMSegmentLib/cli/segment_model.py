@@ -25,7 +25,7 @@ from typing import Callable, Sequence, TextIO
 import numpy as np
 
 from . import images
-from .cli_common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, set_threads
+from .common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, print_error, set_threads
 
 PROG = "deepgmm-segment"
 EXIT_FAILED = 1  # some case failed (the others were segmented)
@@ -102,14 +102,15 @@ def output_paths(output_dir: str | os.PathLike, case_id: str, probabilities: boo
 def segment_case(case, model: str, outputs: Sequence[Path], fine_tune: int = 0, device: str = "auto",
                  seed: int = 0, n_classes: int | None = None) -> CaseOutcome:
     """Read, check, segment and write one case (:class:`.cohort.CaseFiles`); raises on failure."""
-    from . import model_io, segment
+    from .. import segment
+    from ..trained import model_file
     from .cohort import load_case
-    from .inference import load_trained_model
+    from ..trained.inference import load_trained_model
 
     start = time.perf_counter()
     _, meta = load_trained_model(model)
     loaded = load_case(case)
-    model_io.check_compatible(meta, len(loaded.channels), loaded.channels[0].ndim, n_classes=n_classes)
+    model_file.check_compatible(meta, len(loaded.channels), loaded.channels[0].ndim, n_classes=n_classes)
     result = segment(loaded.channels, int(meta["n_classes"]), method=meta["method"], mask=loaded.mask,
                      spacing=loaded.spacing, device=device, seed=seed, model=str(model), fine_tune=int(fine_tune),
                      covariance_type=meta.get("covariance_type", "full"))
@@ -201,13 +202,13 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
     def error(message: str) -> int:
         return print_error(PROG, message, stderr)
 
-    from . import model_io
+    from ..trained import model_file
     from .cohort import CaseFiles, discover_cases
 
     if args.fine_tune < 0 or args.workers < 1:
         return error("--fine-tune must be >= 0 and --workers >= 1")
     try:
-        info = model_io.describe_model(args.model)
+        info = model_file.describe_model(args.model)
     except ValueError as exc:
         return error(str(exc))
     say = (lambda text: None) if args.quiet else (lambda text: print(text, file=stdout, flush=True))
@@ -220,7 +221,7 @@ def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr
                 return error("--mask is for a single case; in a cohort give masks per case (mask column or mask files)")
             names = args.channels.split(",") if args.channels else None
             if names is None and first.is_dir():
-                names = [n for n in info["channel_names"] if not model_io.is_generic_channel_names([n])] or None
+                names = [n for n in info["channel_names"] if not model_file.is_generic_channel_names([n])] or None
             cases, _ = discover_cases(first, names, args.mask_name)
             if not cases:
                 return error(f"no cases found in {str(first)!r}")

@@ -22,8 +22,9 @@ from typing import Callable, Sequence, TextIO
 
 import numpy as np
 
-from . import images, options
-from .cli_common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE,  # noqa: F401
+from .. import options
+from . import images
+from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE,  # noqa: F401
                          Interrupts, ProgressBar, Terminated, print_error, set_threads)
 
 PROG = "deepgmm-segment"
@@ -237,7 +238,7 @@ def _segment(args: argparse.Namespace, inputs: images.LoadedInputs, engine_optio
     channels = [array.reshape(shape) for array in inputs.channels]
     mask = None if inputs.mask is None else inputs.mask.reshape(shape)
     set_threads(args.threads)
-    from . import SegmentationCancelled, segment  # deferred: the engine loads torch
+    from .. import SegmentationCancelled, segment  # deferred: the engine loads torch
 
     progress = None if args.quiet else ProgressBar(stderr, args.method)
     try:
@@ -304,10 +305,10 @@ def _install_signal_handlers() -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepgmm-segment`` console script; returns the exit code."""
     argv = sys.argv[1:] if argv is None else [str(argument) for argument in argv]
-    from . import batch  # light: imports numpy only until it runs
-    if batch.wants_model_mode(argv):
-        # Trained-model mode (one case or a cohort) has its own options: see batch.py.
-        return batch.main(argv)
+    from . import segment_model  # light: imports numpy only until it runs
+    if segment_model.wants_model_mode(argv):
+        # Trained-model mode (one case or a cohort) has its own options: see segment_model.py.
+        return segment_model.main(argv)
     args = build_parser().parse_args(argv)
     previous_handlers = _install_signal_handlers()
     try:

@@ -3,7 +3,7 @@
 ``deepgmm-train COHORT --classes K --output model.pt`` reads every case (layouts in
 :mod:`.cohort`), trains one network (:func:`.training.train`), writes the model file and a PNG of
 the training curve (``model_curve.png`` beside it unless ``--curve`` says otherwise). The same
-command runs under ``torchrun --nproc_per_node N -m DeepGMMSegmentLib.cli_train ...`` (or
+command runs under ``torchrun --nproc_per_node N -m DeepGMMSegmentLib.cli.train ...`` (or
 ``torchrun ... $(which deepgmm-train) ...``): each process reads the cohort, takes its share of
 every batch, and only rank 0 prints and writes files.
 
@@ -23,8 +23,8 @@ from typing import Sequence, TextIO
 
 import numpy as np
 
-from . import options
-from .cli_common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingProgressBar,  # noqa: F401
+from .. import options
+from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingProgressBar,  # noqa: F401
                          print_error, set_threads)
 
 PROG = "deepgmm-train"
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "segmentation of new cases (deepgmm-segment --model, Python segment(model=...), Slicer).",
         epilog="COHORT: a CSV with a header (case,<channel>...,mask), a folder of case folders "
                "(<case>/<channel>.nii.gz + mask.nii.gz) or a flat folder (<case>.nii.gz + <case>_mask.nii.gz). "
-               "Distributed: torchrun --nproc_per_node N -m DeepGMMSegmentLib.cli_train COHORT ...",
+               "Distributed: torchrun --nproc_per_node N -m DeepGMMSegmentLib.cli.train COHORT ...",
     )
     parser.add_argument("cohort", metavar="COHORT", help="folder or CSV of training cases")
     parser.add_argument("-k", "--classes", type=int, required=True, metavar="K", help="number of classes K (>= 2)")
@@ -149,7 +149,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
         raise ValueError(f"--classes must be at least 2, got {args.classes}")
     settings = _settings(args)
     set_threads(args.threads)
-    from .training import TrainingCancelled, train
+    from ..trained.training import TrainingCancelled, train
 
     images, masks, spacing, channel_names = _read_cohort(args, say)
     progress = TrainingProgressBar(stderr, PROG) if (rank0 and not args.quiet) else None

@@ -17,9 +17,10 @@ OLD_LABELS = DATA / "model_format1_a001102_case01_labels.npy"
 
 
 def test_a_model_file_of_the_previous_version_loads_and_segments_as_it_did():
-    from DeepGMMSegmentLib import model_io, segment
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.trained import model_file
 
-    state, meta = model_io.load_model(OLD_MODEL)
+    state, meta = model_file.load_model(OLD_MODEL)
     assert meta["format_version"] == 1 and meta["channel_names"] == ["T1", "T2"] and state
     image, mask, _ = synthetic_case(1, n_channels=2)
     result = segment(list(image), 3, method=meta["method"], mask=mask, spacing=(1.0, 1.0), device="cpu",
@@ -30,7 +31,7 @@ def test_a_model_file_of_the_previous_version_loads_and_segments_as_it_did():
 def test_fit_with_model_is_the_engines_model_branch(trained_model):
     """One call gives what segment(model=...) computes today: same responsibilities, mixture and history."""
     from DeepGMMSegmentLib import segment
-    from DeepGMMSegmentLib.inference import fit_with_model
+    from DeepGMMSegmentLib.trained.inference import fit_with_model
     from DeepGMMSegmentLib.inputs import normalize_channels, validate_inputs
 
     path, _ = trained_model
@@ -58,7 +59,7 @@ def test_fit_with_model_is_the_engines_model_branch(trained_model):
 def test_fit_with_model_cancels_through_its_report(trained_model):
     import pytest
 
-    from DeepGMMSegmentLib.inference import fit_with_model
+    from DeepGMMSegmentLib.trained.inference import fit_with_model
     from DeepGMMSegmentLib.result import SegmentationCancelled
 
     path, _ = trained_model

@@ -1,11 +1,11 @@
 """Trained models: train one network on many images, segment new images in one forward pass.
 
 :func:`train` fits one U-Net to a cohort of multi-channel images with the deep GMM loss of
-:mod:`.deep` (per-image closed-form M-step, mixture NLL averaged over the images of a batch,
+:mod:`..deep` (per-image closed-form M-step, mixture NLL averaged over the images of a batch,
 optional prior class means that fix class identity), keeps a held-out split for early stopping
 and model selection, and writes the best network with its metadata to one model file
-(:mod:`.model_io`). :func:`predict_with_model` is what ``segment(..., model=PATH)`` calls: one
-forward pass, or ``fine_tune`` steps of the per-image fit (:func:`.deep.fit_deep`) started from
+(:mod:`.model_file`). :func:`predict_with_model` is what ``segment(..., model=PATH)`` calls: one
+forward pass, or ``fine_tune`` steps of the per-image fit (:func:`..deep.fit_deep`) started from
 the trained weights.
 
 Scale-out: the same :func:`train` call runs on one CPU, one GPU or under ``torchrun`` (one process
@@ -31,15 +31,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import em, model_io
+from .. import em
+from ..deep import choose_network, deep_gmm_loss, smoothness_penalty
+from ..inputs import check_prior_means, crop_box, normalize_channels, resolve_device, validate_inputs
+from ..networks import UNet, resolve_precision
+from ..options import COVARIANCE_TYPES, DEEP_METHODS, DEFAULT_SMOOTHNESS, EMSettings, TrainingSettings, check_value
+from ..result import SegmentationCancelled
+from . import model_file
 from .distributed import Distributed, training_device
-from .deep import choose_network, deep_gmm_loss, smoothness_penalty
 from .inference import (FINE_TUNE_LEARNING_RATE, build_network, check_model_request, forward_log_resp,  # noqa: F401
                         load_trained_model, predict_with_model)
-from .inputs import check_prior_means, crop_box, normalize_channels, resolve_device, validate_inputs
-from .result import SegmentationCancelled
-from .networks import UNet, resolve_precision
-from .options import COVARIANCE_TYPES, DEEP_METHODS, DEFAULT_SMOOTHNESS, EMSettings, TrainingSettings, check_value
 
 _EM = EMSettings()
 NORMALIZATION = {"kind": "zscore-in-mask", "description": "per image and channel: (x - mean) / std over the mask voxels; 0 outside the mask"}
@@ -75,7 +76,7 @@ class TrainingResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model file (weights + metadata) to ``path``."""
-        self.path = model_io.save_model(path, self.network.state_dict(), self.metadata)
+        self.path = model_file.save_model(path, self.network.state_dict(), self.metadata)
         return self.path
 
 
@@ -529,7 +530,7 @@ class _TrainingRun:
         meta = self._metadata(stop_reason)
         path = None
         if self.output is not None and self.dist.rank == 0:
-            path = model_io.save_model(self.output, net.state_dict(), meta)
+            path = model_file.save_model(self.output, net.state_dict(), meta)
             self.say(f"saved the model of epoch {self.best.epoch} to {path} ({stop_reason.replace('_', ' ')})")
         return TrainingResult(net, meta, self.history, path)
 
@@ -577,7 +578,7 @@ class _TrainingRun:
         if self.output is None or self.dist.rank != 0:
             return None
         state = self.best.state if self.best.state is not None else self.net.state_dict()
-        return model_io.save_model(self.output, state, self._metadata(status))
+        return model_file.save_model(self.output, state, self._metadata(status))
 
     def _metadata(self, status: str) -> dict:
         s, data = self.settings, self.data
@@ -608,9 +609,9 @@ def _metadata(config, network_config, prior, lam, settings, history, best, n_tra
               status) -> dict:
     meta = dict(config)
     meta.update(
-        format=model_io.FORMAT_NAME,
-        format_version=model_io.FORMAT_VERSION,
-        package_version=model_io.package_version(),
+        format=model_file.FORMAT_NAME,
+        format_version=model_file.FORMAT_VERSION,
+        package_version=model_file.package_version(),
         torch_version=torch.__version__,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         normalization=dict(NORMALIZATION),

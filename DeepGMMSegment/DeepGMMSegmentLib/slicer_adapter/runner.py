@@ -3,7 +3,7 @@
 The engine runs in a child process started with the running Python (``sys.executable``, which is
 the ``PythonSlicer`` launcher inside Slicer), so Slicer's GUI never blocks and a cancel can end
 the computation at once. Inputs and results travel through a temporary job folder (``.npz`` and
-``.json``, see :mod:`DeepGMMSegmentLib.worker`); progress arrives as JSON lines on stdout.
+``.json``, see :mod:`.worker`); progress arrives as JSON lines on stdout.
 
 Cancel ends the whole process tree: the child is started in its own session (POSIX) or process
 group (Windows) and the group is killed (``os.killpg`` / ``taskkill /F /T``); ``psutil`` is used in
@@ -36,11 +36,12 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..result import SegmentationResult
 from . import worker as workerProtocol
 
 #: How long :meth:`WorkerProcess.cancel` may take before it reports failure, in seconds.
@@ -88,27 +89,9 @@ class ProgressInfo:
         return min(1.0, self.iteration / self.maxIterations) if self.maxIterations > 0 else 0.0
 
 
-@dataclass
-class WorkerResult:
-    """What the worker returns: the engine's arrays (on the region sent) and run facts."""
-
-    labels: np.ndarray
-    probabilities: np.ndarray
-    means: np.ndarray
-    covariances: np.ndarray
-    weights: np.ndarray
-    nllHistory: list[float]
-    numberOfIterations: int
-    device: str
-    seconds: float
-    method: str
-    converged: bool
-    extra: dict = field(default_factory=dict)
-
-
-def moduleFolder() -> str:
-    """The Slicer module folder that contains the ``DeepGMMSegmentLib`` package."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: The Slicer module folder that holds this copy of the ``DeepGMMSegmentLib`` package (one
+#: function, shared with the worker, which needs it before it can import the package).
+moduleFolder = workerProtocol.moduleFolder
 
 
 def workerEnvironment(baseEnvironment: dict | None = None) -> dict:
@@ -360,7 +343,7 @@ class SegmentationJob:
         while job.isRunning():
             for info in job.progressUpdates(): print(info)
             time.sleep(0.1)
-        result = job.result()        # WorkerResult, or raises WorkerError / ProcessingCancelled
+        result = job.result()        # SegmentationResult, or raises WorkerError / ProcessingCancelled
     """
 
     def __init__(self, channels: Sequence[np.ndarray], mask: np.ndarray | None, numberOfClasses: int,
@@ -441,7 +424,7 @@ class SegmentationJob:
     def wait(self, timeout: float | None = None) -> int | None:
         return self.worker.wait(timeout) if self.worker is not None else None
 
-    def result(self) -> WorkerResult:
+    def result(self) -> SegmentationResult:
         """The result of a finished job; raises ``ProcessingCancelled`` or ``WorkerError``."""
         if self.worker is None:
             raise RuntimeError("The job was not started.")
@@ -465,12 +448,8 @@ class SegmentationJob:
             arrays = {name: np.array(data[name]) for name in data.files}
         with open(os.path.join(folder, workerProtocol.RESULT_INFO_FILE), encoding="utf-8") as file:
             info = json.load(file)
-        return WorkerResult(
-            labels=arrays["labels"], probabilities=arrays["probabilities"], means=arrays["means"],
-            covariances=arrays["covariances"], weights=arrays["weights"],
-            nllHistory=[float(v) for v in arrays["nllHistory"]],
-            numberOfIterations=int(info["numberOfIterations"]), device=info["device"],
-            seconds=float(info["seconds"]), method=info["method"], converged=bool(info["converged"]))
+        arrays["nll_history"] = [float(v) for v in arrays["nll_history"]]
+        return SegmentationResult(**arrays, **info)
 
     def _stderrTail(self, characters: int = 1500) -> str:
         path = os.path.join(self.jobFolder or "", "worker-stderr.txt")
@@ -492,7 +471,7 @@ class DeviceQuery:
 
     Importing torch takes seconds and asking about GPUs initialises CUDA; done here it never
     happens in the calling process (Slicer's GUI). ``start()``, then poll ``isRunning()``;
-    ``result()`` gives :func:`DeepGMMSegmentLib.worker.deviceFacts`'s dict or raises
+    ``result()`` gives :func:`.worker.deviceFacts`'s dict or raises
     :class:`WorkerError`.
     """
 

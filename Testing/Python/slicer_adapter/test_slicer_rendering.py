@@ -17,7 +17,8 @@ import slicer.util
 import vtk
 from vtk.util import numpy_support
 
-from DeepGMMSegmentLib import mrml_io
+from DeepGMMSegmentLib.slicer_adapter import geometry as sceneGeometry
+from DeepGMMSegmentLib.slicer_adapter import outputs as sceneOutputs
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
 
 REPOSITORY = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -86,14 +87,14 @@ def test_red_slice_view_shows_the_classes_over_the_input(slicerEnvironment, tmp_
 
     # The ROI: a 6 mm slab through the basal ganglia, over one hemisphere only, so the view shows
     # the classes beside the untouched T1 (and EM stays fast).
-    geometry = mrml_io.volumeGeometry(t1)
+    geometry = sceneGeometry.volumeGeometry(t1)
     centre = geometry.ijkToRas @ np.array([(geometry.shape[2] - 1) / 2, (geometry.shape[1] - 1) / 2, 40.0, 1.0])
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "slab")
     roi.SetCenter(centre[0] + 50.0, centre[1], centre[2])
     roi.SetSize(100.0, 400.0, 6.0)
     outputs = DeepGMMSegmentLogic().process([t1], numberOfClasses=3, method="em-gmm", mask=brainMask, roi=roi,
                                             probabilityMaps=False)
-    labels = mrml_io.readClassLabels(outputs.segmentationNode, geometry)
+    labels = sceneOutputs.readClassLabels(outputs.segmentationNode, geometry)
     assert all(s.voxelCount > 500 for s in outputs.classStatistics)
     # CSF < grey matter < white matter in T1: the class means must follow that order.
     means = [s.meanIntensities[0] for s in outputs.classStatistics]

@@ -38,10 +38,10 @@ def test_trained_model_segments_new_cases_in_one_forward_pass(trained_model):
 
 
 def test_model_file_round_trip_keeps_weights_and_metadata(trained_model):
-    from DeepGMMSegmentLib import model_io
+    from DeepGMMSegmentLib.trained import model_file
 
     path, result = trained_model
-    state, meta = model_io.load_model(path)
+    state, meta = model_file.load_model(path)
     for name, tensor in result.network.state_dict().items():
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0)
     assert meta == result.metadata
@@ -55,15 +55,15 @@ def test_model_file_round_trip_keeps_weights_and_metadata(trained_model):
     assert training["best_epoch"] == int(np.argmin(training["val_loss_history"])) + 1
     assert training["status"] == "max_epochs"
 
-    info = model_io.describe_model(path)
+    info = model_file.describe_model(path)
     assert info["n_parameters"] == sum(t.numel() for t in state.values())
     assert info["training"]["train_loss_history"] == "12 values"
-    text = model_io.format_description(info)
+    text = model_file.format_description(info)
     assert "channels (2): T1, T2" in text and "classes: 3" in text
 
 
 def test_fine_tuning_lowers_the_nll_of_the_one_pass_prediction(trained_model):
-    from DeepGMMSegmentLib.training import predict_with_model
+    from DeepGMMSegmentLib.trained.training import predict_with_model
 
     path, _ = trained_model
     x, mask, _ = _normalised(103)
@@ -84,7 +84,7 @@ def test_cancel_during_fine_tuning_raises(trained_model):
     # result.SegmentationCancelled is the one class; DeepGMMSegmentLib.SegmentationCancelled becomes
     # the same object when engine.py imports it from result.py (phase 2 of issue 13).
     from DeepGMMSegmentLib.result import SegmentationCancelled
-    from DeepGMMSegmentLib.training import predict_with_model
+    from DeepGMMSegmentLib.trained.training import predict_with_model
 
     path, _ = trained_model
     x, mask, _ = _normalised(104)
@@ -93,7 +93,8 @@ def test_cancel_during_fine_tuning_raises(trained_model):
 
 
 def test_mismatching_inputs_are_refused_with_a_clear_message(trained_model):
-    from DeepGMMSegmentLib import model_io, segment
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.trained import model_file
 
     path, _ = trained_model
     image, mask, _ = synthetic_case(105, n_channels=2)
@@ -102,15 +103,15 @@ def test_mismatching_inputs_are_refused_with_a_clear_message(trained_model):
     volume = np.stack([image[0]] * 4)
     with pytest.raises(ValueError, match="trained on 2D images but the input is 3D"):
         segment([volume, volume], 3, mask=np.stack([mask] * 4), model=str(path), device="cpu")
-    _, meta = model_io.load_model(path)
+    _, meta = model_file.load_model(path)
     with pytest.raises(ValueError, match="different order"):
-        model_io.check_compatible(meta, 2, 2, channel_names=["t2", "t1"])
+        model_file.check_compatible(meta, 2, 2, channel_names=["t2", "t1"])
     with pytest.raises(ValueError, match="channel names differ"):
-        model_io.check_compatible(meta, 2, 2, channel_names=["FLAIR", "T1"])
+        model_file.check_compatible(meta, 2, 2, channel_names=["FLAIR", "T1"])
     with pytest.raises(ValueError, match="segments into 3 classes but 4 were requested"):
-        model_io.check_compatible(meta, 2, 2, n_classes=4)
-    model_io.check_compatible(meta, 2, 2, channel_names=["T1", "T2"], n_classes=3)  # a match passes
-    model_io.check_compatible(meta, 2, 2, channel_names=["channel1", "channel2"])  # placeholders are not compared
+        model_file.check_compatible(meta, 2, 2, n_classes=4)
+    model_file.check_compatible(meta, 2, 2, channel_names=["T1", "T2"], n_classes=3)  # a match passes
+    model_file.check_compatible(meta, 2, 2, channel_names=["channel1", "channel2"])  # placeholders are not compared
 
 
 class _RunsCodeWhenUnpickled:
@@ -123,11 +124,12 @@ class _RunsCodeWhenUnpickled:
 
 
 def test_model_file_with_pickled_code_is_refused_without_running_it(tmp_path, trained_model):
-    from DeepGMMSegmentLib import model_io, segment
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.trained import model_file
 
     marker = tmp_path / "code-was-executed"
     good_path, _ = trained_model
-    state, meta = model_io.load_model(good_path)
+    state, meta = model_file.load_model(good_path)
     evil = tmp_path / "evil.pt"
     import json
 
@@ -138,54 +140,54 @@ def test_model_file_with_pickled_code_is_refused_without_running_it(tmp_path, tr
     assert (tmp_path / "probe").exists()
 
     with pytest.raises(ValueError, match="Refusing to load"):
-        model_io.load_model(evil)
+        model_file.load_model(evil)
     with pytest.raises(ValueError, match="Refusing to load"):
         segment(synthetic_case(1, n_channels=2)[0].tolist(), 3, model=str(evil), device="cpu")
     assert not marker.exists()
 
 
 def test_files_that_are_not_models_are_refused(tmp_path):
-    from DeepGMMSegmentLib import model_io
+    from DeepGMMSegmentLib.trained import model_file
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a model")
     with pytest.raises(ValueError, match=r"not a DeepGMMSegment model file \(not a PyTorch archive\)") as refused:
-        model_io.load_model(garbage)
+        model_file.load_model(garbage)
     assert "execute code" not in str(refused.value)  # a text file is not a security problem, just the wrong file
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
     with pytest.raises(ValueError, match="not a DeepGMMSegment model"):
-        model_io.load_model(plain)
+        model_file.load_model(plain)
     newer = tmp_path / "newer.pt"
     torch.save({"format": "deepgmm-model", "format_version": 99, "metadata_json": "{}", "state_dict": {}}, newer)
     with pytest.raises(ValueError, match="format version 99"):
-        model_io.load_model(newer)
+        model_file.load_model(newer)
     with pytest.raises(ValueError, match="does not exist"):
-        model_io.load_model(tmp_path / "missing.pt")
+        model_file.load_model(tmp_path / "missing.pt")
 
 
 def test_a_model_is_saved_even_when_early_stopping_never_fires_and_on_cancel(tmp_path):
-    from DeepGMMSegmentLib import model_io
-    from DeepGMMSegmentLib.training import TrainingCancelled, train
+    from DeepGMMSegmentLib.trained import model_file
+    from DeepGMMSegmentLib.trained.training import TrainingCancelled, train
 
     images, masks, _ = cohort(5)
     settings = dict(FAST, max_epochs=2, min_epochs=2, warm_start_steps=2)
     path = tmp_path / "short.pt"
     train(images, 3, masks=masks, spatial_dims=2, output=path, **settings)
-    assert model_io.load_model(path)[1]["training"]["status"] == "max_epochs"
+    assert model_file.load_model(path)[1]["training"]["status"] == "max_epochs"
 
     cancelled = tmp_path / "cancelled.pt"
     stop_after_epoch_2 = lambda info: not (info.end_of_epoch and info.epoch == 2)  # noqa: E731
     with pytest.raises(TrainingCancelled):
         train(images, 3, masks=masks, spatial_dims=2, output=cancelled, progress=stop_after_epoch_2,
               **dict(settings, max_epochs=5))
-    meta = model_io.load_model(cancelled)[1]
+    meta = model_file.load_model(cancelled)[1]
     assert meta["training"]["status"] == "interrupted at epoch 2"
     assert meta["training"]["epochs"] == 2
 
 
 def test_training_is_reproducible_and_leaves_inputs_untouched():
-    from DeepGMMSegmentLib.training import train
+    from DeepGMMSegmentLib.trained.training import train
 
     images, masks, _ = cohort(4)
     before = [i.copy() for i in images]
@@ -202,7 +204,7 @@ def test_training_is_reproducible_and_leaves_inputs_untouched():
 def test_prior_means_fix_which_output_is_which_class():
     """With prior means in reverse order (class 1 = brightest), output 1 must be the bright disc."""
     from DeepGMMSegmentLib.engine import normalize_channels
-    from DeepGMMSegmentLib.training import forward_log_resp, pooled_class_means, train, _prepare_cases
+    from DeepGMMSegmentLib.trained.training import forward_log_resp, pooled_class_means, train, _prepare_cases
 
     images, masks, _ = cohort(6)
     cases, _, _ = _prepare_cases(images, masks, 3, "deepsvg", 2)
@@ -230,7 +232,7 @@ def test_prior_means_fix_which_output_is_which_class():
     ],
 )
 def test_bad_training_input_is_refused(call, message):
-    from DeepGMMSegmentLib.training import train
+    from DeepGMMSegmentLib.trained.training import train
 
     images, masks, _ = cohort(2)
     with pytest.raises(ValueError, match=message):
@@ -240,7 +242,7 @@ def test_bad_training_input_is_refused(call, message):
 def test_cuda_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    from DeepGMMSegmentLib.training import train
+    from DeepGMMSegmentLib.trained.training import train
 
     images, masks, _ = cohort(2)
     with pytest.raises(ValueError, match="no CUDA GPU"):
@@ -248,7 +250,7 @@ def test_cuda_without_a_gpu_is_a_clear_error():
 
 
 def test_check_model_request_names_a_class_count_mismatch(trained_model):
-    from DeepGMMSegmentLib.training import check_model_request
+    from DeepGMMSegmentLib.trained.training import check_model_request
 
     path, _ = trained_model
     assert check_model_request(path, 3, 2, 2)["n_classes"] == 3
@@ -268,7 +270,7 @@ def test_segment_with_a_model_checks_the_class_count_first(trained_model):
 def test_segment_keeps_the_class_order_of_a_model_trained_with_prior_means(tmp_path):
     """A model trained with reversed prior means outputs class 1 = brightest; segment() must not re-sort it."""
     from DeepGMMSegmentLib import segment
-    from DeepGMMSegmentLib.training import _prepare_cases, pooled_class_means, train
+    from DeepGMMSegmentLib.trained.training import _prepare_cases, pooled_class_means, train
 
     images, masks, _ = cohort(6)
     cases, _, _ = _prepare_cases(images, masks, 3, "deepsvg", 2)

@@ -15,7 +15,7 @@ import types
 
 import pytest
 
-from DeepGMMSegmentLib.runner import ManualScheduler
+from DeepGMMSegmentLib.slicer_adapter.runner import ManualScheduler
 from slicer_gui_standin import MODULE_FOLDER as MODULE_DATA
 from slicer_gui_standin import GuiHarness
 
@@ -68,6 +68,34 @@ def test_setup_picks_first_volume_and_shows_channels_as_needed(harness, volumes)
     parameters.inputVolume1 = None
     assert not ui.segmentButton.enabled and "first channel" in ui.segmentButton.toolTip
     assert harness.slotErrors == []
+
+
+def test_method_enum_and_defaults_come_from_options(harness, volumes):
+    from DeepGMMSegmentLib import options
+
+    methods = harness.module.SegmentationMethod
+    assert [member.value for member in methods] == list(options.METHODS)
+    assert [member.name for member in methods] == ["DEEP_SVG", "DEEP_G", "EM_GMM", "EM_SVGMM"]  # saved in scenes
+    parameters = harness.createWidget()._parameterNode
+    assert parameters.method.value == options.DEFAULT_METHOD
+    assert parameters.smoothness == options.DEFAULT_SMOOTHNESS["deepsvg"]
+    assert [methods.EM_GMM.label(), methods.EM_GMM.shortName()] == ["EM-GMM (classic, fast)", "EM-GMM"]
+
+
+def test_developer_reload_reloads_the_lib_subpackages(harness, volumes):
+    import sys
+
+    widget = harness.createWidget()
+
+    def ownDefinitions():  # a reload runs each file again: its functions and classes are new objects
+        return {(name, key): value for name, module in list(sys.modules.items())
+                if name.startswith("DeepGMMSegmentLib.slicer_adapter.")
+                for key, value in vars(module).items() if getattr(value, "__module__", None) == name}
+
+    before = ownDefinitions()
+    widget.onReload()
+    after = ownDefinitions()
+    assert before and not [key for key, value in before.items() if after[key] is value]
 
 
 def test_mask_selector_and_parameter_node_stay_in_sync(harness, volumes, mrmlScene):
@@ -165,7 +193,7 @@ def test_bad_prior_means_show_an_error_and_start_nothing(harness, volumes, mrmlS
     widget.ui.segmentButton.click()
     assert not widget.isProcessing() and widget.ui.segmentButton.text == ""
     assert len(harness.errorMessages) == 1
-    assert "2 rows given but the number of classes is 3" in harness.errorMessages[0]
+    assert "prior means have 2 rows but there are 3 classes" in harness.errorMessages[0]
     assert segmentationCount(mrmlScene) == 0
 
 
@@ -297,8 +325,8 @@ sys.path[:0] = [sys.argv[1], sys.argv[2]]
 import pytest, slicer, slicer.util
 from conftest import SlicerTestEnvironment
 from slicer_gui_standin import GuiHarness
-from DeepGMMSegmentLib import dependencies
-from DeepGMMSegmentLib.runner import ManualScheduler
+from DeepGMMSegmentLib.slicer_adapter import dependencies
+from DeepGMMSegmentLib.slicer_adapter.runner import ManualScheduler
 monkeypatch = pytest.MonkeyPatch()
 environment = SlicerTestEnvironment()
 monkeypatch.setattr(slicer, "mrmlScene", environment.scene, raising=False)
@@ -370,7 +398,7 @@ def test_every_model_path_edit_reaches_the_parameter_node(harness, volumes, tmp_
 
 
 def test_question_boxes_are_deleted_and_never_under_a_wait_cursor(harness, volumes, mrmlScene, monkeypatch):
-    from DeepGMMSegmentLib import dependencies
+    from DeepGMMSegmentLib.slicer_adapter import dependencies
 
     widget = harness.createWidget()
     parameters = widget._parameterNode
@@ -433,7 +461,7 @@ def test_module_declares_crop_volume_and_registers_the_sample_data(harness, monk
 
     parent = types.SimpleNamespace()
     harness.module.DeepGMMSegment(parent)
-    assert "CropVolume" in parent.dependencies  # mrml_io.roiRegion uses vtkSlicerCropVolumeLogic
+    assert "CropVolume" in parent.dependencies  # geometry.roiRegion uses vtkSlicerCropVolumeLogic
 
     registered = []
 
@@ -475,7 +503,7 @@ def test_module_declares_crop_volume_and_registers_the_sample_data(harness, monk
 def test_device_label_comes_from_a_worker_process(harness, volumes):
     import torch
 
-    from DeepGMMSegmentLib import panel
+    from DeepGMMSegmentLib.slicer_adapter import panel
 
     widget = harness.createWidget()
     assert widget.ui.detectedDeviceLabel.text == panel.DEVICE_QUERY_RUNNING_TEXT
@@ -509,7 +537,7 @@ def test_self_test_runs_logic_em_and_cancel_paths(harness, mrmlScene):
 
 
 def test_self_test_in_testing_mode_without_torch_skips_and_installs_nothing(monkeypatch, mrmlScene):
-    from DeepGMMSegmentLib import dependencies
+    from DeepGMMSegmentLib.slicer_adapter import dependencies
 
     harness = GuiHarness(monkeypatch, ManualScheduler(), testingEnabled=True)
     monkeypatch.setattr(harness, "module", harness.module)

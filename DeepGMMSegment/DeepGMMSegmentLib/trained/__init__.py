@@ -1,0 +1,1 @@
+"""Trained models (torch): the model file, inference with a trained network, multi-image training, DDP."""

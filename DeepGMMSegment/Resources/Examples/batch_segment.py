@@ -117,12 +117,15 @@ def segmentFiles(scene, inputPaths, outputFolder: str, numberOfClasses: int = 3,
 
 
 def main(argv=None) -> int:
+    _ensureModuleOnPath()
+    from DeepGMMSegmentLib import options
+
     parser = argparse.ArgumentParser(description="DeepGMMSegment batch segmentation (run inside Slicer).")
     parser.add_argument("--input", action="append", required=True,
                         help="input volume; repeat for more channels (first = output grid)")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--classes", type=int, default=3, help="number of tissue classes (default 3)")
-    parser.add_argument("--method", default="deepsvg", choices=["deepsvg", "deepg", "em-gmm", "em-svgmm"])
+    parser.add_argument("--method", default=options.DEFAULT_METHOD, choices=options.METHODS)
     parser.add_argument("--mask", help="labelmap file: only nonzero voxels are segmented")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--seed", type=int, default=0)

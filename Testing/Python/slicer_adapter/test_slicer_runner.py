@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 
+from DeepGMMSegmentLib.result import SegmentationResult
 from DeepGMMSegmentLib.slicer_adapter import dependencies, runner, worker
 from DeepGMMSegmentLib.slicer_adapter.dependencies import MissingDependencyError, TorchDependency
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
@@ -77,11 +78,32 @@ def test_segmentation_job_round_trip_and_progress(tmp_path):
     job.cleanup()
     assert [u.stage for u in updates][:2] == ["loading", "fitting"] and updates[-1].stage == "saving"
     fitting = [u for u in updates if u.stage == "fitting" and u.maxIterations]
-    assert fitting and fitting[-1].iteration == result.numberOfIterations
+    assert fitting and fitting[-1].iteration == result.n_iter
     assert result.labels.shape == (4, 10, 10) and result.probabilities.shape == (2, 4, 10, 10)
     np.testing.assert_array_equal(result.labels.ravel(), labels + 1)
     assert result.method == "em-gmm" and result.device == "cpu"
     assert not os.path.exists(folder)
+
+
+def test_worker_imports_this_copy_of_the_package(tmp_path):
+    """The worker runs from slicer_adapter/, two folders below the module folder: it must import the
+    package it belongs to, not another copy on PYTHONPATH (or an installed one)."""
+    import DeepGMMSegmentLib
+
+    assert os.path.join(runner.moduleFolder(), "DeepGMMSegmentLib") == os.path.dirname(DeepGMMSegmentLib.__file__)
+    decoy = tmp_path / "decoy" / "DeepGMMSegmentLib"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text('raise ImportError("the worker imported another copy of DeepGMMSegmentLib")\n')
+    channel = np.repeat(np.arange(2.0), 50).reshape(1, 10, 10).astype(np.float32)
+    job = runner.SegmentationJob([channel], None, numberOfClasses=2, method="em-gmm", options={"max_iter": 5},
+                                 environment={**os.environ, "PYTHONPATH": str(decoy.parent)})
+    job.start()
+    job.wait(timeout=120)
+    try:
+        result = job.result()  # a WorkerError with the decoy's message if the wrong copy was imported
+    finally:
+        job.cleanup()
+    assert isinstance(result, SegmentationResult) and result.labels.shape == (1, 10, 10)
 
 
 def test_worker_crash_is_reported_with_its_output(tmp_path):
@@ -318,7 +340,7 @@ def test_fast_fit_sends_a_throttled_stream_of_progress_lines(tmp_path):
     finally:
         job.cleanup()
     fitting = [info for info in updates if info.stage == "fitting"]
-    assert result.numberOfIterations == 400 and fitting and fitting[-1].iteration == 400
+    assert result.n_iter == 400 and fitting and fitting[-1].iteration == 400
     # One line per 0.1 s at most (plus first and last), not one per iteration.
     assert len(fitting) <= 2 + result.seconds / worker.PROGRESS_INTERVAL_SECONDS + 1
     assert len(fitting) < 400

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from DeepGMMSegmentLib.cli import ProgressBar
+from DeepGMMSegmentLib.cli.common import ProgressBar
 from DeepGMMSegmentLib.cli.preview import OVERLAY_ALPHA, class_colors, render_preview, write_png
 
 from cli_phantoms import decode_png

@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[3]
 
 def test_options_and_result_load_without_torch():
     code = ("import sys; sys.modules['torch'] = None; "
-            "import DeepGMMSegmentLib.options, DeepGMMSegmentLib.result, DeepGMMSegmentLib.cli; "
-            "DeepGMMSegmentLib.cli.build_parser()")
+            "import DeepGMMSegmentLib.options, DeepGMMSegmentLib.result, DeepGMMSegmentLib.cli.segment; "
+            "DeepGMMSegmentLib.cli.segment.build_parser()")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO / "DeepGMMSegment")
 
 

@@ -235,9 +235,10 @@ def test_licence_is_apache_2_at_the_top():
 
 
 def test_forgotten_python_file_is_detected(tmp_path, moduleCMake):
-    broken = moduleCMake.replace("  ${MODULE_NAME}Lib/panel.py\n", "")
-    assert "Lib/panel.py" not in " ".join(cmakeVariables(broken)["MODULE_PYTHON_SCRIPTS"])
-    assert f"{MODULE_NAME}Lib/panel.py" in moduleFiles("*.py") - set(cmakeVariables(broken)["MODULE_PYTHON_SCRIPTS"])
+    broken = moduleCMake.replace("  ${MODULE_NAME}Lib/slicer_adapter/panel.py\n", "")
+    assert "Lib/slicer_adapter/panel.py" not in " ".join(cmakeVariables(broken)["MODULE_PYTHON_SCRIPTS"])
+    assert f"{MODULE_NAME}Lib/slicer_adapter/panel.py" in (moduleFiles("*.py")
+                                                           - set(cmakeVariables(broken)["MODULE_PYTHON_SCRIPTS"]))
 
 
 def test_cmake_parser_reads_quoted_values_and_ignores_comments():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from DeepGMMSegmentLib.options import parse_prior_means
 from DeepGMMSegmentLib.slicer_adapter import panel
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
 from DeepGMMSegmentLib.slicer_adapter.runner import ManualScheduler
@@ -29,7 +30,7 @@ def test_panel_run_prior_means_progress_and_comparison_table(mrmlScene, helpers)
     channels = panel.chosenChannels(selectors)
 
     # Prior means typed in the panel, brightest tissue first: class 1 becomes the brightest one.
-    priorMeans = panel.parsePriorMeans("300, 120; 200, 50; 100, 200", 3, len(channels))
+    priorMeans = parse_prior_means("300, 120; 200, 50; 100, 200", 3, len(channels)).tolist()  # as the widget does
     options = panel.engineOptions(maxIterations=60, tolerance=0.0, covarianceType="diag", priorMeans=priorMeans)
     scheduler = ManualScheduler()
     logic = DeepGMMSegmentLogic(scheduler=scheduler)

@@ -54,6 +54,7 @@ import stress_cases  # noqa: E402
 from evaluation import metrics  # noqa: E402
 
 OUR_METHODS = ("em-gmm", "em-svgmm", "deepg", "deepsvg")
+EM = ("em-gmm", "em-svgmm")
 DEEP = ("deepg", "deepsvg")
 # name -> (n_init, on z-scored voxels)
 SKLEARN_RUNS = {"sklearn-n1": (1, True), "sklearn-n10": (10, True),

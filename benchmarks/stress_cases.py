@@ -6,7 +6,8 @@ can be rebuilt alone (``make_case(137)``) and the same seed always gives the sam
 Every case is a piecewise-constant tissue map with Gaussian noise and a ground-truth label map:
 
 * layout: 2D (64..128 per side), 3D (3..24 slices of 32..64), 3D with 2 slices (48..96), or a 3D
-  volume of 18..24 slices of 32..48 with a mask box of exactly 16 slices (the two shapes that once gave a U-Net level of depth 2);
+  volume of 18..24 slices of 32..48 with a mask box of exactly 16 slices (the two shapes that once
+  gave a U-Net level of depth 2);
 * K = 2..8 classes, 1..4 channels;
 * geometry: smooth random blobs (thresholded smoothed noise) or Voronoi cells;
 * class sizes: balanced, imbalanced (Dirichlet 0.8, at least 2 %), or one tiny class (0.3..1.5 %);

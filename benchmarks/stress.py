@@ -35,6 +35,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -502,6 +503,10 @@ def parse_methods(values: list[str]) -> list[str]:
     return [m for m in ALL_METHODS if m in methods]
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -533,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         cache, output = args.cache or DEFAULT_CACHE, args.output or DEFAULT_PAGE
     if args.fresh and cache.exists():
         cache.unlink()
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` ends the run like Ctrl-C: the cache stays resumable
     start_load, start = os.getloadavg()[0], time.perf_counter()
     records = run_cases(cases, methods, cache, stress_cases.BASE_SEED, args.jobs)
     command = "python benchmarks/stress.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))

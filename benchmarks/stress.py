@@ -314,7 +314,10 @@ def goal_rows(records: dict, cases: list[int]) -> list[tuple[str, str, str]]:
     rows = []
     for method in OUR_METHODS:
         s = method_summary(records, method, cases)
-        verdict = "met" if s["crashes"] == 0 and s["runs"] else f"missed: {s['crashes']} crash(es)"
+        if not s["runs"]:
+            verdict = "not run"
+        else:
+            verdict = "met" if s["crashes"] == 0 else f"missed: {s['crashes']} crash(es)"
         rows.append((f"0 crashes: {method}", f"{s['crashes']} of {s['runs']}", verdict))
     em = method_summary(records, "em-gmm", cases)
     both = []

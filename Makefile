@@ -22,12 +22,13 @@ OUT := out
 # `make demo METHOD=em-gmm` gives a quick classic-EM run instead of the default deepSVG fit.
 METHOD ?= deepsvg
 
-.PHONY: help demo test benchmark evaluate clean distclean
+.PHONY: help demo test benchmark stress evaluate clean distclean
 
 help:
 	@echo "make demo       create .venv, install, segment the bundled MNI152 sample into $(OUT)/ (METHOD=em-gmm: quick)"
 	@echo "make test       create .venv with the test extras and run the whole pytest suite"
 	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deepsvg throughput) -> docs/benchmarks.md"
+	@echo "make stress     randomized stress benchmark: 320 phantoms, our 4 methods vs scikit-learn -> docs/robustness.md (long; QUICK=1: 12 cases)"
 	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152 -> docs/evaluation.md (~30 min; QUICK=1 smoke run)"
 	@echo "make clean      remove $(OUT)/, build artefacts and caches (keeps .venv)"
 	@echo "make distclean  clean, and remove .venv"
@@ -61,6 +62,11 @@ test: $(TEST_STAMP)
 
 benchmark: $(TEST_STAMP)
 	$(PY) benchmarks/bench_engine.py
+
+# From scratch (--fresh): every case and method again, then docs/robustness.md. An interrupted run
+# resumes with `$(PY) benchmarks/stress.py` (no --fresh). QUICK=1: 12 cases into out/stress-quick/.
+stress: $(TEST_STAMP)
+	$(PY) benchmarks/stress.py --fresh $(if $(QUICK),--quick)
 
 $(EVAL_STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet "$(TORCH_REQUIREMENT)"

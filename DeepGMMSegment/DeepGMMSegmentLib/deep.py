@@ -140,9 +140,12 @@ def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, ne
     for the per-slice 2D network, at the same Dice on the clean image (0.846 vs 0.850), for about
     twice the time per iteration. deepg gets the 2D network: on the clean 2 mm MNI T1 its 3D fit
     ended at mean Dice 0.801 against 0.847 per slice (learning rate 1e-2; 0.69 at 3e-3).
+    Volumes of 1 or 2 slices always get the 2D network.
     """
     if len(shape) == 2 or network == "2d" or (network == "auto" and method == "deepg"):
         return 2, False
+    if network in ("auto", "3d") and shape[0] <= 2:
+        return 2, False  # a 3D level 2 slices thick is what broke oneDNN's bfloat16 backward (networks.py)
     if network not in ("auto", "3d"):
         raise ValueError(f"Unknown network {network!r}: use 'auto', '2d' or '3d'.")
     thick = False

@@ -65,7 +65,7 @@ class DeepSettings:
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
     # cannot copy the voxel-by-voxel noise of a soft EM posterior, so the NLL gap alone often
     # stays open: 0.05 nats after 300 steps on a 3-class phantom whose labels it matched.)
-    warm_start_iter: int = 150
+    warm_start_iter: int = 100
     warm_start_gap: float = 0.02
     warm_start_agreement: float = 0.98
     covariance_type: str = "full"

@@ -30,6 +30,9 @@ Reporter = Callable[[int, int, float], None]
 DEFAULT_N_INIT = 5
 # Rows the starts run on: the unique intensity tuples when there are no more, else a subsample.
 START_SAMPLES = 20_000
+# Each start's EM (and the GMM that em-svgmm starts from) runs at most this long, whatever the
+# final run's max_iter and tol: a caller asking for max_iter=10**7, tol=0 still sees progress.
+START_MAX_ITER, START_TOL = 200, 1e-5
 
 
 @dataclass
@@ -143,7 +146,8 @@ def best_start(
 
     "Best" is the lowest final mean NLL. The starts run on at most ``max_samples`` rows (the
     unique tuples with their counts when few enough, else a subsample), so the cost of extra starts
-    does not grow with the volume; the caller refines the winner on all voxels.
+    does not grow with the volume; the caller refines the winner on all voxels. Each start's EM
+    stops after min(max_iter, START_MAX_ITER) iterations or a change below max(tol, START_TOL).
     """
     data, weight = _start_sample(x, sample_weight, max_samples, generator)
     report = None if check_cancel is None else (lambda *_: check_cancel())
@@ -151,8 +155,9 @@ def best_start(
     for _ in range(n_init):
         log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, weight)
         _, params, log_w, history, _, _ = _iterate(
-            data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type, max_iter=max_iter,
-            tol=tol, reg_covar=reg_covar, counts=weight, report=report,
+            data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type,
+            max_iter=min(max_iter, START_MAX_ITER), tol=max(tol, START_TOL), reg_covar=reg_covar, counts=weight,
+            report=report,
         )
         if best is None or history[-1] < best[0]:
             best = (history[-1], log_w, params)
@@ -278,7 +283,8 @@ def fit_svgmm(
     each iteration sets them to the current posterior. Its NLL is -mean_i log sum_k pi_ik N_k(x_i).
     """
     if start is None:
-        start = fit_gmm(x, n_classes, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
+        start = fit_gmm(x, n_classes, covariance_type=covariance_type, max_iter=min(max_iter, START_MAX_ITER),
+                        tol=max(tol, START_TOL),
                         reg_covar=reg_covar, generator=generator, means_init=means_init, n_init=n_init,
                         check_cancel=check_cancel,
                         report=None if check_cancel is None else (lambda *_: check_cancel()))

@@ -1,14 +1,13 @@
 """Issue 9, items 1-3: no crash on the shapes that broke oneDNN's bfloat16 kernel, guarded steps,
 covariance repair, several EM starts, and deep fits that keep what EM found."""
 
-import math
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from DeepGMMSegmentLib import deep, em, gmm, segment
+from DeepGMMSegmentLib import SegmentationCancelled, em, gmm, segment
 from DeepGMMSegmentLib.deep import DeepSettings, fit_deep
 from DeepGMMSegmentLib.networks import UNet, resolve_precision
 from phantoms import blob_phantom
@@ -190,3 +189,11 @@ def test_a_class_with_almost_no_voxels_is_warned_about():
         warnings.simplefilter("error")  # a fitting K warns about nothing
         ok = segment(img[1:].astype(np.float32), 2, method="em-gmm", mask=np.ones((59, 60), bool))
     assert ok.notes == []
+
+
+@pytest.mark.parametrize("method", ["em-gmm", "em-svgmm"])
+def test_starts_are_bounded_when_the_final_run_is_not(method):
+    # max_iter=10**7, tol=0 must not make the n_init starts run forever before the first report
+    channels, _, _ = blob_phantom((24, 24), n_classes=3, n_channels=1, seed=0)
+    with pytest.raises(SegmentationCancelled):
+        segment(channels, 3, method=method, max_iter=10**7, tol=0.0, progress=lambda *_: False)

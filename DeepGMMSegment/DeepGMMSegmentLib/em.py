@@ -9,6 +9,7 @@ cost. (An SVGMM has per-voxel weights, so it always works voxel by voxel.)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,6 +19,20 @@ from . import gmm
 
 # report(iteration, max_iterations, nll) is called once per iteration; it may raise to cancel.
 Reporter = Callable[[int, int, float], None]
+
+# Starts (k-means++ + EM) per fit, the best final NLL wins. Measured on 18 generated phantoms
+# (Testing/Python/core/random_phantoms.py, seeds 4..22 without the one with a constant channel:
+# 2D/3D, K 2..7, 1..4 channels, imbalanced and tiny classes, collinear channels, with and
+# without a mask) against scikit-learn GaussianMixture(n_init=10): final NLL no worse than
+# scikit-learn's (+1e-3) in 15/18 cases with n_init=1, 16/18 with 3, 17/18 with 5; matched Dice
+# within 0.02 of scikit-learn's in 15/18, 17/18, 18/18. The starts run on at most START_SAMPLES
+# rows, so the extra cost does not grow with the volume.
+DEFAULT_N_INIT = 5
+# Rows the starts run on: the unique intensity tuples when there are no more, else a subsample.
+START_SAMPLES = 20_000
+# Each start's EM (and the GMM that em-svgmm starts from) runs at most this long, whatever the
+# final run's max_iter and tol: a caller asking for max_iter=10**7, tol=0 still sees progress.
+START_MAX_ITER, START_TOL = 200, 1e-5
 
 
 @dataclass
@@ -30,6 +45,22 @@ class MixtureFit:
     nll_history: list[float] = field(default_factory=list)
     n_iter: int = 0
     converged: bool = False
+    notes: list[str] = field(default_factory=list)  # what the fit did that the user should know
+
+
+def _start_sample(
+    x: torch.Tensor, sample_weight: torch.Tensor | None, max_samples: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At most ``max_samples`` rows of x (drawn by weight when weighted) and their weights."""
+    v = x.shape[0]
+    if v <= max_samples:
+        return x, sample_weight
+    if sample_weight is None:
+        idx = torch.randperm(v, generator=generator)[:max_samples]
+    else:
+        idx = torch.multinomial(sample_weight.detach().cpu().double(), max_samples, replacement=True,
+                                generator=generator)
+    return x[idx.to(x.device)], None
 
 
 def kmeans_plus_plus(
@@ -37,38 +68,42 @@ def kmeans_plus_plus(
     n_classes: int,
     generator: torch.Generator,
     sample_weight: torch.Tensor | None = None,
-    max_samples: int = 100_000,
-    lloyd_iterations: int = 20,
+    max_samples: int = 20_000,
+    max_lloyd: int = 300,
 ) -> torch.Tensor:
-    """k-means++ seeding followed by a few Lloyd steps on a weighted subsample; returns (K, C) centres."""
-    v = x.shape[0]
-    probs = torch.ones(v, device=x.device) if sample_weight is None else sample_weight.float()
-    if v > max_samples:
-        idx = torch.multinomial(probs.cpu(), max_samples, replacement=True, generator=generator).to(x.device)
-        sample, w = x[idx], torch.ones(max_samples, dtype=x.dtype, device=x.device)
-    else:
-        sample, w = x, probs.to(x.dtype)
-    first = torch.multinomial(w.cpu().float(), 1, generator=generator).item()
+    """Greedy k-means++ seeding, then Lloyd until no point changes cluster; returns (K, C) centres.
+
+    Greedy seeding (as in scikit-learn): each new centre is the best of 2 + ln K candidates drawn
+    by D^2 weighting, the one that lowers the total squared distance most; plain D^2 seeding often
+    splits a large class and merges a small one. Runs on a weighted subsample of ``max_samples``.
+    """
+    sample, w = _start_sample(x, sample_weight, max_samples, generator)
+    w = torch.ones(sample.shape[0], dtype=torch.float64, device=x.device) if w is None else w.to(torch.float64)
+    n_trials = 2 + int(math.log(n_classes))
+    first = torch.multinomial(w.cpu(), 1, generator=generator).item()
     centres = [sample[first]]
-    closest = ((sample - centres[0]) ** 2).sum(1)
+    closest = ((sample - centres[0]) ** 2).sum(1).double()
     for _ in range(1, n_classes):
-        scores = (closest * w).cpu().double()
+        scores = (closest * w).cpu()
         if scores.sum() <= 0:  # every sample sits on a centre already
-            scores = w.cpu().double()
-        nxt = torch.multinomial(scores, 1, generator=generator).item()
-        centres.append(sample[nxt])
-        closest = torch.minimum(closest, ((sample - sample[nxt]) ** 2).sum(1))
+            scores = w.cpu()
+        candidates = torch.multinomial(scores, n_trials, replacement=True, generator=generator).to(x.device)
+        dist = torch.cdist(sample[candidates], sample).double() ** 2  # (trials, S)
+        trial_closest = torch.minimum(closest[None], dist)
+        best = int((trial_closest * w).sum(1).argmin())
+        centres.append(sample[candidates[best]])
+        closest = trial_closest[best]
     c = torch.stack(centres)
-    for _ in range(lloyd_iterations):
-        assign = torch.cdist(sample, c).argmin(1)
-        onehot = torch.nn.functional.one_hot(assign, n_classes).to(x.dtype) * w[:, None]
-        mass = onehot.sum(0)
-        new = (onehot.T @ sample) / mass.clamp_min(1e-12)[:, None]
-        new = torch.where(mass[:, None] > 0, new, c)  # keep an empty cluster's centre
-        if torch.allclose(new, c, atol=1e-6):
-            c = new
+    assign = None
+    for _ in range(max_lloyd):
+        new_assign = torch.cdist(sample, c).argmin(1)
+        if assign is not None and torch.equal(new_assign, assign):
             break
-        c = new
+        assign = new_assign
+        onehot = torch.nn.functional.one_hot(assign, n_classes).to(torch.float64) * w[:, None]
+        mass = onehot.sum(0)
+        new = ((onehot.T @ sample.double()) / mass.clamp_min(1e-12)[:, None]).to(x.dtype)
+        c = torch.where(mass[:, None] > 0, new, c)  # keep an empty cluster's centre
     return c
 
 
@@ -87,10 +122,46 @@ def initial_parameters(
     resp = torch.nn.functional.one_hot(assign, n_classes).to(x.dtype)
     nk, params = gmm.weighted_mstep(x, resp, covariance_type, reg_covar, sample_weight)
     if means_init is not None:
-        params = gmm.make_parameters(means_init.to(x.dtype), params.covariances, covariance_type)
+        params = gmm.make_parameters(means_init.to(params.means.dtype), params.covariances, covariance_type)
     # An empty class would get weight 0 (log -inf); give it a small share instead.
     weights = (nk / nk.sum()).clamp_min(1e-6)
     return torch.log(weights / weights.sum()), params
+
+
+def best_start(
+    x: torch.Tensor,
+    n_classes: int,
+    *,
+    n_init: int,
+    covariance_type: str,
+    reg_covar: float,
+    max_iter: int,
+    tol: float,
+    generator: torch.Generator,
+    sample_weight: torch.Tensor | None = None,
+    max_samples: int = START_SAMPLES,
+    check_cancel: Callable[[], None] | None = None,
+) -> tuple[torch.Tensor, gmm.GaussianParameters]:
+    """The (log weights, parameters) of the best of ``n_init`` k-means++ starts, each run by EM to convergence.
+
+    "Best" is the lowest final mean NLL. The starts run on at most ``max_samples`` rows (the
+    unique tuples with their counts when few enough, else a subsample), so the cost of extra starts
+    does not grow with the volume; the caller refines the winner on all voxels. Each start's EM
+    stops after min(max_iter, START_MAX_ITER) iterations or a change below max(tol, START_TOL).
+    """
+    data, weight = _start_sample(x, sample_weight, max_samples, generator)
+    report = None if check_cancel is None else (lambda *_: check_cancel())
+    best: tuple[float, torch.Tensor, gmm.GaussianParameters] | None = None
+    for _ in range(n_init):
+        log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, weight)
+        _, params, log_w, history, _, _ = _iterate(
+            data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type,
+            max_iter=min(max_iter, START_MAX_ITER), tol=max(tol, START_TOL), reg_covar=reg_covar, counts=weight,
+            report=report,
+        )
+        if best is None or history[-1] < best[0]:
+            best = (history[-1], log_w, params)
+    return best[1], best[2]
 
 
 def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -161,19 +232,26 @@ def fit_gmm(
     init: tuple[torch.Tensor, gmm.GaussianParameters] | None = None,
     report: Reporter | None = None,
     compress: bool = True,
+    n_init: int = 1,
+    check_cancel: Callable[[], None] | None = None,
 ) -> MixtureFit:
     """EM for a Gaussian mixture with global weights.
 
     ``init`` = (log weights, parameters) starts from given parameters (used to compare with
-    scikit-learn); otherwise k-means++ (or ``means_init``) initialises. Stops when the mean NLL
-    changes by less than ``tol`` or after ``max_iter`` iterations.
+    scikit-learn); ``means_init`` starts from given means; otherwise the best of ``n_init``
+    k-means++ starts (:func:`best_start`) does. Stops when the mean NLL changes by less than
+    ``tol`` or after ``max_iter`` iterations; ``report`` sees the iterations of this final run.
     """
     packed = _compress(x) if compress else None
     data, inverse, counts = (x, None, None) if packed is None else packed
-    if init is None:
+    if init is not None:
+        log_w, params = init
+    elif means_init is not None or n_init <= 1:
         log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, counts, means_init)
     else:
-        log_w, params = init
+        log_w, params = best_start(data, n_classes, n_init=n_init, covariance_type=covariance_type,
+                                   reg_covar=reg_covar, max_iter=max_iter, tol=tol, generator=generator,
+                                   sample_weight=counts, check_cancel=check_cancel)
     log_resp, params, log_w, history, n_iter, converged = _iterate(
         data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
         reg_covar=reg_covar, counts=counts, report=report,
@@ -194,17 +272,24 @@ def fit_svgmm(
     generator: torch.Generator,
     means_init: torch.Tensor | None = None,
     report: Reporter | None = None,
+    n_init: int = 1,
+    check_cancel: Callable[[], None] | None = None,
+    start: MixtureFit | None = None,
 ) -> MixtureFit:
     """EM for the spatially variant GMM (one weight vector per voxel, no spatial prior).
 
-    Maximum-likelihood SVGMM as in the paper's baseline: the per-voxel weights are initialised
-    with the posterior of the initial GMM, and each iteration sets them to the current posterior.
-    Its NLL is -mean_i log sum_k pi_ik N_k(x_i).
+    Maximum-likelihood SVGMM as in the paper's baseline: the per-voxel weights start at the
+    posterior of the GMM that em-gmm fits (``start``, or fitted here with the same starts), and
+    each iteration sets them to the current posterior. Its NLL is -mean_i log sum_k pi_ik N_k(x_i).
     """
-    log_w, params = initial_parameters(x, n_classes, covariance_type, reg_covar, generator, None, means_init)
-    log_pi, _ = gmm.posterior(log_w, gmm.log_gaussian(x, params))
+    if start is None:
+        start = fit_gmm(x, n_classes, covariance_type=covariance_type, max_iter=min(max_iter, START_MAX_ITER),
+                        tol=max(tol, START_TOL),
+                        reg_covar=reg_covar, generator=generator, means_init=means_init, n_init=n_init,
+                        check_cancel=check_cancel,
+                        report=None if check_cancel is None else (lambda *_: check_cancel()))
     log_resp, params, _, history, n_iter, converged = _iterate(
-        x, log_pi, params, per_voxel_weights=True, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
-        reg_covar=reg_covar, counts=None, report=report,
+        x, start.log_resp.clamp_min(-30.0), start.params, per_voxel_weights=True, covariance_type=covariance_type,
+        max_iter=max_iter, tol=tol, reg_covar=reg_covar, counts=None, report=report,
     )
     return MixtureFit(log_resp, params, log_resp.exp().mean(0), history, n_iter, converged)

@@ -9,6 +9,7 @@ input's intensity units and returns a :class:`SegmentationResult`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import em
-from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, deep_gmm_loss, fit_deep
+from . import em, gmm
+from .deep import DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, fit_deep, voxel_objective
 from .networks import check_precision
 from .gmm import COVARIANCE_TYPES, GaussianParameters
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("deepsvg", "deepg", "em-gmm", "em-svgmm")
 EM_METHODS = ("em-gmm", "em-svgmm")
@@ -36,7 +39,11 @@ COMMON_OPTIONS: dict[str, Any] = {
     "cancel_event": None,  # anything with is_set(); checked every iteration
     "model": None,  # path of a trained model file (deep methods; see training.py)
     "fine_tune": 0,  # per-image steps after loading ``model``
+    "n_init": em.DEFAULT_N_INIT,  # k-means++ starts of the EM fit; the best final NLL wins (all methods)
 }
+# A class holding less than this share of the mask voxels is "almost none", more than
+# 1 - this share "almost all": K is probably wrong for what the image holds.
+CLASS_SHARE_WARNING = 0.001
 DEEP_OPTIONS = {f.name: f.default for f in dataclasses.fields(DeepSettings)}
 for _name in ("covariance_type", "reg_covar", "prior_weight", "max_iter", "tol"):
     DEEP_OPTIONS.pop(_name, None)
@@ -219,6 +226,9 @@ def _resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         if isinstance(resolved["learning_rate"], bool) or not isinstance(resolved["learning_rate"], (int, float)) \
                 or not resolved["learning_rate"] > 0:
             raise ValueError(f"learning_rate must be a number > 0, got {resolved['learning_rate']!r}.")
+    n_init = resolved["n_init"]
+    if isinstance(n_init, bool) or not isinstance(n_init, (int, np.integer)) or n_init < 1:
+        raise ValueError(f"n_init must be an integer >= 1 (number of k-means++ starts), got {n_init!r}.")
     if resolved["model"] is not None and method not in DEEP_METHODS:
         raise ValueError(f"A trained model can only be used with the deep methods (deepg, deepsvg), not {method!r}.")
     return resolved
@@ -297,13 +307,19 @@ def segment(
         to cancel (raises :class:`SegmentationCancelled`).
     **options
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
-        ((K, C), input units), ``prior_weight``, ``cancel_event``; deep methods also ``network``,
+        ((K, C), input units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
+        the EM fit, default 5; every method starts from its winner); deep methods also ``network``,
         ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"none"),
         ``warm_start_iter``, ``smoothness`` (weight of the spatial prior; default 0.3 for deepsvg,
         0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
     ``prior_means`` are given, in which case class k is the k-th prior row.
+
+    Anything the fit had to work around (a skipped training step, a class that emptied, a class
+    holding almost all or almost none of the mask) is listed in ``result.notes``, logged and
+    warned about (``RuntimeWarning``). A fit that fails numerically raises
+    :class:`~DeepGMMSegmentLib.gmm.FitError` naming what failed and what to change.
     """
     start = time.perf_counter()
     method = method.lower() if isinstance(method, str) else method
@@ -322,8 +338,10 @@ def segment(
     requested = device
     dev = resolve_device(device)
     notes: list[str] = []
+    run = lambda device: _run_explained(data, m, n_classes, method, opts, spacing_t, prior, device, seed,  # noqa: E731
+                                        progress, start)
     try:
-        fit, centre, scale = _run(data, m, n_classes, method, opts, spacing_t, prior, dev, seed, progress, start)
+        fit, centre, scale = run(dev)
     except torch.OutOfMemoryError:
         if not (isinstance(requested, str) and requested.strip().lower() == "auto") or dev.type == "cpu":
             raise
@@ -332,8 +350,43 @@ def segment(
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         notes.append(msg)
         dev = torch.device("cpu")
-        fit, centre, scale = _run(data, m, n_classes, method, opts, spacing_t, prior, dev, seed, progress, start)
+        fit, centre, scale = run(dev)
+    notes += fit.notes + _class_share_notes(fit, n_classes, mask is None)  # fit notes were warned about already
     return _build_result(fit, m, centre, scale, n_classes, method, opts, fixed_identity, dev, start, notes)
+
+
+def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
+    """:func:`_run`, turning a numerical failure into a :class:`gmm.FitError` that says what to change."""
+    try:
+        return _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start)
+    except gmm.FitError as error:
+        raise gmm.FitError(f"The {method} fit with {n_classes} classes failed: {error}") from None
+    except torch.linalg.LinAlgError as error:
+        raise gmm.FitError(
+            f"The {method} fit with {n_classes} classes failed in a linear-algebra step ({error}). Use a larger "
+            "reg_covar (e.g. 1e-3), fewer classes, covariance_type='diag', or precision='float32'."
+        ) from None
+
+
+def _class_share_notes(fit: em.MixtureFit, n_classes: int, no_mask: bool) -> list[str]:
+    """Warnings for classes that hold almost none or almost all of the mask voxels (K is probably wrong)."""
+    counts = torch.bincount(fit.log_resp.argmax(1), minlength=n_classes).cpu().numpy()
+    shares = counts / max(counts.sum(), 1)
+    hint = (" Without a mask the background is a class too: count it in n_classes or give a mask."
+            if no_mask else "")
+    notes = []
+    if shares.max() > 1 - CLASS_SHARE_WARNING:
+        notes.append(f"One class holds {100 * shares.max():.2f} % of the mask voxels: n_classes={n_classes} may be "
+                     f"too large for what the image holds (try fewer classes), or the classes differ too little.{hint}")
+    elif shares.min() < CLASS_SHARE_WARNING:
+        n_small = int((shares < CLASS_SHARE_WARNING).sum())
+        notes.append(f"{n_small} class(es) hold less than {100 * CLASS_SHARE_WARNING:g} % of the mask voxels "
+                     f"(smallest: {int(counts.min())} voxels): n_classes={n_classes} may be too large for what "
+                     f"the image holds (try n_classes={n_classes - n_small}).{hint}")
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        logger.warning(note)
+    return notes
 
 
 def _check_spacing(spacing: Sequence[float] | None, ndim: int) -> tuple[float, ...] | None:
@@ -379,10 +432,14 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         if progress is not None and progress(iteration, max_iterations, nll, time.perf_counter() - start) is False:
             raise SegmentationCancelled("Segmentation cancelled by the progress callback.")
 
+    def check_cancel() -> None:
+        if cancel_event is not None and cancel_event.is_set():
+            raise SegmentationCancelled("Segmentation cancelled.")
+
     generator = torch.Generator().manual_seed(int(seed))
     em_kwargs = dict(
         covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), generator=generator,
-        means_init=prior_norm,
+        means_init=prior_norm, n_init=int(opts["n_init"]), check_cancel=check_cancel,
     )
     if method == "em-gmm":
         fit = em.fit_gmm(xv, n_classes, max_iter=int(opts["max_iter"]), tol=float(opts["tol"]), report=report,
@@ -414,7 +471,9 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             return fit, centre, scale
         warm = None
         if settings.warm_start == "em":
-            warm_fit = em.fit_gmm(xv, n_classes, max_iter=100, tol=1e-4, **em_kwargs)
+            # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
+            warm_fit = em.fit_gmm(xv, n_classes, max_iter=EM_DEFAULTS["max_iter"], tol=EM_DEFAULTS["tol"],
+                                  report=lambda *_: check_cancel(), **em_kwargs)
             warm = warm_fit.log_resp
         elif settings.warm_start not in ("em", "none"):
             raise ValueError(f"Unknown warm_start {settings.warm_start!r}: use 'em' or 'none'.")
@@ -427,11 +486,7 @@ def _fit_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, method: str, se
                        history: list[float], n_iter: int) -> em.MixtureFit:
     """Closed-form M-step and NLL for responsibilities predicted by a trained network."""
     with torch.no_grad():
-        x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the mask voxels
-        lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
-        m = torch.ones((1, xv.shape[0], 1), dtype=torch.bool, device=xv.device)
-        _, nll, fitted = deep_gmm_loss(x, lr, m, method, settings.covariance_type, None, 0.0, settings.reg_covar)
-    weights, params = fitted[0]
+        _, nll, (weights, params) = voxel_objective(xv, log_resp, method, settings)
     hist = list(history) + [nll.item()]
     return em.MixtureFit(log_resp, params, weights, hist, n_iter, True)
 

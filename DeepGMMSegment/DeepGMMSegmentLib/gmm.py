@@ -4,6 +4,12 @@ All functions work on flattened voxels: ``x`` has shape (V, C) (V voxels, C chan
 responsibilities / weights have shape (V, K). Everything is in the log domain so no density
 underflows, and every covariance gets a floor (``reg_covar`` added to its diagonal) so no class
 can collapse onto a handful of voxels.
+
+Precision: sums over voxels (class masses, means, covariances, the mean NLL) accumulate in
+float64 and the Cholesky factorisation runs in float64, whatever the voxels' dtype (a network
+may produce its responsibilities in bfloat16); per-voxel densities use the voxels' dtype, at
+least float32. Before factorisation every covariance is repaired (:func:`repair_covariances`),
+so identical or nearly collinear channels never make a factorisation fail.
 """
 
 from __future__ import annotations
@@ -14,6 +20,14 @@ from dataclasses import dataclass
 import torch
 
 COVARIANCE_TYPES = ("full", "diag")
+ACCUMULATE = torch.float64
+# Smallest eigenvalue a covariance keeps, relative to the channel variances, before reg_covar is
+# added: enough for a float64 Cholesky of two identical channels even with reg_covar = 0.
+MIN_RELATIVE_EIGENVALUE = 1e-6
+
+
+class FitError(RuntimeError):
+    """A mixture fit failed numerically; the message names what failed and what to change."""
 
 
 @dataclass
@@ -37,12 +51,61 @@ class GaussianParameters:
 
 
 def make_parameters(means: torch.Tensor, covariances: torch.Tensor, covariance_type: str) -> GaussianParameters:
-    """Wrap means and covariances, computing the Cholesky factors once."""
+    """Wrap means and covariances, computing the Cholesky factors once (in float64).
+
+    Raises :class:`FitError` (never a raw ``LinAlgError``) when a covariance is not finite or
+    not positive definite.
+    """
+    cov = covariances.to(ACCUMULATE)
+    if not bool(torch.isfinite(cov).all()) or not bool(torch.isfinite(means).all()):
+        raise FitError(
+            "The class covariances or means became NaN or infinite (the class probabilities were not finite). "
+            "Try precision='float32', a smaller learning_rate, or method='em-gmm'."
+        )
     if covariance_type == "full":
-        cholesky = torch.linalg.cholesky(covariances)
+        cholesky, info = torch.linalg.cholesky_ex(cov)
+        if bool((info > 0).any()):
+            raise FitError(
+                f"A class covariance is not positive definite (class {int((info > 0).nonzero()[0, 0]) + 1}). "
+                "Use a larger reg_covar (e.g. 1e-3), fewer classes, or covariance_type='diag'."
+            )
     else:
-        cholesky = covariances.sqrt()
+        if bool((cov <= 0).any()):
+            raise FitError("A class variance is zero: use a larger reg_covar (e.g. 1e-3) or fewer classes.")
+        cholesky = cov.sqrt()
     return GaussianParameters(means, covariances, covariance_type, cholesky)
+
+
+def channel_variances(x: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Variance of each channel over all voxels (float64, (C,)), honouring voxel multiplicities."""
+    with torch.no_grad():
+        x64 = x.detach().to(ACCUMULATE)
+        w = torch.ones(x.shape[0], dtype=ACCUMULATE, device=x.device) if sample_weight is None \
+            else sample_weight.detach().to(ACCUMULATE)
+        total = w.sum()
+        mean = (w @ x64) / total
+        return (w @ (x64 - mean) ** 2) / total
+
+
+def repair_covariances(cov: torch.Tensor, channel_var: torch.Tensor) -> torch.Tensor:
+    """Symmetrise (K, C, C) covariances and floor their eigenvalues relative to the channel variances.
+
+    With D = diag(channel_var), the smallest eigenvalue of D^-1/2 Sigma D^-1/2 is raised to
+    MIN_RELATIVE_EIGENVALUE by adding a multiple of D (a shift, so gradients never go through an
+    eigendecomposition). Rounding can make the covariance of identical or collinear channels
+    slightly indefinite; this makes it safely positive definite.
+    """
+    cov = 0.5 * (cov + cov.transpose(-1, -2))
+    if not bool(torch.isfinite(cov).all()):
+        return cov  # make_parameters reports it
+    scale = channel_var.clamp_min(torch.finfo(ACCUMULATE).tiny).sqrt()
+    with torch.no_grad():
+        scaled = cov.detach() / (scale[:, None] * scale[None, :])
+        lowest = torch.linalg.eigvalsh(scaled)[..., 0]  # (K,)
+        shift = (MIN_RELATIVE_EIGENVALUE - lowest).clamp_min(0)
+    if bool((shift > 0).any()):
+        cov = cov + shift[:, None, None] * torch.diag_embed(channel_var)
+    return cov
 
 
 def weighted_mstep(
@@ -55,43 +118,52 @@ def weighted_mstep(
     """Closed-form M-step: class masses, means and covariances from soft assignments.
 
     Differentiable (used inside the deep loss). ``sample_weight`` (V,) multiplies every voxel's
-    contribution (voxel multiplicities for EM on unique intensity tuples).
-    Returns (n_k of shape (K,), parameters).
+    contribution (voxel multiplicities for EM on unique intensity tuples). Sums run in float64:
+    the second moments about the overall mean (x is centred first, so nothing cancels badly) come
+    from one (K, V) @ (V, C*C) product, cheaper than a centred (V, K, C) tensor per class.
+    Returns (n_k of shape (K,), float64 parameters).
     """
-    w = resp if sample_weight is None else resp * sample_weight[:, None]
-    nk = w.sum(0) + 10 * torch.finfo(x.dtype).eps
-    means = (w.T @ x) / nk[:, None]
-    if covariance_type == "full":
-        # sum_i w_ik x_i x_i^T / n_k - mu mu^T would lose precision; centre first. One einsum for
-        # all classes is several times faster than a loop over them.
-        c = means.shape[1]
-        diff = x.unsqueeze(1) - means.unsqueeze(0)  # (V, K, C)
-        cov = torch.einsum("vk,vkc,vkd->kcd", w, diff, diff) / nk[:, None, None]
-        cov = cov + reg_covar * torch.eye(c, dtype=x.dtype, device=x.device)
-    elif covariance_type == "diag":
-        sq = (w.T @ (x * x)) / nk[:, None]
-        cov = (sq - means * means).clamp_min(0) + reg_covar
-    else:
+    if covariance_type not in COVARIANCE_TYPES:
         raise ValueError(f"Unknown covariance_type {covariance_type!r}: use 'full' or 'diag'.")
-    return nk, make_parameters(means, cov, covariance_type)
+    w = (resp if sample_weight is None else resp * sample_weight[:, None]).to(ACCUMULATE)
+    with torch.no_grad():
+        x64 = x.detach().to(ACCUMULATE)
+        total = w.detach().sum()
+        centre = (w.detach().sum(1) @ x64) / total
+        xc = x64 - centre
+        channel_var = (w.detach().sum(1) @ xc**2) / total
+    nk = w.sum(0) + 10 * torch.finfo(torch.float32).eps
+    means_c = (w.T @ xc) / nk[:, None]
+    c = x.shape[1]
+    if covariance_type == "full":
+        second = (w.T @ (xc[:, :, None] * xc[:, None, :]).reshape(-1, c * c)).reshape(-1, c, c)
+        cov = second / nk[:, None, None] - means_c[:, :, None] * means_c[:, None, :]
+        cov = repair_covariances(cov, channel_var)
+        cov = cov + reg_covar * torch.eye(c, dtype=ACCUMULATE, device=x.device)
+    else:
+        cov = ((w.T @ xc**2) / nk[:, None] - means_c**2).clamp_min(0)
+        cov = torch.maximum(cov, MIN_RELATIVE_EIGENVALUE * channel_var) + reg_covar
+    return nk, make_parameters(means_c + centre, cov, covariance_type)
 
 
 def log_gaussian(x: torch.Tensor, params: GaussianParameters) -> torch.Tensor:
-    """Log-density of every voxel under every Gaussian: (V, C) -> (V, K)."""
+    """Log-density of every voxel under every Gaussian: (V, C) -> (V, K), in x's dtype (>= float32)."""
     c = x.shape[1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
     const = c * math.log(2 * math.pi)
+    means = params.means.to(dtype)
     if params.covariance_type == "full":
         # Solve L y = (x - mu) for all classes at once: (K, C, V).
-        diff = x.T.unsqueeze(0) - params.means.unsqueeze(-1)
-        y = torch.linalg.solve_triangular(params.cholesky, diff, upper=False)
+        diff = x.T.unsqueeze(0) - means.unsqueeze(-1)
+        y = torch.linalg.solve_triangular(params.cholesky.to(dtype), diff, upper=False)
         maha = (y * y).sum(1)  # (K, V)
-        logdet = 2 * torch.log(torch.diagonal(params.cholesky, dim1=-2, dim2=-1)).sum(-1)  # (K,)
+        logdet = 2 * torch.log(torch.diagonal(params.cholesky, dim1=-2, dim2=-1)).sum(-1).to(dtype)  # (K,)
         return -0.5 * (const + logdet[:, None] + maha).T
-    precision_sqrt = 1.0 / params.cholesky  # (K, C)
     # ||(x - mu) / sigma||^2 expanded so no (V, K, C) tensor is built.
-    p2 = precision_sqrt**2
-    maha = (x * x) @ p2.T - 2 * x @ (params.means * p2).T + (params.means**2 * p2).sum(-1)
-    logdet = 2 * torch.log(params.cholesky).sum(-1)
+    p2 = (1.0 / params.cholesky**2).to(dtype)  # (K, C)
+    maha = (x * x) @ p2.T - 2 * x @ (means * p2).T + (means**2 * p2).sum(-1)
+    logdet = 2 * torch.log(params.cholesky).sum(-1).to(dtype)
     return -0.5 * (const + logdet + maha)
 
 
@@ -108,7 +180,9 @@ def posterior(log_weights: torch.Tensor, log_dens: torch.Tensor) -> tuple[torch.
 
 
 def weighted_mean(values: torch.Tensor, sample_weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean over voxels, honouring voxel multiplicities."""
+    """Mean over voxels (accumulated in float64), honouring voxel multiplicities."""
+    values = values.to(ACCUMULATE)
     if sample_weight is None:
         return values.mean()
+    sample_weight = sample_weight.to(ACCUMULATE)
     return (values * sample_weight).sum() / sample_weight.sum()

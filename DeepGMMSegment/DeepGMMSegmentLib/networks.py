@@ -5,6 +5,12 @@
 pools or upsamples along z, which suits thick-slice acquisitions (few slices, coarse z spacing).
 Inputs of any size are padded internally to a multiple of the total pooling factor.
 
+The 3D network never has a level that is 2 voxels thick along any axis: oneDNN's bfloat16
+backward pass of ``Conv3d`` (torch 2.13, AVX-512 BF16 CPU) returned NaN or 1e20..1e33 in a random
+fraction of calls on such levels (a 16-slice box: levels 16/8/4/2; 2-slice volumes). So an axis is
+pooled only while the next level keeps at least 3 voxels, and an axis of 2 is padded to 3.
+:func:`guarded_step` is the second line of defence for any optimiser step.
+
 Speed: the network keeps its weights and activations channels-last (oneDNN's fast layout on the
 CPU) and can run its convolutions in bfloat16 (``precision``); the logits are always float32,
 so the mixture maths downstream keeps full precision.
@@ -12,11 +18,20 @@ so the mixture maths downstream keeps full precision.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+# Smallest extent of a 3D level along any axis (see the module docstring).
+MIN_LEVEL_EXTENT = 3
+# A gradient norm above this is garbage, not a steep loss. A chosen bound, not a measured one:
+# it sits many orders of magnitude above the clip norm of the fits (12) and far below the 1e20 and
+# more that the broken bfloat16 kernel returned (healthy steps of a U-Net on 16x64x64 noise had
+# norms of about 1).
+MAX_GRADIENT_NORM = 1e6
 
 
 def check_precision(precision: str) -> None:
@@ -111,10 +126,30 @@ class UNet(nn.Module):
         self._memory_format = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
         self.to(memory_format=self._memory_format)
 
-    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+    def pooling_plan(self, spatial: tuple[int, ...]) -> tuple[list[int], list[tuple[int, ...]]]:
+        """(padded size per axis, pooling kernel per level) for an input of ``spatial`` size.
+
+        2D: every axis is pooled ``depth`` times. 3D: an axis is pooled only while the next level
+        keeps at least MIN_LEVEL_EXTENT voxels, and an axis of 2 is padded to 3 (an axis of 1 stays 1).
+        """
         if self.spatial_dims == 2:
-            return F.max_pool2d(x, self.pool_factor)
-        return F.max_pool3d(x, self.pool_factor)
+            return [math.ceil(s / 2**self.depth) * 2**self.depth for s in spatial], [self.pool_factor] * self.depth
+        padded, pools = [], []
+        for size, factor in zip(spatial, self.pool_factor):
+            size = MIN_LEVEL_EXTENT if size == 2 else size
+            n_pool = 0
+            while factor == 2 and n_pool < self.depth and math.ceil(size / 2 ** (n_pool + 1)) >= MIN_LEVEL_EXTENT:
+                n_pool += 1
+            padded.append(math.ceil(size / 2**n_pool) * 2**n_pool)
+            pools.append(n_pool)
+        return padded, [tuple(2 if level < p else 1 for p in pools) for level in range(self.depth)]
+
+    def _pool(self, x: torch.Tensor, kernel: tuple[int, ...]) -> torch.Tensor:
+        if all(k == 1 for k in kernel):
+            return x
+        if self.spatial_dims == 2:
+            return F.max_pool2d(x, kernel)
+        return F.max_pool3d(x, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, *spatial) → float32 logits (N, K, *spatial)."""
@@ -125,8 +160,8 @@ class UNet(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
-        multiple = [f**self.depth for f in self.pool_factor]
-        pads = [(-s) % m for s, m in zip(spatial, multiple)]
+        padded, kernels = self.pooling_plan(tuple(spatial))
+        pads = [p - s for s, p in zip(spatial, padded)]
         if any(pads):
             # F.pad takes the last dimension first.
             pad_arg: list[int] = []
@@ -138,7 +173,7 @@ class UNet(nn.Module):
             x = block(x)
             if i < self.depth:
                 skips.append(x)
-                x = self._pool(x)
+                x = self._pool(x, kernels[i])
         for reduce, block, skip in zip(self.up_reduce, self.up, reversed(skips)):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             x = block(torch.cat([skip, reduce(x)], dim=1))
@@ -146,3 +181,39 @@ class UNet(nn.Module):
         if any(pads):
             x = x[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
         return x
+
+
+def gradient_norm(parameters) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients (float32; NaN or inf if any gradient is)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, 2.0).float()
+
+
+def guarded_step(network: nn.Module, optimiser: torch.optim.Optimizer, max_norm: float) -> bool:
+    """Clip the gradients to ``max_norm`` and step, unless their norm is non-finite or absurd.
+
+    Returns False (step skipped, gradients cleared, optimiser state untouched) when the global
+    gradient norm is NaN, infinite or above MAX_GRADIENT_NORM; ``clip_grad_norm_`` would otherwise
+    spread a NaN norm to every gradient and Adam would write it into every weight. The caller
+    decides what to do next (e.g. :func:`fall_back_to_float32`).
+    """
+    params = [p for p in network.parameters() if p.grad is not None]
+    norm = gradient_norm(params)
+    if not bool(torch.isfinite(norm)) or float(norm) > MAX_GRADIENT_NORM:
+        optimiser.zero_grad(set_to_none=True)
+        return False
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimiser.step()
+    return True
+
+
+def fall_back_to_float32(network: nn.Module) -> str | None:
+    """Run ``network`` in float32 from now on; returns a note when it was using a lower precision."""
+    if network.autocast_dtype is None:
+        return None
+    old = str(network.autocast_dtype).replace("torch.", "")
+    network.autocast_dtype = None
+    return (f"A training step gave a non-finite or absurd gradient norm in {old}; the step was skipped "
+            "and the network continues in float32.")

@@ -142,7 +142,7 @@ def worker_sklearn(directory: Path, tol: float) -> dict:
 
 def worker_em_voxelwise(directory: Path, tol: float) -> dict:
     import torch
-    from DeepGMMSegmentLib import em, gmm
+    from DeepGMMSegmentLib.core import em, gmm
     x = torch.from_numpy(np.load(directory / "x.npy").astype(np.float32))
     init = np.load(directory / "init.npz")
     log_weights = torch.log(torch.as_tensor(init["weights"], dtype=torch.float32))

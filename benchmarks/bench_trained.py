@@ -209,7 +209,7 @@ def main(argv=None) -> int:
 
     import torch
     from DeepGMMSegmentLib import segment
-    from DeepGMMSegmentLib.engine import normalize_channels
+    from DeepGMMSegmentLib.core.inputs import normalize_channels
     from DeepGMMSegmentLib.trained.training import predict_with_model, train
 
     torch.set_num_threads(os.cpu_count() or 2)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from DeepGMMSegmentLib import gmm
+from DeepGMMSegmentLib.core import gmm
 
 DEFAULT_SMOOTHING_PX = 1.0
 

@@ -20,11 +20,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENGINE_DIR = REPO_ROOT / "DeepGMMSegment"
 # The modules segment() runs for our methods here (no trained models, CLI or Slicer code): a
 # change to one of them can change our figures, a change elsewhere cannot. The vocabulary
-# (options, result), the engine and the numerics; phase 2b of issue 13 moves inputs, em, gmm,
-# deep and networks into core/.
+# (options, result), the engine and the numerics (core/).
 ENGINE_FILES = tuple(f"DeepGMMSegment/DeepGMMSegmentLib/{name}" for name in
-                     ("__init__.py", "options.py", "result.py", "engine.py", "inputs.py", "em.py", "gmm.py",
-                      "deep.py", "networks.py"))
+                     ("__init__.py", "options.py", "result.py", "engine.py", "core/__init__.py", "core/inputs.py",
+                      "core/em.py", "core/gmm.py", "core/deep.py", "core/networks.py", "core/bias_field.py"))
 
 
 @dataclasses.dataclass

@@ -13,10 +13,9 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    # engine until phase 2b of issue 13 makes the engine raise and return the types of result.py
-    "METHODS": "engine",
-    "SegmentationCancelled": "engine",
-    "SegmentationResult": "engine",
+    "METHODS": "options",
+    "SegmentationCancelled": "result",
+    "SegmentationResult": "result",
     "segment": "engine",
     "train": "trained.training",
 }

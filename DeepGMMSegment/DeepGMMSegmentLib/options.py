@@ -68,6 +68,15 @@ class EMSettings:
     max_iter: int = 200
     tol: float = 1e-5  # change of the mean NLL per voxel between iterations
     reg_covar: float = REG_COVAR
+    # Starts (k-means++ + EM) per fit, the best final NLL wins; every method starts from the
+    # winner. Measured on 18 generated phantoms (Testing/Python/core/random_phantoms.py, seeds
+    # 4..22 without the one with a constant channel: 2D/3D, K 2..7, 1..4 channels, imbalanced and
+    # tiny classes, collinear channels, with and without a mask) against scikit-learn
+    # GaussianMixture(n_init=10): final NLL no worse than scikit-learn's (+1e-3) in 15/18 cases
+    # with n_init=1, 16/18 with 3, 17/18 with 5; matched Dice within 0.02 of scikit-learn's in
+    # 15/18, 17/18, 18/18. The starts run on at most em.START_SAMPLES rows, so the extra cost does
+    # not grow with the volume.
+    n_init: int = 5
     # The short EM runs inside the deep methods: the per-image warm start (a rough posterior is
     # enough to distil into the network) and the training's pooled class means and targets.
     warm_start_max_iter: int = 100
@@ -78,10 +87,7 @@ class EMSettings:
 
 @dataclass(frozen=True)
 class DeepSettings:
-    """The per-image deep fit (``deepg``, ``deepsvg``); defaults measured on the MNI sample, see docs.
-
-    Mirrors ``deep.DeepSettings`` until phase 2 of issue 13 makes ``deep.py`` read it from here.
-    """
+    """The per-image deep fit (``deepg``, ``deepsvg``); defaults measured on the MNI sample, see docs."""
 
     network: str = "auto"  # "auto" (2D images: 2d; volumes: 3d) | "2d" | "3d"
     base_width: int = 8
@@ -94,7 +100,14 @@ class DeepSettings:
     min_iter: int = 20
     tol: float = 1e-4  # change of the mean NLL per voxel between steps
     warm_start: str = "em"  # "em" | "none"
-    warm_start_iter: int = 30
+    # The EM posterior is distilled into the network until the network reproduces it: its NLL
+    # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
+    # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
+    # cannot copy the voxel-by-voxel noise of a soft EM posterior, so the NLL gap alone often
+    # stays open: 0.05 nats after 300 steps on a 3-class phantom whose labels it matched.)
+    warm_start_iter: int = 100
+    warm_start_gap: float = 0.02
+    warm_start_agreement: float = 0.98
     covariance_type: str = "full"
     reg_covar: float = REG_COVAR
     prior_weight: float = 1.0
@@ -204,6 +217,9 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "min_iter": [Interval(numbers.Integral, 0, None)],
     "warm_start": [Choices(WARM_STARTS)],
     "warm_start_iter": [Interval(numbers.Integral, 0, None)],
+    "warm_start_gap": [_NON_NEGATIVE],
+    "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
+    "n_init": [_COUNT],
     "smoothness": [_NON_NEGATIVE, None],
     "precision": [Choices(PRECISIONS)],
     # training
@@ -223,6 +239,7 @@ _HINTS = {
     "max_iter": " (or None for the method's default)",
     "tol": " (or None for the method's default)",
     "fine_tune": " (number of per-image steps after the forward pass)",
+    "n_init": " (number of k-means++ starts of the EM fit)",
 }
 
 
@@ -240,10 +257,10 @@ def check_value(name: str, value: Any) -> None:
 # Options of segment() every method understands; None = the method's default.
 _COMMON = {
     "covariance_type": "full", "max_iter": None, "tol": None, "reg_covar": REG_COVAR, "prior_means": None,
-    "prior_weight": 1.0, "cancel_event": None, "model": None, "fine_tune": 0,
+    "prior_weight": 1.0, "cancel_event": None, "model": None, "fine_tune": 0, "n_init": EMSettings.n_init,
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
-              "smoothness", "precision")
+              "warm_start_gap", "warm_start_agreement", "smoothness", "precision")
 
 
 def _known_options(method: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..inputs import resolve_device
+from ..core.inputs import resolve_device
 
 __all__ = ["Distributed", "training_device"]
 

@@ -5,7 +5,6 @@ the model file once (cached while the file is unchanged), runs one forward pass 
 per-image steps (:func:`.deep.fit_deep` from the trained weights), and fits the model's own mixture
 (its method, covariance type and variance floor) in closed form to the predicted
 responsibilities. :func:`predict_with_model` returns the responsibilities alone.
-Phase 2 of issue 13 moves this file to ``trained/inference.py``.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ import torch
 from torch.nn import functional as F
 
 from . import model_file
-from ..deep import DeepSettings, deep_gmm_loss, fit_deep
-from ..em import MixtureFit
-from ..inputs import crop_box
-from ..networks import UNet, resolve_precision
+from ..core.deep import DeepSettings, deep_gmm_loss, fit_deep
+from ..core.em import MixtureFit
+from ..core.inputs import crop_box
+from ..core.networks import UNet, resolve_precision
 from ..options import FINE_TUNE_LEARNING_RATE, REG_COVAR
 from ..result import SegmentationCancelled
 

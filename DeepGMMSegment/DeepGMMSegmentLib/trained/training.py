@@ -31,10 +31,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .. import em
-from ..deep import choose_network, deep_gmm_loss, smoothness_penalty
-from ..inputs import check_prior_means, crop_box, normalize_channels, resolve_device, validate_inputs
-from ..networks import UNet, resolve_precision
+from ..core import em
+from ..core.deep import choose_network, deep_gmm_loss, smoothness_penalty
+from ..core.inputs import check_prior_means, crop_box, normalize_channels, resolve_device, validate_inputs
+from ..core.networks import UNet, resolve_precision
 from ..options import COVARIANCE_TYPES, DEEP_METHODS, DEFAULT_SMOOTHNESS, EMSettings, TrainingSettings, check_value
 from ..result import SegmentationCancelled
 from . import model_file

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -52,18 +51,6 @@ def test_legacy_prior_means_words_are_joined_and_flagged():
     assert options.legacy_prior_means_text(["30,200;80,120"]) == ("30,200;80,120", False)
 
 
-@pytest.mark.parametrize("method, given", [
-    ("deepsvg", {}), ("deepg", {}), ("em-gmm", {}), ("em-svgmm", {"max_iter": 5, "tol": 0.0}),
-    ("deepsvg", {"smoothness": 0.0, "precision": "float32", "learning_rate": 3e-3, "network": "2d"}),
-    ("deepg", {"covariance_type": "diag", "reg_covar": 1e-3, "prior_weight": 0.5, "warm_start": "none"}),
-])
-def test_resolve_options_matches_the_engine(method, given):
-    """The engine resolves options itself until phase 2; both must agree value for value."""
-    from DeepGMMSegmentLib import engine
-
-    assert options.resolve_options(method, **given) == engine._resolve_options(method, dict(given))
-
-
 @pytest.mark.parametrize("method, given, words", [
     ("em-gmm", {"max_iter": 0}, ["max_iter", ">= 1", "got 0"]),
     ("deepsvg", {"smoothness": -1}, ["smoothness", ">= 0", "turns the spatial prior off"]),
@@ -77,15 +64,6 @@ def test_resolve_options_rejects_with_a_message_that_says_what_to_do(method, giv
     with pytest.raises(ValueError) as error:
         options.resolve_options(method, **given)
     assert all(word in str(error.value) for word in words), str(error.value)
-
-
-def test_deep_settings_mirror_the_fits_own_until_phase_2():
-    """deep.DeepSettings keeps its own defaults until phase 2 makes it read options.DeepSettings."""
-    from DeepGMMSegmentLib import deep
-
-    mirror = {f.name: f.default for f in dataclasses.fields(options.DeepSettings)}
-    assert mirror == {f.name: f.default for f in dataclasses.fields(deep.DeepSettings)}
-    assert options.DEFAULT_SMOOTHNESS == deep.DEFAULT_SMOOTHNESS and set(options.DEEP_METHODS) == set(deep.DEEP_METHODS)
 
 
 def test_training_settings_replace_names_the_valid_settings():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from DeepGMMSegmentLib import bias_field as bf
-from DeepGMMSegmentLib import em
+from DeepGMMSegmentLib.core import bias_field as bf
+from DeepGMMSegmentLib.core import em
 from phantoms import matched_dice
 from scipy.ndimage import gaussian_filter
 

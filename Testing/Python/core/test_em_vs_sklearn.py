@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.mixture import GaussianMixture
 
-from DeepGMMSegmentLib import em, gmm
+from DeepGMMSegmentLib.core import em, gmm
 
 
 def _data(n=6000, seed=0):

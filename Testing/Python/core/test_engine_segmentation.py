@@ -107,7 +107,7 @@ def test_deep_fit_lowers_the_nll_and_3d_in_plane_network_runs():
 
 
 def test_voxel_normalisation_matches_the_volume_normalisation_and_keeps_the_input():
-    from DeepGMMSegmentLib.engine import normalize_channels, normalize_voxels
+    from DeepGMMSegmentLib.core.inputs import normalize_channels, normalize_voxels
 
     rng = np.random.default_rng(4)
     data = rng.normal(50.0, 12.0, size=(2, 6, 9, 7)).astype(np.float32)

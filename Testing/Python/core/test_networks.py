@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from DeepGMMSegmentLib.deep import choose_network, deep_gmm_loss
-from DeepGMMSegmentLib.networks import UNet
+from DeepGMMSegmentLib.core.deep import choose_network, deep_gmm_loss
+from DeepGMMSegmentLib.core.networks import UNet
 
 
 @pytest.mark.parametrize("dims, shape, in_plane", [(2, (3, 2, 37, 29), False), (3, (1, 2, 5, 19, 22), True),

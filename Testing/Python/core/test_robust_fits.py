@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from DeepGMMSegmentLib import SegmentationCancelled, em, gmm, segment
-from DeepGMMSegmentLib.deep import DeepSettings, fit_deep
-from DeepGMMSegmentLib.networks import UNet, resolve_precision
+from DeepGMMSegmentLib import SegmentationCancelled, segment
+from DeepGMMSegmentLib.core import em, gmm
+from DeepGMMSegmentLib.core.deep import fit_deep
+from DeepGMMSegmentLib.core.networks import UNet, resolve_precision
+from DeepGMMSegmentLib.options import DeepSettings
 from phantoms import blob_phantom
 
 # bfloat16 where the CPU computes it natively (the condition of the original crash), else "auto".

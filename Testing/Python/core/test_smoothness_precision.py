@@ -6,8 +6,8 @@ import torch
 from phantoms import blob_phantom
 
 from DeepGMMSegmentLib import segment
-from DeepGMMSegmentLib.deep import smoothness_penalty
-from DeepGMMSegmentLib.networks import UNet, resolve_precision
+from DeepGMMSegmentLib.core.deep import smoothness_penalty
+from DeepGMMSegmentLib.core.networks import UNet, resolve_precision
 
 
 def _log(prob):

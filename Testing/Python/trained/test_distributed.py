@@ -31,7 +31,7 @@ def _output_irrelevant(name: str) -> bool:
 
 
 def test_torchrun_two_processes_train_the_same_model_as_one(tmp_path):
-    from DeepGMMSegmentLib.engine import normalize_channels
+    from DeepGMMSegmentLib.core.inputs import normalize_channels
     from DeepGMMSegmentLib.trained.model_file import load_model
     from DeepGMMSegmentLib.trained.training import predict_with_model
 

@@ -32,7 +32,7 @@ def test_fit_with_model_is_the_engines_model_branch(trained_model):
     """One call gives what segment(model=...) computes today: same responsibilities, mixture and history."""
     from DeepGMMSegmentLib import segment
     from DeepGMMSegmentLib.trained.inference import fit_with_model
-    from DeepGMMSegmentLib.inputs import normalize_channels, validate_inputs
+    from DeepGMMSegmentLib.core.inputs import normalize_channels, validate_inputs
 
     path, _ = trained_model
     image, mask, _ = synthetic_case(105, n_channels=2)

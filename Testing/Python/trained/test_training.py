@@ -12,7 +12,7 @@ from conftest import FAST, accuracy, cohort, synthetic_case
 
 
 def _normalised(seed: int, n_channels: int = 2):
-    from DeepGMMSegmentLib.engine import normalize_channels
+    from DeepGMMSegmentLib.core.inputs import normalize_channels
 
     image, mask, truth = synthetic_case(seed, n_channels=n_channels)
     x, _, _ = normalize_channels(image, mask)
@@ -81,9 +81,7 @@ def test_fine_tuning_lowers_the_nll_of_the_one_pass_prediction(trained_model):
 
 
 def test_cancel_during_fine_tuning_raises(trained_model):
-    # result.SegmentationCancelled is the one class; DeepGMMSegmentLib.SegmentationCancelled becomes
-    # the same object when engine.py imports it from result.py (phase 2 of issue 13).
-    from DeepGMMSegmentLib.result import SegmentationCancelled
+    from DeepGMMSegmentLib import SegmentationCancelled
     from DeepGMMSegmentLib.trained.training import predict_with_model
 
     path, _ = trained_model
@@ -203,7 +201,7 @@ def test_training_is_reproducible_and_leaves_inputs_untouched():
 
 def test_prior_means_fix_which_output_is_which_class():
     """With prior means in reverse order (class 1 = brightest), output 1 must be the bright disc."""
-    from DeepGMMSegmentLib.engine import normalize_channels
+    from DeepGMMSegmentLib.core.inputs import normalize_channels
     from DeepGMMSegmentLib.trained.training import forward_log_resp, pooled_class_means, train, _prepare_cases
 
     images, masks, _ = cohort(6)

@@ -17,64 +17,23 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.nn import functional as F
 
+from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSettings
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
 
 logger = logging.getLogger(__name__)
 
-DEEP_METHODS = ("deepg", "deepsvg")
-# Weight of the explicit spatial prior when the caller gives none. deepsvg: 0.3, measured on the
-# 2 mm MNI T1 at learning rate 3e-3 (mean Dice 0.904 clean / 0.858 at noise 0.10, against
-# 0.873 / 0.730 without it; 0.878 / 0.863 at the current 1e-2;
-# docs/evaluation.md has the current figures). deepg: 0, because its per-voxel probabilities enter
-# the likelihood only through the M-step, so the prior alone pulls them towards one spatially
-# constant mixture (measured: mean Dice 0.43 on the clean 2 mm T1 with 0.3).
-DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
-GRADIENT_CLIP = 12.0  # global gradient norm of one step
 MAX_BAD_STEPS = 5  # skipped steps in a row, in float32, before the fit gives up
 # A class whose share of the mask (mean probability) falls below this fraction of its share in
 # the EM start has emptied.
 EMPTY_SHARE = 0.1
 MAX_RECOVERIES = 2
-
-
-@dataclass
-class DeepSettings:
-    """Tunable settings of the per-image deep fit (defaults measured on the MNI sample, see docs)."""
-
-    network: str = "auto"  # "auto" (2D images: 2d; volumes: 3d) | "2d" | "3d"
-    base_width: int = 8
-    depth: int = 3
-    # Adam's step size. 1e-2 for both networks, measured with the spatial prior on the 2 mm MNI:
-    # with 3e-3 or 5e-3 the 3D network stalled on the three-channel phantom (NLL 0.88/0.77 vs 0.57,
-    # mean Dice 0.65/0.66 vs 0.86) for +0.01..0.025 Dice on the clean T1 (0.903/0.887 vs 0.878).
-    learning_rate: float = 1e-2
-    max_iter: int = 100
-    min_iter: int = 20
-    tol: float = 1e-4
-    warm_start: str = "em"  # "em" | "none"
-    # The EM posterior is distilled into the network until the network reproduces it: its NLL
-    # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
-    # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
-    # cannot copy the voxel-by-voxel noise of a soft EM posterior, so the NLL gap alone often
-    # stays open: 0.05 nats after 300 steps on a 3-class phantom whose labels it matched.)
-    warm_start_iter: int = 100
-    warm_start_gap: float = 0.02
-    warm_start_agreement: float = 0.98
-    covariance_type: str = "full"
-    reg_covar: float = 1e-4
-    prior_weight: float = 1.0
-    # beta of the explicit spatial prior (neighbouring voxels' class probabilities agree); 0 is the
-    # paper's loss; None: DEFAULT_SMOOTHNESS of the method
-    smoothness: float | None = None
-    precision: str = "auto"  # the network's convolutions: "auto" | "float32" | "bfloat16"
 
 
 def deep_gmm_loss(

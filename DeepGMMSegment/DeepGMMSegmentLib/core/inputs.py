@@ -3,7 +3,6 @@
 Validation of the channels, mask and class count; the device choice; the z-score normalisation
 inside the mask; the prior means and the crop to the mask's bounding box. These functions sit
 below both faces (``engine.segment`` and ``training.train``), so neither face imports the other.
-Phase 2 of issue 13 moves this file to ``core/inputs.py``.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .options import METHODS
+from ..options import METHODS
 
 __all__ = [
     "check_prior_means", "check_spacing", "crop_box", "normalize_channels", "normalize_voxels", "resolve_device",

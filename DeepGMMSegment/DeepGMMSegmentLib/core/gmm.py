@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-COVARIANCE_TYPES = ("full", "diag")
+from ..options import COVARIANCE_TYPES
+
 ACCUMULATE = torch.float64
 # Smallest eigenvalue a covariance keeps, relative to the channel variances, before reg_covar is
 # added: enough for a float64 Cholesky of two identical channels even with reg_covar = 0.

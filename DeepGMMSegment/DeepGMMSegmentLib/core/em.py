@@ -20,14 +20,6 @@ from . import gmm
 # report(iteration, max_iterations, nll) is called once per iteration; it may raise to cancel.
 Reporter = Callable[[int, int, float], None]
 
-# Starts (k-means++ + EM) per fit, the best final NLL wins. Measured on 18 generated phantoms
-# (Testing/Python/core/random_phantoms.py, seeds 4..22 without the one with a constant channel:
-# 2D/3D, K 2..7, 1..4 channels, imbalanced and tiny classes, collinear channels, with and
-# without a mask) against scikit-learn GaussianMixture(n_init=10): final NLL no worse than
-# scikit-learn's (+1e-3) in 15/18 cases with n_init=1, 16/18 with 3, 17/18 with 5; matched Dice
-# within 0.02 of scikit-learn's in 15/18, 17/18, 18/18. The starts run on at most START_SAMPLES
-# rows, so the extra cost does not grow with the volume.
-DEFAULT_N_INIT = 5
 # Rows the starts run on: the unique intensity tuples when there are no more, else a subsample.
 START_SAMPLES = 20_000
 # Each start's EM (and the GMM that em-svgmm starts from) runs at most this long, whatever the

@@ -17,12 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import em, gmm
+from .core import bias_field, em, gmm
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, normalize_channels, normalize_voxels, resolve_device,
                           validate_inputs)
-from .options import DEEP_METHODS, EMSettings, DeepSettings, resolve_options
+from .options import DEEP_METHODS, DeepSettings, EMSettings, resolve_bias_field_order, resolve_options
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)
@@ -102,11 +102,11 @@ def segment(
     dev = resolve_device(device)
     notes: list[str] = []
 
-    def run(device: torch.device) -> tuple[em.MixtureFit, np.ndarray, np.ndarray]:
+    def run(device: torch.device) -> tuple[em.MixtureFit, np.ndarray, np.ndarray, BiasEstimate | None]:
         return _run_explained(data, m, n_classes, method, opts, spacing_t, prior, device, seed, progress, start)
 
     try:
-        fit, centre, scale = run(dev)
+        fit, centre, scale, bias = run(dev)
     except torch.OutOfMemoryError:
         if not (isinstance(requested, str) and requested.strip().lower() == "auto") or dev.type == "cpu":
             raise
@@ -115,9 +115,12 @@ def segment(
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         notes.append(msg)
         dev = torch.device("cpu")
-        fit, centre, scale = run(dev)
+        fit, centre, scale, bias = run(dev)
     notes += fit.notes + _class_share_notes(fit, n_classes, mask is None)  # fit notes were warned about already
-    return _build_result(fit, m, centre, scale, n_classes, method, opts, fixed_identity, dev, start, notes)
+    result = _build_result(fit, m, centre, scale, n_classes, method, opts, fixed_identity, dev, start, notes)
+    if bias is not None:
+        result.bias_field, result.corrected = bias.field, bias.corrected
+    return result
 
 
 def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
@@ -154,17 +157,44 @@ def _class_share_notes(fit: em.MixtureFit, n_classes: int, no_mask: bool) -> lis
     return notes
 
 
-def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
-    """Normalise, fit on ``dev`` and return (fit in normalised units, centre, scale)."""
-    if method in DEEP_METHODS:  # the network needs the image grid
-        norm, centre, scale = normalize_channels(data, m)
-        x_all = torch.from_numpy(norm).to(dev)
-        mask_t = torch.from_numpy(m).to(dev)
-        xv = x_all[:, mask_t].T.contiguous()  # (V, C)
-    else:
-        voxels, centre, scale = normalize_voxels(data, m)
-        xv = torch.from_numpy(voxels).to(dev)
+@dataclasses.dataclass
+class BiasEstimate:
+    """The bias field of a run and what it gives: see :func:`_estimate_bias`."""
+
+    field: np.ndarray  # (C, *spatial) float32, multiplicative, mean 1 in the mask, 1 outside
+    corrected: np.ndarray  # (C, *spatial) float32, the input divided by the field
+    fit: em.MixtureFit  # the joint GMM fit, normalised by ``centre`` / ``scale`` (corrected-image units)
+    centre: np.ndarray
+    scale: np.ndarray
+
+
+def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report) -> BiasEstimate:
+    """GMM + smooth bias field (core/bias_field.py) on the mask voxels, in the corrected image's units."""
+    inside = data[:, m]
+    bias_field.check_positive_channels(inside)
+    voxels, centre, scale = normalize_voxels(data, m)
+    basis = torch.from_numpy(bias_field.bias_basis(m, order, spacing)).to(dev)
     prior_norm = None if prior is None else torch.as_tensor((prior - centre) / scale, dtype=torch.float32, device=dev)
+    joint = bias_field.fit_mixture_with_bias(
+        torch.from_numpy(np.ascontiguousarray(inside.T)).to(dev), basis, n_classes,
+        centre=torch.as_tensor(centre, device=dev), scale=torch.as_tensor(scale, device=dev), generator=generator,
+        covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), tol=float(opts["tol"]),
+        means_init=prior_norm, n_init=int(opts["n_init"]), report=report)
+    log_bias = bias_field.log_field(basis, joint.coefficients).cpu().numpy()
+    field = bias_field.field_image(m, log_bias)
+    # The mixture models I * exp(-log_bias); the corrected image is I / field = that times the
+    # field's mean gain in the mask, so the same gain turns the mixture into corrected-image units.
+    gain = np.exp(log_bias).mean(0)
+    fit = dataclasses.replace(joint.mixture, nll_history=list(joint.nll_history), n_iter=max(joint.n_outer, 1),
+                              converged=joint.converged)
+    return BiasEstimate(field, bias_field.apply_bias(data, m, field), fit, centre * gain, scale * gain)
+
+
+def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
+    """Normalise, fit on ``dev`` and return (fit in normalised units, centre, scale, bias estimate or None).
+
+    With a bias field, em-gmm is the joint fit itself; the other methods run on the corrected image.
+    """
     cancel_event = opts["cancel_event"]
 
     def report(iteration: int, max_iterations: int, nll: float) -> None:
@@ -178,6 +208,23 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             raise SegmentationCancelled("Segmentation cancelled.")
 
     generator = torch.Generator().manual_seed(int(seed))
+    bias = None
+    order = resolve_bias_field_order(opts["bias_field"])
+    if order > 0:
+        bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator,
+                              report if method == "em-gmm" else lambda *_: check_cancel())
+        if method == "em-gmm":
+            return bias.fit, bias.centre, bias.scale, bias
+        data = bias.corrected
+    if method in DEEP_METHODS:  # the network needs the image grid
+        norm, centre, scale = normalize_channels(data, m)
+        x_all = torch.from_numpy(norm).to(dev)
+        mask_t = torch.from_numpy(m).to(dev)
+        xv = x_all[:, mask_t].T.contiguous()  # (V, C)
+    else:
+        voxels, centre, scale = normalize_voxels(data, m)
+        xv = torch.from_numpy(voxels).to(dev)
+    prior_norm = None if prior is None else torch.as_tensor((prior - centre) / scale, dtype=torch.float32, device=dev)
     em_kwargs = dict(
         covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), generator=generator,
         means_init=prior_norm, n_init=int(opts["n_init"]), check_cancel=check_cancel,
@@ -185,11 +232,11 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     if method == "em-gmm":
         fit = em.fit_gmm(xv, n_classes, max_iter=int(opts["max_iter"]), tol=float(opts["tol"]), report=report,
                          **em_kwargs)
-        return fit, centre, scale
+        return fit, centre, scale, bias
     if method == "em-svgmm":
         fit = em.fit_svgmm(xv, n_classes, max_iter=int(opts["max_iter"]), tol=float(opts["tol"]), report=report,
                            **em_kwargs)
-        return fit, centre, scale
+        return fit, centre, scale, bias
 
     settings = DeepSettings(**{f.name: opts[f.name] for f in dataclasses.fields(DeepSettings) if f.name in opts})
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
@@ -198,7 +245,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             from .trained.inference import fit_with_model  # trained models are optional
 
             fit = fit_with_model(x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed), report)
-            return fit, centre, scale
+            return fit, centre, scale, bias
         warm = None
         if settings.warm_start == "em":
             # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
@@ -208,7 +255,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             warm = warm_fit.log_resp
         fit, _ = fit_deep(x_all, mask_t, n_classes, method, settings, spacing=spacing, prior_means=prior_norm,
                           warm_start_log_resp=warm, report=report)
-    return fit, centre, scale
+    return fit, centre, scale, bias
 
 
 def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: np.ndarray, n_classes: int,

@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = [
-    "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
+    "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
-    "check_value", "parse_prior_means", "resolve_options",
+    "check_value", "parse_prior_means", "resolve_bias_field_order", "resolve_options",
 ]
 
 # ----------------------------------------------------------------------------- names
@@ -58,6 +58,20 @@ FINE_TUNE_LEARNING_RATE = 1e-3
 # the likelihood only through the M-step, so the prior alone pulls them towards one spatially
 # constant mixture (measured: mean Dice 0.43 on the clean 2 mm T1 with 0.3).
 DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
+# Basis order of the joint bias field for bias_field="auto" (core/bias_field.py), chosen by
+# measurement (docs/bias-field.md, "Choosing the default order"): mean Dice CSF/GM/WM of the joint
+# fit, K = 3, on the 2 mm MNI T1 (clean; +-20 % and +-40 % quadratic fields of
+# evaluation/conditions.py, evaluation seed and another) and on the three-channel phantom with a
+# different +-40 % field per channel. Order 2 / 3 / 4: clean 0.860 / 0.882 / 0.875 (em-gmm 0.872);
+# 20 % 0.877 / 0.885 / 0.872 and 0.866 / 0.885 / 0.875; 40 % 0.879 / 0.885 / 0.873 and
+# 0.875 / 0.886 / 0.873 (em-gmm 0.598, 0.609); phantom 40 % 0.854 / 0.865 / 0.857 (em-gmm 0.701;
+# clean phantom em-gmm 0.859). Order 3 is best on every input; order 4 starts to follow anatomy
+# (field correlation with the truth drops to 0.84-0.94).
+DEFAULT_BIAS_FIELD_ORDER = 3
+MAX_BIAS_FIELD_ORDER = 6
+# "none" stays the default until the evaluation has measured the field with every method.
+DEFAULT_BIAS_FIELD = "none"
+BIAS_FIELD_CHOICES = ("none", "auto")  # or a basis order 0..MAX_BIAS_FIELD_ORDER
 
 
 @dataclass(frozen=True)
@@ -198,6 +212,42 @@ class Choices:
         return "one of " + ", ".join(repr(v) for v in self.values)
 
 
+def resolve_bias_field_order(bias_field: Any) -> int:
+    """The basis order a ``bias_field`` value asks for: "none" -> 0, "auto" -> 3, or an int 0..6.
+
+    The one validation of the option (engine, command line and Slicer alike).
+    """
+    if isinstance(bias_field, str):
+        name = bias_field.strip().lower()
+        if name in ("none", "auto"):
+            return 0 if name == "none" else DEFAULT_BIAS_FIELD_ORDER
+        if name.isdigit():
+            bias_field = int(name)
+    if isinstance(bias_field, (bool, np.bool_)) or not isinstance(bias_field, (int, np.integer)) \
+            or not 0 <= int(bias_field) <= MAX_BIAS_FIELD_ORDER:
+        raise ValueError(
+            f"bias_field must be 'none', 'auto' or a basis order 0..{MAX_BIAS_FIELD_ORDER}, got {bias_field!r}: "
+            f"'auto' uses order {DEFAULT_BIAS_FIELD_ORDER} (a smooth field for MR coil inhomogeneity), "
+            "'none' turns it off."
+        )
+    return int(bias_field)
+
+
+@dataclass(frozen=True)
+class BiasFieldOrder:
+    """``bias_field``: "none", "auto" or a basis order (:func:`resolve_bias_field_order`)."""
+
+    def accepts(self, value: Any) -> bool:
+        try:
+            resolve_bias_field_order(value)
+        except ValueError:
+            return False
+        return True
+
+    def describe(self) -> str:
+        return f"'none', 'auto' or a basis order 0..{MAX_BIAS_FIELD_ORDER}"
+
+
 _COUNT = Interval(numbers.Integral, 1, None)
 _NON_NEGATIVE = Interval(numbers.Real, 0, None)
 _POSITIVE = Interval(numbers.Real, 0, None, closed="neither")
@@ -220,6 +270,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "warm_start_gap": [_NON_NEGATIVE],
     "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
     "n_init": [_COUNT],
+    "bias_field": [BiasFieldOrder()],
     "smoothness": [_NON_NEGATIVE, None],
     "precision": [Choices(PRECISIONS)],
     # training
@@ -240,6 +291,7 @@ _HINTS = {
     "tol": " (or None for the method's default)",
     "fine_tune": " (number of per-image steps after the forward pass)",
     "n_init": " (number of k-means++ starts of the EM fit)",
+    "bias_field": f" ('auto' = order {DEFAULT_BIAS_FIELD_ORDER}; 'none' for signed images such as CT)",
 }
 
 
@@ -258,6 +310,7 @@ def check_value(name: str, value: Any) -> None:
 _COMMON = {
     "covariance_type": "full", "max_iter": None, "tol": None, "reg_covar": REG_COVAR, "prior_means": None,
     "prior_weight": 1.0, "cancel_event": None, "model": None, "fine_tune": 0, "n_init": EMSettings.n_init,
+    "bias_field": DEFAULT_BIAS_FIELD,
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
               "warm_start_gap", "warm_start_agreement", "smoothness", "precision")

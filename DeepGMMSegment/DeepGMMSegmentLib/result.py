@@ -43,6 +43,10 @@ class SegmentationResult:
     n_classes: int
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # With bias_field on: the estimated multiplicative field, (C, *spatial) float32, mean 1 inside
+    # the mask and 1 outside, and the corrected input (input / field, unchanged outside the mask).
+    bias_field: np.ndarray | None = None
+    corrected: np.ndarray | None = None
 
     @property
     def nll(self) -> float:

@@ -38,47 +38,19 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..options import BIAS_FIELD_CHOICES, DEFAULT_BIAS_FIELD_ORDER, MAX_BIAS_FIELD_ORDER, resolve_bias_field_order
 from . import em, gmm
 
-# Default basis order, chosen by measurement (docs/bias-field.md, "Choosing the default order"):
-# mean Dice CSF/GM/WM of the joint fit, K = 3, on the 2 mm MNI T1 (clean; +-20 % and +-40 %
-# quadratic fields of evaluation/conditions.py, evaluation seed and another) and on the
-# three-channel phantom with a different +-40 % field per channel. Order 2 / 3 / 4:
-# clean 0.860 / 0.882 / 0.875 (em-gmm 0.872); 20 % 0.877 / 0.885 / 0.872 and 0.866 / 0.885 / 0.875;
-# 40 % 0.879 / 0.885 / 0.873 and 0.875 / 0.886 / 0.873 (em-gmm 0.598, 0.609); phantom 40 %
-# 0.854 / 0.865 / 0.857 (em-gmm 0.701; clean phantom em-gmm 0.859). Order 3 is best on every
-# input; order 4 starts to follow anatomy (field correlation with the truth drops to 0.84-0.94).
-DEFAULT_ORDER = 3
-MAX_ORDER = 6
-BIAS_FIELD_CHOICES = ("none", "auto")
+# The option's default order ("auto", with its measurement), maximum and validation live in options.
+DEFAULT_ORDER = DEFAULT_BIAS_FIELD_ORDER
+MAX_ORDER = MAX_BIAS_FIELD_ORDER
+resolve_order = resolve_bias_field_order
 _CHUNK = 1 << 18  # voxels per float64 accumulation block (bounds the temporary memory)
-
-
-def resolve_order(bias_field: Any) -> int:
-    """The basis order an option value asks for: "none" -> 0, "auto" -> DEFAULT_ORDER, an int 0..MAX_ORDER.
-
-    The one place that validates the ``bias_field`` option (engine, CLI and Slicer alike).
-    """
-    if isinstance(bias_field, str):
-        name = bias_field.strip().lower()
-        if name == "none":
-            return 0
-        if name == "auto":
-            return DEFAULT_ORDER
-        if name.isdigit():
-            bias_field = int(name)
-    if isinstance(bias_field, (bool, np.bool_)) or not isinstance(bias_field, (int, np.integer)) \
-            or not 0 <= int(bias_field) <= MAX_ORDER:
-        raise ValueError(
-            f"bias_field must be 'none', 'auto' or a basis order 0..{MAX_ORDER}, got {bias_field!r}: "
-            f"'auto' uses order {DEFAULT_ORDER} (a smooth field for MR coil inhomogeneity), 'none' turns it off."
-        )
-    return int(bias_field)
 
 
 # ----------------------------------------------------------------------------- basis
@@ -300,7 +272,9 @@ def fit_mixture_with_bias(
     inner_iter: int = 3,
     tol: float = 1e-5,
     means_init: torch.Tensor | None = None,
+    n_init: int = 1,
     report: em.Reporter | None = None,
+    check_cancel: Callable[[], None] | None = None,
 ) -> BiasMixtureFit:
     """GMM + bias field on flattened voxels: plain EM, then rounds of {bias step, a few EM steps}.
 
@@ -308,12 +282,14 @@ def fit_mixture_with_bias(
     the z-scores); ``centre``/``scale`` (C,) float64 normalise the corrected intensities. Each
     round takes the Gauss-Newton bias step (halved until the mean NLL does not increase, so the
     NLL, Jacobian included, never goes up) and ``inner_iter`` EM iterations from the current
-    parameters; it stops when a round changes the mean NLL by less than ``tol``.
+    parameters; it stops when a round changes the mean NLL by less than ``tol``. ``n_init`` and
+    ``check_cancel`` go to the first EM fit (:func:`em.fit_gmm`).
     """
     no_field = torch.zeros((intensities.shape[0], intensities.shape[1]), dtype=torch.float64, device=intensities.device)
     em_args = dict(covariance_type=covariance_type, reg_covar=reg_covar, tol=tol)
     z = corrected_voxels(intensities, no_field, centre, scale)
-    fit = em.fit_gmm(z, n_classes, generator=generator, max_iter=200, means_init=means_init, report=report, **em_args)
+    fit = em.fit_gmm(z, n_classes, generator=generator, max_iter=200, means_init=means_init, n_init=n_init,
+                     report=report, check_cancel=check_cancel, **em_args)
     n_basis = 0 if basis is None else basis.shape[1]
     coefficients = torch.zeros((n_basis, intensities.shape[1]), dtype=torch.float64, device=intensities.device)
     history = [fit.nll_history[-1]]
@@ -414,7 +390,7 @@ def fit_gmm_with_bias(
 
 
 __all__ = [
-    "BIAS_FIELD_CHOICES", "DEFAULT_ORDER", "BiasFieldFit", "BiasMixtureFit", "apply_bias", "bias_basis",
+    "BIAS_FIELD_CHOICES", "DEFAULT_ORDER", "MAX_ORDER", "BiasFieldFit", "BiasMixtureFit", "apply_bias", "bias_basis",
     "check_positive_channels", "estimate_bias_coefficients", "field_image", "fit_gmm_with_bias",
     "fit_mixture_with_bias", "resolve_order",
 ]

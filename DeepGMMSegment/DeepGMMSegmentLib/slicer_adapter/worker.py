@@ -11,6 +11,7 @@ Job folder (written by the runner, read here):
 Results (written here), the fields of :class:`DeepGMMSegmentLib.result.SegmentationResult` (the
 one result type of a run; the runner rebuilds it from these two files):
   ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nll_history``
+                 (and ``bias_field``, ``corrected`` when the run estimated a bias field)
   ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes"}``
   ``error.json`` ``{"type", "message", "traceback"}`` when the engine failed
 
@@ -182,13 +183,16 @@ def runJob(jobFolder: str) -> int:
     try:
         resultPath = os.path.join(jobFolder, RESULT_FILE)
         with open(resultPath + ".partial", "wb") as file:
+            biasArrays = {name: np.asarray(getattr(result, name), dtype=np.float32)
+                          for name in ("bias_field", "corrected") if getattr(result, name) is not None}
             np.savez(file,
                      labels=np.asarray(result.labels, dtype=np.uint8),
                      probabilities=np.asarray(result.probabilities, dtype=np.float32),
                      means=np.asarray(result.means, dtype=np.float64),
                      covariances=np.asarray(result.covariances, dtype=np.float64),
                      weights=np.asarray(result.weights, dtype=np.float64),
-                     nll_history=np.asarray(result.nll_history, dtype=np.float64))
+                     nll_history=np.asarray(result.nll_history, dtype=np.float64),
+                     **biasArrays)
         os.replace(resultPath + ".partial", resultPath)
         _writeJson(os.path.join(jobFolder, RESULT_INFO_FILE), {
             "n_iter": int(result.n_iter),

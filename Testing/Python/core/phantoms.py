@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.ndimage import gaussian_filter
 from scipy.optimize import linear_sum_assignment
 
 
@@ -36,3 +37,44 @@ def matched_dice(labels, truth, n_classes):
             d[i, j] = 2 * (a & b).sum() / denom if denom else 0.0
     r, c = linear_sum_assignment(-d)
     return float(d[r, c].mean())
+
+
+# ----------------------------------------------------------------------------- bias fields
+
+
+def smooth_field(shape, amplitude, seed, mask=None):
+    """A random quadratic multiplicative field spanning [1 - amplitude, 1 + amplitude] in ``mask`` (as evaluation/conditions.py)."""
+    rng = np.random.default_rng(seed)
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    terms = list(grids) + [grids[i] * grids[j] for i in range(len(grids)) for j in range(i, len(grids))]
+    coefficients = rng.normal(size=len(terms))
+    coefficients[:len(grids)] *= 2.0
+    smooth = sum(c * t for c, t in zip(coefficients, terms))
+    inside = smooth if mask is None else smooth[mask]
+    unit = 2 * (smooth - inside.min()) / (inside.max() - inside.min()) - 1
+    return (1 + amplitude * unit).astype(np.float32)
+
+
+def ellipse_mask(shape):
+    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    return sum(g * g for g in grids) < 0.9
+
+
+def positive_phantom(shape, n_channels=1, seed=0):
+    """Three interleaved classes (tertiles of smoothed noise, so each class spans the whole field of view).
+
+    Class means 1, 1.35, 1.7 on channel 1 (reversed on channel 2), noise sigma 0.06: returns ((C, *shape), truth 1..3).
+    """
+    rng = np.random.default_rng(seed)
+    smooth = gaussian_filter(rng.normal(size=shape), 2.0)
+    truth = 1 + np.searchsorted(np.quantile(smooth, [1 / 3, 2 / 3]), smooth)
+    means = np.array([[1.0, 1.7], [1.35, 1.35], [1.7, 1.0]])[:, :n_channels]
+    data = means[truth - 1].transpose((-1,) + tuple(range(len(shape)))) + rng.normal(0, 0.06, (n_channels,) + shape)
+    return data.astype(np.float32), truth
+
+
+def field_agreement(estimated, true, mask):
+    """(Pearson r, mean relative error) inside the mask, the true field rescaled to mean 1 like the estimate."""
+    truth = true[mask] / true[mask].mean()
+    r = np.corrcoef(estimated[mask], truth)[0, 1]
+    return r, float(np.mean(np.abs(estimated[mask] - truth) / truth))

@@ -195,6 +195,18 @@ def probability_image(probabilities: np.ndarray, reference):
     return image
 
 
+def channels_image(values: np.ndarray, reference):
+    """(C, *spatial) float values (a bias field, a corrected image) on the reference's geometry:
+    a float32 scalar image for one channel, a C-component vector image for several."""
+    values = np.asarray(values, dtype=np.float32)
+    if values.shape[0] > 1:
+        return probability_image(values, reference)
+    sitk = _sitk()
+    image = sitk.GetImageFromArray(values[0].reshape(tuple(reversed(reference.GetSize()))))
+    image.CopyInformation(reference)
+    return image
+
+
 def write_image(image, path: str, role: str) -> None:
     """Write a SimpleITK image (compressed where the format allows); ``ValueError`` if it cannot be."""
     sitk = _sitk()

@@ -28,6 +28,8 @@ from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, E
                          Interrupts, ProgressBar, Terminated, print_error, set_threads)
 
 PROG = "deepgmm-segment"
+# --bias-field-order values: the named ones, then every basis order.
+BIAS_FIELD_ORDERS = (*options.BIAS_FIELD_CHOICES, *(str(order) for order in range(options.MAX_BIAS_FIELD_ORDER + 1)))
 
 
 class CliError(ValueError):
@@ -92,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label map to write (uint8; 0 outside the mask, classes 1..K)")
     parser.add_argument("-p", "--probabilities", metavar="PROBS",
                         help="class probabilities to write (float32 vector image, K components)")
+    parser.add_argument("--bias-field-order", choices=BIAS_FIELD_ORDERS, metavar="{none,auto,0..6}",
+                        help="estimate a smooth multiplicative bias field (MR coil inhomogeneity) together "
+                             f"with the mixture: 'auto' = basis order {options.DEFAULT_BIAS_FIELD_ORDER}, or an "
+                             f"order 0..{options.MAX_BIAS_FIELD_ORDER}; needs positive intensities (default: "
+                             f"{options.DEFAULT_BIAS_FIELD}, or auto with --bias-field / --corrected)")
+    parser.add_argument("--bias-field", metavar="FIELD",
+                        help="estimated multiplicative bias field to write (float32; mean 1 in the mask, "
+                             "1 outside; a vector image for several channels)")
+    parser.add_argument("--corrected", metavar="IMAGE",
+                        help="bias-corrected input to write (float32; input / field; a vector image for "
+                             "several channels)")
     parser.add_argument("--mask", metavar="MASK",
                         help="region to segment: every non-zero voxel of this image is modelled; "
                              "voxels outside get label 0 (default: the whole image)")
@@ -141,6 +154,9 @@ def _check_output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     outputs = [("--output", args.output)]
     if args.probabilities:
         outputs.append(("--probabilities", args.probabilities))
+    for option, path in (("--bias-field", args.bias_field), ("--corrected", args.corrected)):
+        if path:
+            outputs.append((option, path))
     if args.preview:
         outputs.append(("--preview", args.preview))
         if not args.preview.lower().endswith(".png"):
@@ -197,6 +213,15 @@ def _engine_options(args: argparse.Namespace, n_channels: int, stderr: TextIO) -
     for name in ("warm_start", "smoothness", "precision"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    order = args.bias_field_order
+    wants_field = bool(args.bias_field or args.corrected)
+    if order is None and wants_field:
+        order = "auto"
+    if order is not None:
+        options["bias_field"] = int(order) if order.isdigit() else order
+        if wants_field and options["bias_field"] in ("none", 0):
+            raise CliError(f"--bias-field / --corrected need a bias field, but --bias-field-order is {order}; "
+                           "drop --bias-field-order or use --bias-field-order auto")
     return options
 
 
@@ -228,6 +253,9 @@ def _load_and_check(args: argparse.Namespace) -> images.LoadedInputs:
     images.check_writable(args.output, "label map", 1, dimension)
     if args.probabilities:
         images.check_writable(args.probabilities, "probabilities", args.classes, dimension)
+    for path, role in ((args.bias_field, "bias field"), (args.corrected, "corrected image")):
+        if path:
+            images.check_writable(path, role, len(args.channels), dimension)
     if args.preview:
         images.check_writable(args.preview, "preview", None, dimension)
     return inputs
@@ -285,6 +313,10 @@ def _write_outputs(args: argparse.Namespace, reference, result, staging: images.
     if args.probabilities:
         images.write_image(images.probability_image(result.probabilities, reference),
                            staging.path_for(args.probabilities), "probabilities")
+    for path, values, role in ((args.bias_field, result.bias_field, "bias field"),
+                               (args.corrected, result.corrected, "corrected image")):
+        if path:
+            images.write_image(images.channels_image(values, reference), staging.path_for(path), role)
     if args.preview:
         from .preview import write_image_preview
 

@@ -71,7 +71,7 @@ def segment(
     **options
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
         ((K, C), input units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
-        the EM fit, default 5; every method starts from its winner), ``bias_field`` ("none" /
+        the EM fit, default 10; every method starts from its winner), ``bias_field`` ("none" /
         "auto" / a basis order 0..6: a smooth multiplicative field estimated with the mixture,
         returned as ``result.bias_field`` with ``result.corrected``; docs/bias-field.md); deep methods also ``network``,
         ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"none"),

@@ -62,16 +62,19 @@ def kmeans_plus_plus(
     sample_weight: torch.Tensor | None = None,
     max_samples: int = 20_000,
     max_lloyd: int = 300,
+    greedy: bool = True,
 ) -> torch.Tensor:
-    """Greedy k-means++ seeding, then Lloyd until no point changes cluster; returns (K, C) centres.
+    """k-means++ seeding, then Lloyd until no point changes cluster; returns (K, C) centres.
 
     Greedy seeding (as in scikit-learn): each new centre is the best of 2 + ln K candidates drawn
-    by D^2 weighting, the one that lowers the total squared distance most; plain D^2 seeding often
-    splits a large class and merges a small one. Runs on a weighted subsample of ``max_samples``.
+    by D^2 weighting, the one that lowers the total squared distance most; plain D^2 seeding
+    (``greedy=False``, one candidate) often splits a large class and merges a small one, but it
+    varies more from start to start, which :func:`best_start` uses. Runs on a weighted subsample
+    of ``max_samples``.
     """
     sample, w = _start_sample(x, sample_weight, max_samples, generator)
     w = torch.ones(sample.shape[0], dtype=torch.float64, device=x.device) if w is None else w.to(torch.float64)
-    n_trials = 2 + int(math.log(n_classes))
+    n_trials = 2 + int(math.log(n_classes)) if greedy else 1
     first = torch.multinomial(w.cpu(), 1, generator=generator).item()
     centres = [sample[first]]
     closest = ((sample - centres[0]) ** 2).sum(1).double()
@@ -107,9 +110,11 @@ def initial_parameters(
     generator: torch.Generator,
     sample_weight: torch.Tensor | None = None,
     means_init: torch.Tensor | None = None,
+    greedy: bool = True,
 ) -> tuple[torch.Tensor, gmm.GaussianParameters]:
     """Initial (log weights, parameters): hard assignment to k-means++ centres (or given means)."""
-    centres = means_init if means_init is not None else kmeans_plus_plus(x, n_classes, generator, sample_weight)
+    centres = (means_init if means_init is not None
+               else kmeans_plus_plus(x, n_classes, generator, sample_weight, greedy=greedy))
     assign = torch.cdist(x, centres.to(x.dtype)).argmin(1)
     resp = torch.nn.functional.one_hot(assign, n_classes).to(x.dtype)
     nk, params = gmm.weighted_mstep(x, resp, covariance_type, reg_covar, sample_weight)
@@ -136,7 +141,9 @@ def best_start(
 ) -> tuple[torch.Tensor, gmm.GaussianParameters]:
     """The (log weights, parameters) of the best of ``n_init`` k-means++ starts, each run by EM to convergence.
 
-    "Best" is the lowest final mean NLL. The starts run on at most ``max_samples`` rows (the
+    "Best" is the lowest final mean NLL. Starts alternate greedy and plain k-means++ seeding (the
+    first is greedy): greedy starts are good but alike, so several of them often end in the same
+    local optimum; plain ones add variety (figures at ``options.EMSettings.n_init``). The starts run on at most ``max_samples`` rows (the
     unique tuples with their counts when few enough, else a subsample), so the cost of extra starts
     does not grow with the volume; the caller refines the winner on all voxels. Each start's EM
     stops after min(max_iter, START_MAX_ITER) iterations or a change below max(tol, START_TOL).
@@ -144,8 +151,9 @@ def best_start(
     data, weight = _start_sample(x, sample_weight, max_samples, generator)
     report = None if check_cancel is None else (lambda *_: check_cancel())
     best: tuple[float, torch.Tensor, gmm.GaussianParameters] | None = None
-    for _ in range(n_init):
-        log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, weight)
+    for start in range(n_init):
+        log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, weight,
+                                           greedy=start % 2 == 0)
         _, params, log_w, history, _, _ = _iterate(
             data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type,
             max_iter=min(max_iter, START_MAX_ITER), tol=max(tol, START_TOL), reg_covar=reg_covar, counts=weight,

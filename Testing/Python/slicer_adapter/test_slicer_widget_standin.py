@@ -92,9 +92,19 @@ def test_developer_reload_reloads_the_lib_subpackages(harness, volumes):
                 if name.startswith("DeepGMMSegmentLib.slicer_adapter.")
                 for key, value in vars(module).items() if getattr(value, "__module__", None) == name}
 
-    before = ownDefinitions()
-    widget.onReload()
-    after = ownDefinitions()
+    # importlib.reload re-runs each file inside the same module object; put the old definitions back
+    # afterwards, or later tests would meet two SegmentationCancelled classes (one cached by the
+    # package's lazy __getattr__, one re-created by the reload) and fail depending on their order.
+    saved = {name: dict(vars(module)) for name, module in list(sys.modules.items())
+             if name == "DeepGMMSegmentLib" or name.startswith("DeepGMMSegmentLib.")}
+    try:
+        before = ownDefinitions()
+        widget.onReload()
+        after = ownDefinitions()
+    finally:
+        for name, namespace in saved.items():
+            vars(sys.modules[name]).clear()
+            vars(sys.modules[name]).update(namespace)
     assert before and not [key for key, value in before.items() if after[key] is value]
 
 

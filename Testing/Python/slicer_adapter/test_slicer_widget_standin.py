@@ -223,10 +223,10 @@ def test_cancel_stops_the_worker_and_leaves_the_scene_unchanged(harness, volumes
         time.sleep(0.02)
     assert widget.isProcessing(), ui.statusLabel.text
 
-    cancelStart = time.monotonic()
     ui.segmentButton.click()  # the button is Cancel now
-    runToEnd(harness, widget, timeoutSeconds=5)
-    assert time.monotonic() - cancelStart < 3
+    # Events and order, not wall-clock time (a loaded machine made a 3 s limit flaky): the run, which
+    # would need 100000 iterations, ends as cancelled; the timeout only guards against a hang.
+    runToEnd(harness, widget, timeoutSeconds=120)
     assert ui.statusLabel.text == "Cancelled. The scene is as it was before."
     assert ui.segmentButton.text == "Segment" and ui.inputsCollapsibleButton.enabled
     assert [mrmlScene.GetNthNode(index).GetID() for index in range(mrmlScene.GetNumberOfNodes())] == nodeIds

@@ -43,13 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..options import BIAS_FIELD_CHOICES, DEFAULT_BIAS_FIELD_ORDER, MAX_BIAS_FIELD_ORDER, resolve_bias_field_order
+from ..options import DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order
 from . import em, gmm
 
 # The option's default order ("auto", with its measurement), maximum and validation live in options.
-DEFAULT_ORDER = DEFAULT_BIAS_FIELD_ORDER
-MAX_ORDER = MAX_BIAS_FIELD_ORDER
-resolve_order = resolve_bias_field_order
 _CHUNK = 1 << 18  # voxels per float64 accumulation block (bounds the temporary memory)
 
 
@@ -354,7 +351,7 @@ def fit_gmm_with_bias(
     channels: Any,
     mask: Any,
     n_classes: int,
-    order: Any = DEFAULT_ORDER,
+    order: Any = DEFAULT_BIAS_FIELD_ORDER,
     *,
     spacing: Sequence[float] | None = None,
     seed: int = 0,
@@ -364,10 +361,10 @@ def fit_gmm_with_bias(
     """Segment into ``n_classes`` with a Gaussian mixture and one smooth bias field per channel.
 
     channels (C, *spatial) or a list of C arrays; mask bool (*spatial); ``order`` an int or
-    "none"/"auto" (:func:`resolve_order`); ``spacing`` in array axis order. Further keywords go to
+    "none"/"auto" (:func:`options.resolve_bias_field_order`); ``spacing`` in array axis order. Further keywords go to
     :func:`fit_mixture_with_bias`. Order 0 is plain EM (the same fit as ``em.fit_gmm``).
     """
-    order = resolve_order(order)
+    order = resolve_bias_field_order(order)
     data, m = _as_channels(channels, mask)
     inside = data[:, m]  # (C, V)
     check_positive_channels(inside)
@@ -390,7 +387,7 @@ def fit_gmm_with_bias(
 
 
 __all__ = [
-    "BIAS_FIELD_CHOICES", "DEFAULT_ORDER", "MAX_ORDER", "BiasFieldFit", "BiasMixtureFit", "apply_bias", "bias_basis",
+    "BiasFieldFit", "BiasMixtureFit", "apply_bias", "bias_basis",
     "check_positive_channels", "estimate_bias_coefficients", "field_image", "fit_gmm_with_bias",
-    "fit_mixture_with_bias", "resolve_order",
+    "fit_mixture_with_bias",
 ]

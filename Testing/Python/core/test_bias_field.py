@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from DeepGMMSegmentLib import options
 from DeepGMMSegmentLib.core import bias_field as bf
 from DeepGMMSegmentLib.core import em
 from phantoms import ellipse_mask, field_agreement, matched_dice, positive_phantom, smooth_field
@@ -118,11 +119,11 @@ def test_non_positive_channel_is_a_clear_error(image, problem):
 
 
 def test_resolve_order_accepts_the_option_values_and_rejects_others():
-    assert bf.resolve_order("none") == 0 and bf.resolve_order("auto") == bf.DEFAULT_ORDER
-    assert bf.resolve_order(4) == 4 and bf.resolve_order("2") == 2
-    for bad in (-1, bf.MAX_ORDER + 1, True, 2.5, "strong"):
+    assert options.resolve_bias_field_order("none") == 0 and options.resolve_bias_field_order("auto") == options.DEFAULT_BIAS_FIELD_ORDER
+    assert options.resolve_bias_field_order(4) == 4 and options.resolve_bias_field_order("2") == 2
+    for bad in (-1, options.MAX_BIAS_FIELD_ORDER + 1, True, 2.5, "strong"):
         with pytest.raises(ValueError, match="bias_field must be 'none', 'auto' or a basis order"):
-            bf.resolve_order(bad)
+            options.resolve_bias_field_order(bad)
 
 
 def test_shape_mismatch_and_empty_mask_are_clear_errors():

@@ -109,7 +109,8 @@ SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
              "deepg; 0 = the paper's loss, noisier labels; a trained model keeps its own for fine-tuning)")),
     "precision": (("--precision",), dict(
         choices=options.PRECISIONS, help="deep methods: the network's arithmetic ('auto': bfloat16 where the "
-                                         "hardware computes it natively, about 2x faster; default: {default})")),
+                                         "hardware computes it natively, about 2x faster; default: "
+                                         f"{options.DeepSettings.precision})")),
 }
 
 

@@ -45,6 +45,11 @@ class GaussianParameters:
     covariance_type: str
     cholesky: torch.Tensor
 
+    def select(self, index) -> GaussianParameters:
+        """The mixture(s) ``index`` picks along a leading axis of mixtures side by side."""
+        return GaussianParameters(self.means[index], self.covariances[index], self.covariance_type,
+                                  self.cholesky[index])
+
     def covariance_matrices(self) -> torch.Tensor:
         """Covariances as (K, C, C) matrices whatever the covariance type."""
         if self.covariance_type == "full":
@@ -68,7 +73,7 @@ def make_parameters(means: torch.Tensor, covariances: torch.Tensor, covariance_t
         cholesky, info = torch.linalg.cholesky_ex(cov)
         if bool((info > 0).any()):
             raise FitError(
-                f"A class covariance is not positive definite (class {int((info > 0).nonzero()[0, 0]) + 1}). "
+                f"A class covariance is not positive definite (class {int((info > 0).nonzero()[0, -1]) + 1}). "
                 "Use a larger reg_covar (e.g. 1e-3), fewer classes, or covariance_type='diag'."
             )
     else:
@@ -117,7 +122,7 @@ def repair_covariances(cov: torch.Tensor, channel_var: torch.Tensor) -> torch.Te
         lowest = torch.linalg.eigvalsh(scaled)[..., 0]  # (K,)
         shift = (MIN_RELATIVE_EIGENVALUE - lowest).clamp_min(0)
     if bool((shift > 0).any()):
-        cov = cov + shift[:, None, None] * torch.diag_embed(channel_var)
+        cov = cov + shift[..., None, None] * torch.diag_embed(channel_var)
     return cov
 
 
@@ -153,18 +158,20 @@ def weighted_mstep(
         cov = second / nk[:, None, None] - means_c[:, :, None] * means_c[:, None, :]
     else:
         cov = (w.T @ xc**2) / nk[:, None] - means_c**2
-    return nk, make_parameters(means_c + centre, regularize_covariances(cov, channel_var, reg_covar), covariance_type)
+    return nk, make_parameters(means_c + centre, regularize_covariances(cov, channel_var, reg_covar, covariance_type),
+                               covariance_type)
 
 
-def regularize_covariances(cov: torch.Tensor, channel_var: torch.Tensor, reg_covar: float) -> torch.Tensor:
+def regularize_covariances(cov: torch.Tensor, channel_var: torch.Tensor, reg_covar: float,
+                           covariance_type: str) -> torch.Tensor:
     """The M-step's last step: add ``reg_covar`` to the diagonal, then repair (:func:`repair_covariances`).
 
-    ``cov`` is (K, C, C) or, for "diag", (K, C) variances. The floor applies to the regularised
+    ``cov`` is (..., K, C, C) or, for "diag", (..., K, C) variances. The floor applies to the regularised
     covariance, so with the default reg_covar it changes nothing: adding it on top of reg_covar
     gave two identical channels a variance of reg_covar * 1.01 in their degenerate direction
     instead of scikit-learn's reg_covar, 0.005 nats per voxel worse on 42 of the 320 stress cases.
     """
-    if cov.dim() == 2:  # diagonal
+    if covariance_type == "diag":
         return torch.maximum(cov.clamp_min(0) + reg_covar, MIN_RELATIVE_EIGENVALUE * channel_var)
     eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
     return repair_covariances(cov + reg_covar * eye, channel_var)

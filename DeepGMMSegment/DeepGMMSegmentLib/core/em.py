@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from ..options import EMSettings
 from . import gmm
 
 # report(iteration, max_iterations, nll) is called once per iteration; it may raise to cancel.
@@ -25,6 +26,9 @@ START_SAMPLES = 20_000
 # Each start's EM (and the GMM that em-svgmm starts from) runs at most this long, whatever the
 # final run's max_iter and tol: a caller asking for max_iter=10**7, tol=0 still sees progress.
 START_MAX_ITER, START_TOL = 200, 1e-5
+# Direct calls of fit_gmm / fit_svgmm start once unless asked (n_init=...); segment() passes the
+# user's n_init, EMSettings.n_init by default.
+ONE_START = EMSettings(n_init=1)
 
 
 @dataclass
@@ -201,18 +205,13 @@ def initial_parameters(
 def best_start(
     x: torch.Tensor,
     n_classes: int,
-    *,
-    n_init: int,
-    covariance_type: str,
-    reg_covar: float,
-    max_iter: int,
-    tol: float,
+    settings: EMSettings,
     generator: torch.Generator,
     sample_weight: torch.Tensor | None = None,
-    max_samples: int = START_SAMPLES,
     check_cancel: Callable[[], None] | None = None,
+    max_samples: int = START_SAMPLES,
 ) -> tuple[torch.Tensor, gmm.GaussianParameters]:
-    """The (log weights, parameters) of the best of ``n_init`` k-means++ starts, each run by EM to convergence.
+    """The (log weights, parameters) of the best of ``settings.n_init`` k-means++ starts, each run by EM to convergence.
 
     "Best" is the lowest final mean NLL. Starts alternate greedy and plain k-means++ seeding (the
     first is greedy): greedy starts are good but alike, so several of them often end in the same
@@ -223,13 +222,17 @@ def best_start(
     start's EM stops after min(max_iter, START_MAX_ITER) iterations or a change below max(tol, START_TOL).
     """
     data, weight = _start_sample(x, sample_weight, max_samples, generator)
-    centres = kmeans_starts(data, n_classes, torch.arange(n_init) % 2 == 0, generator, weight)
-    log_w, params = hard_assignment_parameters(data, centres, covariance_type, reg_covar, weight)
+    centres = kmeans_starts(data, n_classes, torch.arange(settings.n_init) % 2 == 0, generator, weight)
+    log_w, params = hard_assignment_parameters(data, centres, settings.covariance_type, settings.reg_covar, weight)
     report = None if check_cancel is None else (lambda *_: check_cancel())
-    nll, log_w, params = race_starts(data, log_w, params, max_iter=min(max_iter, START_MAX_ITER),
-                                     tol=max(tol, START_TOL), reg_covar=reg_covar, counts=weight, report=report)
+    nll, log_w, params = race_starts(data, log_w, params, _start_settings(settings), weight, report)
     best = int(torch.argmin(nll))
     return log_w[best], params.select(best)
+
+
+def _start_settings(settings: EMSettings) -> EMSettings:
+    """The starts' EM (and em-svgmm's GMM): capped so that max_iter=10**7, tol=0 still shows progress."""
+    return settings.replace(max_iter=min(settings.max_iter, START_MAX_ITER), tol=max(settings.tol, START_TOL))
 
 
 def _compress(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -392,27 +395,19 @@ def m_step(
     return mass, gmm.make_parameters(params.means.to(gmm.ACCUMULATE) + moved, cov, params.covariance_type)
 
 
-def _iterate(
-    data: torch.Tensor,
-    log_w: torch.Tensor,
-    params: gmm.GaussianParameters,
-    *,
-    max_iter: int,
-    tol: float,
-    reg_covar: float,
-    counts: torch.Tensor | None,
-    report: Reporter | None,
-):
+def _iterate(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParameters, settings: EMSettings,
+             counts: torch.Tensor | None, report: Reporter | None):
     """The EM loop shared by GMM (global log weights (K,)) and SVGMM (per-voxel log weights (V, K)).
 
     Each iteration is one fused sweep (:func:`e_step`) and a small M-step (:func:`m_step`). It
     stops when the mean NLL per voxel (measured in the E-step, i.e. for the parameters before the
-    M-step) changes by less than ``tol``: scikit-learn's rule with its lower bound, the mean
-    log-likelihood per sample, for a GMM. Returns (final log responsibilities, parameters, log
+    M-step) changes by less than ``settings.tol`` (scikit-learn's rule: its lower bound is the mean
+    log-likelihood per sample, for a GMM), or after ``settings.max_iter`` iterations. Returns (final log responsibilities, parameters, log
     weights, NLL history, iterations, converged); the history ends with the NLL of the returned
     parameters.
     """
     per_voxel = log_w.dim() == 2
+    max_iter, tol = settings.max_iter, settings.tol
     channel_var = gmm.channel_variances(data, counts)
     channels = data.T.to(torch.promote_types(data.dtype, torch.float32)).contiguous()  # no copy for one channel
     history: list[float] = []
@@ -423,7 +418,7 @@ def _iterate(
         # SVGMM: the new per-voxel weights are this E-step's posterior, written over the old ones
         stats = e_step(channels, log_w, params, counts, log_resp_out=log_w if per_voxel else None)
         history.append(float(stats.mean_nll))
-        mass, params = m_step(stats, params, reg_covar, channel_var)
+        mass, params = m_step(stats, params, settings.reg_covar, channel_var)
         log_w = log_w.clamp_min_(floor) if per_voxel else torch.log(mass / mass.sum())
         if report is not None:
             report(n_iter, max_iter, history[-1])
@@ -435,21 +430,13 @@ def _iterate(
     return log_resp, params, log_w, history, n_iter, converged
 
 
-def race_starts(
-    data: torch.Tensor,
-    log_w: torch.Tensor,
-    params: gmm.GaussianParameters,
-    *,
-    max_iter: int,
-    tol: float,
-    reg_covar: float,
-    counts: torch.Tensor | None,
-    report: Reporter | None,
-) -> tuple[torch.Tensor, torch.Tensor, gmm.GaussianParameters]:
+def race_starts(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParameters, settings: EMSettings,
+                counts: torch.Tensor | None, report: Reporter | None,
+                ) -> tuple[torch.Tensor, torch.Tensor, gmm.GaussianParameters]:
     """EM on S starts side by side: (S, K) log weights, parameters with a leading start axis.
 
     Each iteration is one sweep for all starts still running; a start stops, as in
-    :func:`_iterate`, when its mean NLL changes by less than ``tol``. Returns each start's final
+    :func:`_iterate`, when its mean NLL changes by less than ``settings.tol``. Returns each start's final
     mean NLL (S,), log weights and parameters.
     """
     channel_var = gmm.channel_variances(data, counts)
@@ -457,16 +444,16 @@ def race_starts(
     done_log_w, done_means, done_cov = log_w.clone(), params.means.clone(), params.covariances.clone()
     running = torch.arange(len(log_w))
     previous = None
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, settings.max_iter + 1):
         stats = e_step(channels, log_w, params, counts)
-        mass, params = m_step(stats, params, reg_covar, channel_var)
+        mass, params = m_step(stats, params, settings.reg_covar, channel_var)
         log_w = torch.log(mass / mass.sum(-1, keepdim=True))
         done_log_w[running], done_means[running], done_cov[running] = log_w, params.means, params.covariances
         nll = stats.mean_nll
         if report is not None:
-            report(n_iter, max_iter, float(nll.min()))
+            report(n_iter, settings.max_iter, float(nll.min()))
         if previous is not None:
-            going = (previous - nll).abs() >= tol
+            going = (previous - nll).abs() >= settings.tol
             if not bool(going.any()):
                 break
             running, nll, log_w, params = running[going], nll[going], log_w[going], params.select(going)
@@ -478,39 +465,36 @@ def race_starts(
 def fit_gmm(
     x: torch.Tensor,
     n_classes: int,
+    settings: EMSettings = ONE_START,
     *,
-    covariance_type: str = "full",
-    max_iter: int = 200,
-    tol: float = 1e-5,
-    reg_covar: float = 1e-4,
     generator: torch.Generator,
     means_init: torch.Tensor | None = None,
     init: tuple[torch.Tensor, gmm.GaussianParameters] | None = None,
     report: Reporter | None = None,
     compress: bool = True,
-    n_init: int = 1,
     check_cancel: Callable[[], None] | None = None,
+    **overrides,
 ) -> MixtureFit:
     """EM for a Gaussian mixture with global weights.
 
-    ``init`` = (log weights, parameters) starts from given parameters (used to compare with
-    scikit-learn); ``means_init`` starts from given means; otherwise the best of ``n_init``
-    k-means++ starts (:func:`best_start`) does. Stops when the mean NLL changes by less than
-    ``tol`` or after ``max_iter`` iterations; ``report`` sees the iterations of this final run.
+    ``settings`` (:class:`~DeepGMMSegmentLib.options.EMSettings`: covariance_type, max_iter, tol,
+    reg_covar, n_init), with any of its fields overridden by keyword (``tol=1e-3``). ``init`` =
+    (log weights, parameters) starts from given parameters (used to compare with scikit-learn);
+    ``means_init`` starts from given means; otherwise the best of ``n_init`` k-means++ starts
+    (:func:`best_start`) does. Stops when the mean NLL changes by less than ``tol`` or after
+    ``max_iter`` iterations (:func:`_iterate`); ``report`` sees the iterations of this final run.
     """
+    settings = settings.replace(**overrides)
     packed = _compress(x) if compress else None
     data, inverse, counts = (x, None, None) if packed is None else packed
     if init is not None:
         log_w, params = init
-    elif means_init is not None or n_init <= 1:
-        log_w, params = initial_parameters(data, n_classes, covariance_type, reg_covar, generator, counts, means_init)
+    elif means_init is not None or settings.n_init <= 1:
+        log_w, params = initial_parameters(data, n_classes, settings.covariance_type, settings.reg_covar, generator,
+                                           counts, means_init)
     else:
-        log_w, params = best_start(data, n_classes, n_init=n_init, covariance_type=covariance_type,
-                                   reg_covar=reg_covar, max_iter=max_iter, tol=tol, generator=generator,
-                                   sample_weight=counts, check_cancel=check_cancel)
-    log_resp, params, log_w, history, n_iter, converged = _iterate(
-        data, log_w, params, max_iter=max_iter, tol=tol, reg_covar=reg_covar, counts=counts, report=report,
-    )
+        log_w, params = best_start(data, n_classes, settings, generator, counts, check_cancel)
+    log_resp, params, log_w, history, n_iter, converged = _iterate(data, log_w, params, settings, counts, report)
     if inverse is not None:
         log_resp = log_resp[inverse]
     return MixtureFit(log_resp, params, log_w.exp(), history, n_iter, converged)
@@ -519,32 +503,26 @@ def fit_gmm(
 def fit_svgmm(
     x: torch.Tensor,
     n_classes: int,
+    settings: EMSettings = ONE_START,
     *,
-    covariance_type: str = "full",
-    max_iter: int = 200,
-    tol: float = 1e-5,
-    reg_covar: float = 1e-4,
     generator: torch.Generator,
     means_init: torch.Tensor | None = None,
     report: Reporter | None = None,
-    n_init: int = 1,
     check_cancel: Callable[[], None] | None = None,
     start: MixtureFit | None = None,
+    **overrides,
 ) -> MixtureFit:
     """EM for the spatially variant GMM (one weight vector per voxel, no spatial prior).
 
     Maximum-likelihood SVGMM as in the paper's baseline: the per-voxel weights start at the
     posterior of the GMM that em-gmm fits (``start``, or fitted here with the same starts), and
     each iteration sets them to the current posterior. Its NLL is -mean_i log sum_k pi_ik N_k(x_i).
+    Settings as :func:`fit_gmm`.
     """
+    settings = settings.replace(**overrides)
     if start is None:
-        start = fit_gmm(x, n_classes, covariance_type=covariance_type, max_iter=min(max_iter, START_MAX_ITER),
-                        tol=max(tol, START_TOL),
-                        reg_covar=reg_covar, generator=generator, means_init=means_init, n_init=n_init,
-                        check_cancel=check_cancel,
-                        report=None if check_cancel is None else (lambda *_: check_cancel()))
-    log_resp, params, _, history, n_iter, converged = _iterate(
-        x, start.log_resp.clamp_min(-30.0), start.params, max_iter=max_iter, tol=tol, reg_covar=reg_covar,
-        counts=None, report=report,
-    )
+        start = fit_gmm(x, n_classes, _start_settings(settings), generator=generator, means_init=means_init,
+                        check_cancel=check_cancel, report=None if check_cancel is None else (lambda *_: check_cancel()))
+    log_resp, params, _, history, n_iter, converged = _iterate(x, start.log_resp.clamp_min(-30.0), start.params,
+                                                               settings, None, report)
     return MixtureFit(log_resp, params, log_resp.exp().mean(0), history, n_iter, converged)

@@ -88,7 +88,8 @@ def test_fused_sweep_matches_the_reference_m_step(covariance_type, monkeypatch):
     x = torch.as_tensor(_data(3000), dtype=torch.float32)
     counts = torch.as_tensor(np.random.default_rng(2).integers(1, 4, len(x)), dtype=torch.float32)
     log_w, params = em.initial_parameters(x, 3, covariance_type, 1e-4, torch.Generator().manual_seed(4))
-    monkeypatch.setattr(em, "BLOCK_VOXELS", 700)  # several blocks, the last one partial
+    monkeypatch.setattr(em, "BLOCK_ELEMENTS", 2100)  # several blocks, the last one partial
+    monkeypatch.setattr(em, "MIN_BLOCK_VOXELS", 1)
     log_resp = torch.empty(len(x), 3)
     stats = em.e_step(x.T.contiguous(), log_w, params, counts, log_resp_out=log_resp)
     mass, fused = em.m_step(stats, params, 1e-4, gmm.channel_variances(x, counts))

@@ -114,11 +114,12 @@ class EMSettings(_Settings):
     # phantoms of Testing/Python/core/random_phantoms.py: NLL no worse than scikit-learn's in
     # 15/18 cases with 1 greedy start, 17/18 with 5. The starts run on at most em.START_SAMPLES
     # rows, so the extra cost does not grow with the volume. Re-measured on all 320 stress cases
-    # after the fused EM (EM methods only, against the same scikit-learn records): 10 starts give a
-    # Dice within 0.01 in 98.8 %, an NLL no worse (+0.001) in 98.4 %, both in 97.8 %; 20 starts
-    # 98.4 %, 99.7 %, 98.1 % (every remaining miss but one has a better NLL than scikit-learn's and
-    # a worse Dice: a low-variance channel of a few quantisation levels), at about 1.3x the time of
-    # 10 on a 4,000-voxel ROI and 2.5-3x on 400,000 voxels with K = 8, C = 4. 10 stays the default.
+    # after the fused EM and the side-by-side starts (em-gmm against the same scikit-learn
+    # n_init=10 records): 10 starts give a Dice within 0.01 in 98.8 % of the cases, an NLL no worse
+    # (+0.001) in 98.8 %, both in 98.1 %; 20 starts 98.4 %, 99.7 %, 98.1 % (their extra misses have
+    # a better NLL than scikit-learn's and a worse Dice: a low-variance channel of a few
+    # quantisation levels), at about 1.3x the time of 10 on a 4,000-voxel ROI and 1.9x on
+    # 400,000 voxels with K = 8, C = 4. 10 stays the default.
     n_init: int = 10
     # The short EM runs inside the deep methods: the per-image warm start (a rough posterior is
     # enough to distil into the network) and the training's pooled class means and targets.

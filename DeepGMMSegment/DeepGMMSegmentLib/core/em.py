@@ -463,7 +463,7 @@ def race_starts(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianPar
     channel_var = gmm.channel_variances(data, counts)
     channels = data.T.to(torch.promote_types(data.dtype, torch.float32)).contiguous()
     done_log_w, done_means, done_cov = log_w.clone(), params.means.clone(), params.covariances.clone()
-    running = torch.arange(len(log_w))
+    running = torch.arange(len(log_w), device=log_w.device)
     previous = None
     for n_iter in range(1, settings.max_iter + 1):
         stats = e_step(channels, log_w, params, counts)

@@ -7,7 +7,8 @@ and a cancel can end the whole process. It needs only numpy, torch and the core 
 
 Job folder (written by the runner, read here):
   ``job.json``   ``{"numberOfClasses", "method", "device", "seed", "spacing", "options"}``
-  ``input.npz``  ``channels`` (C, z, y, x) float32 and optionally ``mask`` (z, y, x) bool
+  ``input.npz``  ``channels`` (C, z, y, x) float32, optionally ``mask`` (z, y, x) bool and ``seeds``
+                 (z, y, x) uint8 (the engine's ``seeds``: k marks class k, 0 unmarked)
 Results (written here), the fields of :class:`DeepGMMSegmentLib.result.SegmentationResult` (the
 one result type of a run; the runner rebuilds it from these two files):
   ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nll_history``
@@ -139,6 +140,8 @@ def runJob(jobFolder: str) -> int:
         with np.load(os.path.join(jobFolder, INPUT_FILE)) as data:
             channels = [np.asarray(channel) for channel in data["channels"]]
             mask = np.asarray(data["mask"]) if "mask" in data.files else None
+            # Passed only when given, like every option the job does not set.
+            seeds = {"seeds": np.asarray(data["seeds"])} if "seeds" in data.files else {}
     except Exception as error:  # noqa: BLE001 - everything is reported to the parent
         return _reportError(jobFolder, error)
 
@@ -169,6 +172,7 @@ def runJob(jobFolder: str) -> int:
             device=job.get("device", "auto"),
             seed=int(job.get("seed", 0)),
             progress=progress,
+            **seeds,
             **options,
         )
     except SegmentationCancelled:

@@ -123,7 +123,9 @@ class DeepGMMSegmentParameterNode:
     class, one value per channel; outputSegmentation None = create a new segmentation;
     smoothness: deepSVG's spatial prior (0 = the published loss);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
-    fineTuneSteps 0 = one forward pass."""
+    fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
+    (biasFieldOrder 0 = automatic); seedSegmentation: reference segments painted per tissue, which
+    fix the classes' identity, names and colours."""
 
     inputVolume1: Optional[vtkMRMLScalarVolumeNode]
     inputVolume2: Optional[vtkMRMLScalarVolumeNode]
@@ -143,6 +145,9 @@ class DeepGMMSegmentParameterNode:
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
+    seedSegmentation: Optional[vtkMRMLSegmentationNode]
+    correctBiasField: bool = False
+    biasFieldOrder: Annotated[int, WithinRange(0, options.MAX_BIAS_FIELD_ORDER)] = 0
     outputSegmentation: Optional[vtkMRMLSegmentationNode]
     probabilityMaps: bool = True
     useTrainedModel: bool = False
@@ -275,6 +280,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateChannelSelectors()
         self._updateMaskSelectorFromParameterNode()
         self._updateTrainedModel()
+        self.ui.biasFieldOrderSpinBox.enabled = self._parameterNode.correctBiasField
         self._checkCanApply()
 
     def _channelVolumes(self):
@@ -452,7 +458,10 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    method=parameters.method.value, roi=parameters.roi, mask=mask,
                                    device=parameters.device.value, seed=parameters.seed, options=engineOptions,
                                    probabilityMaps=parameters.probabilityMaps, waitForCompletion=False,
-                                   progressCallback=self.onProgress, completedCallback=self.onCompleted)
+                                   progressCallback=self.onProgress, completedCallback=self.onCompleted,
+                                   biasField=panel.biasFieldOption(parameters.correctBiasField,
+                                                                   parameters.biasFieldOrder),
+                                   seedSegmentation=parameters.seedSegmentation)
         except Exception:
             self._setProcessing(False)
             raise

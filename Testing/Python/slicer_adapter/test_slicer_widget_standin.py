@@ -565,3 +565,45 @@ def test_self_test_in_testing_mode_without_torch_skips_and_installs_nothing(monk
     assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm", "test_PanelCancel"]
     assert all("testing mode" in reason and "never installs" in reason for _, reason in result.skipped)
     assert mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_correct_bias_field_adds_the_field_and_corrected_volumes(harness, volumes, mrmlScene):
+    t1, _ = volumes
+    widget = harness.createWidget()
+    ui, parameters = widget.ui, widget._parameterNode
+    parameters.method = harness.module.SegmentationMethod.EM_GMM
+    assert (parameters.correctBiasField, parameters.biasFieldOrder) == (False, 0)  # off by default
+    assert not ui.biasFieldOrderSpinBox.enabled
+    parameters.correctBiasField = True
+    assert ui.biasFieldOrderSpinBox.enabled
+    inputBefore = t1.GetImageData().GetMTime()
+    ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    output = parameters.outputSegmentation
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "auto"  # order 0 = automatic
+    assert [node.GetName() for node in nodesOfClass(mrmlScene, "vtkMRMLScalarVolumeNode")
+            if "bias field" in node.GetName() or "corrected" in node.GetName()] == ["T1 bias field", "T1 corrected"]
+    assert t1.GetImageData().GetMTime() == inputBefore
+
+    widget.askReplaceOrNew = lambda name, withRoi: "replace"
+    parameters.biasFieldOrder = 1
+    ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "1"
+    assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+def test_bad_reference_segments_show_an_error_and_start_nothing(harness, volumes, mrmlScene):
+    widget = harness.createWidget()
+    reference = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+    reference.GetSegmentation().AddEmptySegment("Scar")
+    widget._parameterNode.seedSegmentation = reference
+    widget.ui.segmentButton.click()
+    assert not widget.isProcessing()
+    assert len(harness.errorMessages) == 1 and "paint at least two tissues" in harness.errorMessages[0]
+    assert segmentationCount(mrmlScene) == 1
+
+
+def nodesOfClass(scene, className):
+    return [scene.GetNthNodeByClass(index, className) for index in range(scene.GetNumberOfNodesByClass(className))]

@@ -107,6 +107,9 @@ def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, ro
         if options.get("prior_means") is not None:
             raise ValueError("Give either prior class means or reference segments, not both: the painted voxels "
                              "give the class means. Clear one of them.")
+        if options.get("model") is not None:
+            raise ValueError("Reference segments cannot be combined with a trained model: the model's training fixed "
+                             "its classes. Clear Reference segments or uncheck Use trained model.")
         maskNode = mask[0] if isinstance(mask, (list, tuple)) and mask else None
         if hasattr(maskNode, "GetID") and maskNode.GetID() == seedSegmentation.GetID():
             maskSegmentId = str(mask[1])

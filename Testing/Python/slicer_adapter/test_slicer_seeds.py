@@ -9,7 +9,6 @@ import slicer
 import slicer.util
 import vtk
 
-from DeepGMMSegmentLib import segment
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
 from DeepGMMSegmentLib.result import class_colors
 from DeepGMMSegmentLib.slicer_adapter import geometry as sceneGeometry
@@ -158,27 +157,14 @@ def test_strokes_painted_into_the_mask_segmentation_leave_the_mask_segment_out(m
     np.testing.assert_array_equal(request.regionSeeds(), request.reference.labels)
 
 
-def _seedMeansResult(request):
-    """The engine's result for this request with the seed classes' means as prior means (what seeds
-    give the fit), computed in this process on the request's arrays."""
-    labels = request.reference.labels
-    numberOfClasses = request.numberOfClasses
-    seeded = [[float(channel[labels == n].mean()) for channel in request.channels]
-              for n in range(1, len(request.reference.names) + 1)]
-    free = [[float(np.percentile(channel, 50)) for channel in request.channels]
-            for _ in range(numberOfClasses - len(seeded))]
-    return segment(request.channels, numberOfClasses, method="em-gmm", seed=0, device="cpu",
-                   prior_means=np.array(seeded + free))
-
-
 def test_output_classes_take_the_segments_names_and_colours_in_their_order(mrmlScene, scene):
     t1, t2, truth = scene
-    node, _ = reference(mrmlScene, t1, [("Scar", SCAR_COLOR, strokes(truth, 3)),
-                                        ("Blood pool", BLOOD_COLOR, strokes(truth, 1))])
+    scar, blood = strokes(truth, 3), strokes(truth, 1)
+    node, _ = reference(mrmlScene, t1, [("Scar", SCAR_COLOR, scar), ("Blood pool", BLOOD_COLOR, blood)])
     referenceBefore = segmentationState(node)
     inputsBefore = [slicer.util.arrayFromVolume(v).copy() for v in (t1, t2)]
-    request = prepareRequest([t1, t2], None, 3, "em-gmm", None, None, "cpu", 0, None, True, seedSegmentation=node)
-    outputs = sceneOutputs.writeOutputs(request, _seedMeansResult(request))
+    logic = DeepGMMSegmentLogic()
+    outputs = logic.process([t1, t2], numberOfClasses=3, method="em-gmm", seedSegmentation=node)
 
     segmentation = outputs.segmentationNode.GetSegmentation()
     segments = [segmentation.GetNthSegment(n) for n in range(segmentation.GetNumberOfSegments())]
@@ -186,8 +172,9 @@ def test_output_classes_take_the_segments_names_and_colours_in_their_order(mrmlS
     np.testing.assert_allclose([s.GetColor() for s in segments], [SCAR_COLOR, BLOOD_COLOR, class_colors(3)[2]],
                                atol=1e-6)
     labels = sceneOutputs.readClassLabels(outputs.segmentationNode, sceneGeometry.volumeGeometry(t1))
-    np.testing.assert_array_equal(labels == 1, truth == 3)  # class 1 is the scar the strokes marked
-    np.testing.assert_array_equal(labels == 2, truth == 1)
+    assert (labels[scar] == 1).all() and (labels[blood] == 2).all()  # the marked voxels keep their class
+    assert ((labels == 1) == (truth == 3)).mean() > 0.98  # class 1 is the tissue the "Scar" strokes marked
+    assert ((labels == 2) == (truth == 1)).mean() > 0.98
     assert [s.name for s in outputs.classStatistics] == ["Scar", "Blood pool", "Class 3"]
     assert [v.GetName() for v in outputs.probabilityVolumes] == [
         "T1 DeepGMM em-gmm Scar probability", "T1 DeepGMM em-gmm Blood pool probability",
@@ -197,12 +184,40 @@ def test_output_classes_take_the_segments_names_and_colours_in_their_order(mrmlS
     for volume, array in zip((t1, t2), inputsBefore):
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), array)
 
-    # A rerun with renamed reference segments renames the classes they mark; the free class keeps the
+    # A rerun with a renamed reference segment renames the class it marks; the free class keeps the
     # name the user gave it.
     segments[2].SetName("Edema")
     node.GetSegmentation().GetNthSegment(0).SetName("Infarct")
-    request = prepareRequest([t1, t2], outputs.segmentationNode, 3, "em-gmm", None, None, "cpu", 0, None, False,
-                             seedSegmentation=node)
-    sceneOutputs.writeOutputs(request, _seedMeansResult(request))
+    logic.process([t1, t2], outputSegmentation=outputs.segmentationNode, numberOfClasses=3, method="em-gmm",
+                  seedSegmentation=node, probabilityMaps=False)
     assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["Infarct", "Blood pool", "Edema"]
     assert not outputs.segmentationNode.GetNodeReference(sceneOutputs.PROBABILITY_REFERENCE_ROLE)
+
+
+def test_seeds_inside_an_roi_and_with_a_deep_method(mrmlScene, scene):
+    t1, t2, truth = scene
+    scar, blood = strokes(truth, 3, every=3), strokes(truth, 1, every=3)
+    node, _ = reference(mrmlScene, t1, [("Scar", SCAR_COLOR, scar), ("Blood pool", BLOOD_COLOR, blood)])
+    roi = mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    centre = sceneGeometry.volumeGeometry(t1).ijkToRas @ np.array([12.0, 10.0, 3.0, 1.0])
+    roi.SetCenter(*centre[:3])
+    roi.SetSize(20.0, 20.0, 10.0)
+    outputs = DeepGMMSegmentLogic().process(
+        [t1, t2], numberOfClasses=2, method="deepg", roi=roi, seedSegmentation=node,
+        options={"max_iter": 20, "min_iter": 5, "depth": 2, "base_width": 4, "warm_start_iter": 10,
+                 "precision": "float32"})
+    region = sceneGeometry.roiRegion(roi, t1)
+    labels = sceneOutputs.readClassLabels(outputs.segmentationNode, sceneGeometry.volumeGeometry(t1))[region]
+    assert (labels[scar[region]] == 1).all() and (labels[blood[region]] == 2).all()
+    names = [outputs.segmentationNode.GetSegmentation().GetNthSegment(n).GetName() for n in range(2)]
+    assert names == ["Scar", "Blood pool"]
+
+
+def test_seeds_with_a_trained_model_are_refused_before_the_worker(mrmlScene, scene, trainedModelFile):
+    t1, t2, truth = scene
+    node, _ = reference(mrmlScene, t1, [("Scar", SCAR_COLOR, strokes(truth, 3)),
+                                        ("Blood pool", BLOOD_COLOR, strokes(truth, 1))])
+    logic = DeepGMMSegmentLogic(runnerFactory=lambda **kwargs: pytest.fail("no worker may start"))
+    with pytest.raises(ValueError, match="Reference segments cannot be combined with a trained model"):
+        logic.process([t1, t2], numberOfClasses=3, method="deepsvg", seedSegmentation=node,
+                      options={"model": str(trainedModelFile(("T1", "T2")))})

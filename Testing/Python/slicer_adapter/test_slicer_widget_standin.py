@@ -607,3 +607,25 @@ def test_bad_reference_segments_show_an_error_and_start_nothing(harness, volumes
 
 def nodesOfClass(scene, className):
     return [scene.GetNthNodeByClass(index, className) for index in range(scene.GetNumberOfNodesByClass(className))]
+
+
+def test_reference_segments_name_the_classes_in_the_results_table(harness, volumes, mrmlScene, helpers):
+    import numpy as np
+
+    from DeepGMMSegmentLib.slicer_adapter import geometry
+
+    t1, _ = volumes
+    _, _, truth = helpers.phantom(shape=(4, 16, 18))
+    reference = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+    for name, tissue in (("White matter", 3), ("CSF", 1)):
+        marked = np.zeros(truth.shape, bool)
+        marked.flat[np.flatnonzero(truth == tissue)[::9]] = True
+        reference.AddSegmentFromBinaryLabelmapRepresentation(geometry.volumeGeometry(t1).orientedImage(marked), name)
+    widget = harness.createWidget()
+    parameters = widget._parameterNode
+    parameters.method = harness.module.SegmentationMethod.EM_GMM
+    parameters.seedSegmentation = reference
+    widget.ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    assert [row[2] for row in widget.ui.resultsTableWidget.rowTexts()] == ["White matter", "CSF", "Class 3"]

@@ -542,7 +542,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
-    """SelfTest inside Slicer: logic and parameter node, the EM path and the cancel path of the panel.
+    """SelfTest inside Slicer: logic and parameter node, the EM path (also with reference segments and
+    the bias field) and the cancel path of the panel.
 
     Runs in ctest (``--testing``) on the extensions factory too. There nothing is installed: when
     PyTorch is missing, the two runs are skipped with a message saying so (peers skip their heavy
@@ -553,7 +554,7 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         for test in (self.test_LogicBeforeAnyRun, self.test_ParameterNode, self.test_PanelEmGmm,
-                     self.test_PanelCancel):
+                     self.test_PanelReferenceSegmentsAndBiasField, self.test_PanelCancel):
             self.setUp()
             try:
                 test()
@@ -635,6 +636,40 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.ui.resultsTableWidget.rowCount, 6, widget.ui.statusLabel.text)
         self.assertNotEqual(parameters.outputSegmentation.GetID(), first.GetID())
         self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 2)
+
+    def test_PanelReferenceSegmentsAndBiasField(self):
+        self.delayDisplay("Panel: EM-GMM with painted reference segments and bias field correction")
+        self._requireTorch()
+        import numpy as np
+
+        volume = self._phantom()
+        before = slicer.util.arrayFromVolume(volume).copy()
+        strokes = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+        strokes.CreateDefaultDisplayNodes()
+        strokes.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        # The phantom's blocks along I: brightest on the right. Strokes: "Bright" first, then "Dark".
+        for name, columns, color in (("Bright", slice(28, 30), (1.0, 0.2, 0.2)),
+                                     ("Dark", slice(2, 4), (0.2, 0.2, 1.0))):
+            marked = np.zeros(before.shape, dtype=np.uint8)
+            marked[4:8, 10:20, columns] = 1
+            segmentId = strokes.GetSegmentation().AddEmptySegment(name, name, color)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(marked, strokes, segmentId, volume)
+        widget = self._panel()
+        parameters = widget._parameterNode
+        parameters.inputVolume1, parameters.outputSegmentation = volume, None
+        parameters.method, parameters.numberOfClasses = SegmentationMethod.EM_GMM, 3
+        parameters.seedSegmentation, parameters.correctBiasField = strokes, True
+        widget.ui.segmentButton.click()
+        self._waitUntil(lambda: not widget.isProcessing(), 300, "the EM-GMM run")
+        segmentation = parameters.outputSegmentation.GetSegmentation()
+        self.assertEqual([segmentation.GetNthSegment(index).GetName() for index in range(3)],
+                         ["Bright", "Dark", "Class 3"], widget.ui.statusLabel.text)
+        self.assertEqual([round(c, 3) for c in segmentation.GetNthSegment(0).GetColor()], [1.0, 0.2, 0.2])
+        for name in ("DeepGMMSegmentPhantom bias field", "DeepGMMSegmentPhantom corrected"):
+            self.assertEqual(slicer.util.getNode(name).GetImageData().GetDimensions(),
+                             volume.GetImageData().GetDimensions())
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "input was modified")
+        parameters.seedSegmentation, parameters.correctBiasField = None, False
 
     def test_PanelCancel(self):
         self.delayDisplay("Panel: cancel a long deepSVG run")

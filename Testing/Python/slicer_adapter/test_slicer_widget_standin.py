@@ -541,7 +541,7 @@ def _runSelfTest(harness, names):
 
 def test_self_test_runs_logic_em_and_cancel_paths(harness, mrmlScene):
     result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
-                                    "test_PanelCancel"])
+                                    "test_PanelReferenceSegmentsAndBiasField", "test_PanelCancel"])
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures
     assert harness.slotErrors == [] and harness.errorMessages == []
 
@@ -558,11 +558,13 @@ def test_self_test_in_testing_mode_without_torch_skips_and_installs_nothing(monk
     monkeypatch.setitem(sys.modules, "PyTorchUtils", pyTorchUtils)
     try:
         result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
-                                        "test_PanelCancel"])
+                                        "test_PanelReferenceSegmentsAndBiasField", "test_PanelCancel"])
     finally:
         harness.cleanup()
     assert result.wasSuccessful(), result.errors + result.failures
-    assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm", "test_PanelCancel"]
+    assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm",
+                                                                    "test_PanelReferenceSegmentsAndBiasField",
+                                                                    "test_PanelCancel"]
     assert all("testing mode" in reason and "never installs" in reason for _, reason in result.skipped)
     assert mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 

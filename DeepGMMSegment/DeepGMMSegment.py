@@ -344,6 +344,9 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
             widget.enabled = not use  # the model decides these
         ui.smoothnessSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
+        # Reference segments give the class means (so no prior means) and a model fixes its classes.
+        ui.priorMeansLineEdit.enabled = not use and parameters.seedSegmentation is None
+        ui.seedSegmentationSelector.enabled = not use
         modelIo = self._modelIo() if use else None
         ui.trainedModelInfoLabel.text = panel.trainedModelSummary(path, modelIo, self._trainedModels) if use else ""
         settings = panel.trainedModelSettings(panel.describeTrainedModel(path, modelIo, self._trainedModels)[0]
@@ -428,7 +431,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameters.useTrainedModel:
             engineOptions = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
         else:
-            priorMeans = options.parse_prior_means(parameters.priorMeans, parameters.numberOfClasses, len(channels))
+            priorMeansText = parameters.priorMeans if parameters.seedSegmentation is None else ""
+            priorMeans = options.parse_prior_means(priorMeansText, parameters.numberOfClasses, len(channels))
             engineOptions = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
                                                 parameters.covarianceType.value,
                                                 None if priorMeans is None else priorMeans.tolist(),
@@ -450,6 +454,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if problem:
                 raise ValueError(problem)
         mask = (parameters.maskSegmentation, parameters.maskSegmentId) if parameters.maskSegmentation else None
+        strokes = None if parameters.useTrainedModel else parameters.seedSegmentation  # greyed out with a model
         self._runningMethod = parameters.method
         self._setProcessing(True)
         try:
@@ -461,7 +466,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    progressCallback=self.onProgress, completedCallback=self.onCompleted,
                                    biasField=panel.biasFieldOption(parameters.correctBiasField,
                                                                    parameters.biasFieldOrder),
-                                   seedSegmentation=parameters.seedSegmentation)
+                                   seedSegmentation=strokes)
         except Exception:
             self._setProcessing(False)
             raise

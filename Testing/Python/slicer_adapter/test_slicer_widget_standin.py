@@ -626,8 +626,14 @@ def test_reference_segments_name_the_classes_in_the_results_table(harness, volum
     widget = harness.createWidget()
     parameters = widget._parameterNode
     parameters.method = harness.module.SegmentationMethod.EM_GMM
+    parameters.priorMeans = "1;2;3"  # typed before; the strokes give the class means instead
+    assert widget.ui.priorMeansLineEdit.enabled
     parameters.seedSegmentation = reference
+    assert not widget.ui.priorMeansLineEdit.enabled and widget.ui.seedSegmentationSelector.enabled
     widget.ui.segmentButton.click()
     runToEnd(harness, widget)
     assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
     assert [row[2] for row in widget.ui.resultsTableWidget.rowTexts()] == ["White matter", "CSF", "Class 3"]
+    assert "prior_means" not in json.loads(parameters.outputSegmentation.GetAttribute("DeepGMMSegment.Options"))
+    parameters.useTrainedModel = True  # a trained model fixes its classes: the strokes are not used
+    assert not widget.ui.seedSegmentationSelector.enabled

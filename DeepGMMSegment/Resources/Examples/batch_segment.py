@@ -39,20 +39,33 @@ def _ensureModuleOnPath() -> None:
         sys.path.insert(0, moduleFolder)
 
 
-def loadVolume(scene, path: str, name: str, labelmap: bool = False):
-    """Read a volume file (NRRD, NIfTI, MHA, ...) into a new node of ``scene``."""
+def _readNode(scene, className: str, storageClassName: str, path: str, name: str, failure: str):
+    """Read ``path`` into a new ``className`` node of ``scene`` with a ``storageClassName`` storage node."""
     if not os.path.exists(path):
         raise ValueError(f"Input file not found: {path}")
-    className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
     node = scene.AddNewNodeByClass(className, name)
-    storageNode = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storageNode = scene.AddNewNodeByClass(storageClassName)
     storageNode.SetFileName(path)
     if not storageNode.ReadData(node):
         scene.RemoveNode(node)
-        raise ValueError(f"Could not read the volume {path}. Use NRRD, NIfTI or MHA.")
+        raise ValueError(failure)
     node.SetAndObserveStorageNodeID(storageNode.GetID())
+    return node
+
+
+def loadVolume(scene, path: str, name: str, labelmap: bool = False):
+    """Read a volume file (NRRD, NIfTI, MHA, ...) into a new node of ``scene``."""
+    className = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+    node = _readNode(scene, className, "vtkMRMLVolumeArchetypeStorageNode", path, name,
+                     f"Could not read the volume {path}. Use NRRD, NIfTI or MHA.")
     node.CreateDefaultDisplayNodes()
     return node
+
+
+def loadSegmentation(scene, path: str, name: str):
+    """Read a segmentation file (.seg.nrrd) into a new segmentation node of ``scene``."""
+    return _readNode(scene, "vtkMRMLSegmentationNode", "vtkMRMLSegmentationStorageNode", path, name,
+                     f"Could not read the segmentation {path}. Save it from Slicer as .seg.nrrd.")
 
 
 def _writeNode(scene, node, path: str) -> None:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import slicer
 import slicer.util
-import vtk
 
 from DeepGMMSegmentLib import segment
 from DeepGMMSegmentLib.logic import DeepGMMSegmentLogic
@@ -36,23 +35,9 @@ def biasedInputs(mrmlScene, helpers):
     return t1, t2, field, truth, ijkToRas
 
 
-def _state(volume):
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return (slicer.util.arrayFromVolume(volume).copy(), volume.GetMTime(), volume.GetImageData().GetMTime(),
-            slicer.util.arrayFromVTKMatrix(matrix).copy())
-
-
-def _assertSameState(volume, state):
-    array, nodeMTime, imageMTime, matrix = _state(volume)
-    np.testing.assert_array_equal(array, state[0])
-    assert (nodeMTime, imageMTime) == state[1:3]
-    np.testing.assert_array_equal(matrix, state[3])
-
-
-def test_field_and_corrected_volumes_have_the_input_grid_and_the_engine_values(mrmlScene, biasedInputs):
+def test_field_and_corrected_volumes_have_the_input_grid_and_the_engine_values(mrmlScene, biasedInputs, helpers):
     t1, t2, trueField, truth, ijkToRas = biasedInputs
-    before = [_state(t1), _state(t2)]
+    before = [helpers.volumeState(t1), helpers.volumeState(t2)]
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", seed=1, biasField="auto")
 
     assert [v.GetName() for v in outputs.biasFieldVolumes] == ["T1 bias field", "T2 bias field"]
@@ -85,8 +70,8 @@ def test_field_and_corrected_volumes_have_the_input_grid_and_the_engine_values(m
     segmentationNode = outputs.segmentationNode
     assert segmentationNode.GetAttribute("DeepGMMSegment.BiasField") == "auto"
     assert "bias_field" not in json.loads(segmentationNode.GetAttribute("DeepGMMSegment.Options"))
-    _assertSameState(t1, before[0])
-    _assertSameState(t2, before[1])
+    helpers.assertVolumeUnchanged(t1, before[0])
+    helpers.assertVolumeUnchanged(t2, before[1])
 
 
 def test_rerun_updates_the_same_volumes_and_a_run_without_keeps_them(mrmlScene, biasedInputs):

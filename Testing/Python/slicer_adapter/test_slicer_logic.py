@@ -29,20 +29,6 @@ def _sceneSnapshot(scene):
     return [(node.GetID(), node.GetName(), node.GetMTime()) for node in nodes]
 
 
-def _inputState(volume):
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return (slicer.util.arrayFromVolume(volume).copy(), volume.GetMTime(), volume.GetImageData().GetMTime(),
-            slicer.util.arrayFromVTKMatrix(matrix).copy())
-
-
-def _assertInputUnchanged(volume, state):
-    array, nodeMTime, imageMTime, matrix = _inputState(volume)
-    np.testing.assert_array_equal(array, state[0])
-    assert (nodeMTime, imageMTime) == (state[1], state[2])
-    np.testing.assert_array_equal(matrix, state[3])
-
-
 def _twoChannelInputs(scene, helpers, shape=(6, 20, 24)):
     ijkToRas = helpers.ijkToRasMatrix((1.0, 1.2, 2.0), (10.0, -20.0, 5.0), helpers.obliqueDirection())
     channel1, channel2, truth = helpers.phantom(shape)
@@ -57,7 +43,7 @@ def _labels(outputs, volume):
 
 def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, helpers):
     t1, t2, truth, ijkToRas = _twoChannelInputs(mrmlScene, helpers)
-    before = [_inputState(t1), _inputState(t2)]
+    before = [helpers.volumeState(t1), helpers.volumeState(t2)]
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", seed=3)
 
     segmentationNode = outputs.segmentationNode
@@ -123,8 +109,8 @@ def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, help
 
     assert segmentationNode.GetAttribute("DeepGMMSegment.Version") == DeepGMMSegmentLib.__version__
 
-    _assertInputUnchanged(t1, before[0])
-    _assertInputUnchanged(t2, before[1])
+    helpers.assertVolumeUnchanged(t1, before[0])
+    helpers.assertVolumeUnchanged(t2, before[1])
 
 
 def test_mask_limits_labels_and_probabilities(mrmlScene, helpers):

@@ -89,6 +89,7 @@ def segment(
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
     ``prior_means`` are given, in which case class k is the k-th prior row, or ``seeds``, in which
     case class k is seed label k (free classes follow, by ascending mean of the first channel).
+    A trained model that stores class names returns them as ``result.class_names``.
 
     Anything the fit had to work around (a skipped training step, a class that emptied, a class
     holding almost all or almost none of the mask) is listed in ``result.notes``, logged and
@@ -110,6 +111,7 @@ def segment(
         meta = check_model_request(opts["model"], n_classes, data.shape[0], data.ndim - 1)
         # A model trained with prior means outputs class k as the k-th prior row.
         n_fixed = n_classes if meta.get("prior_means") else n_fixed
+    class_names = None if opts["model"] is None else meta.get("class_names")
     requested = device
     dev = resolve_device(device)
     notes: list[str] = []
@@ -133,6 +135,7 @@ def segment(
     result = _build_result(fit, m, centre, scale, n_classes, method, opts, n_fixed, dev, start, notes)
     if bias is not None:
         result.bias_field, result.corrected = bias.field, bias.corrected
+    result.class_names = class_names
     return result
 
 

@@ -96,6 +96,8 @@ def writeOutputs(request: Request, result: SegmentationResult) -> DeepGMMSegment
     if tuple(result.labels.shape) != tuple(expectedShape) or result.probabilities.shape[0] != numberOfClasses:
         raise WorkerError(f"The engine returned arrays of shape {result.labels.shape} / "
                           f"{result.probabilities.shape}; expected {expectedShape} with {numberOfClasses} classes.")
+    if request.correctsBiasField and (result.bias_field is None or result.corrected is None):
+        raise WorkerError("The engine returned no bias field although one was requested.")
     segmentationNode = request.outputSegmentation
     if segmentationNode is None:
         segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
@@ -374,8 +376,6 @@ def writeBiasFieldVolumes(segmentationNode, request: Request, result: Segmentati
         for role in (BIAS_FIELD_REFERENCE_ROLE, CORRECTED_REFERENCE_ROLE):
             segmentationNode.RemoveNodeReferenceIDs(role)
         return [], []
-    if result.bias_field is None or result.corrected is None:
-        raise WorkerError("The engine returned no bias field although one was requested.")
     firstInput = request.inputVolumes[0]
     inputNames = [volume.GetName() for volume in request.inputVolumes]
     shape = request.geometry.shape

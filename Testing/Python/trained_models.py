@@ -48,8 +48,8 @@ def trainedModelFile(tmp_path_factory):
     """
     models = _MODELS
 
-    def make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg"):
-        key = (tuple(channelNames), spatialDims, method)
+    def make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg", classNames=None):
+        key = (tuple(channelNames), spatialDims, method, None if classNames is None else tuple(classNames))
         if key not in models:
             import torch
 
@@ -63,7 +63,7 @@ def trainedModelFile(tmp_path_factory):
             torch.set_num_threads(1)  # tiny tensors; the 2 cores are shared
             try:
                 train(cases, 3, method=method, spatial_dims=spatialDims, channel_names=list(channelNames),
-                      output=path, prior_means="auto", base_width=4, depth=1, max_epochs=3, min_epochs=0,
+                      output=path, prior_means="auto", class_names=classNames, base_width=4, depth=1, max_epochs=3, min_epochs=0,
                       patience=3, warm_start_steps=8, batch_size=4, device="cpu", seed=0)
             finally:
                 torch.set_num_threads(threads)

@@ -112,7 +112,7 @@ def writeOutputs(request: Request, result: SegmentationResult) -> DeepGMMSegment
         labels = readClassLabels(segmentationNode, request.geometry).astype(np.uint8)
         labels[labels > numberOfClasses] = 0
         labels[request.region] = result.labels
-    names, colors = classNamesAndColors(request)
+    names, colors = classNamesAndColors(request, result)
     writeClassSegments(segmentationNode, labels, numberOfClasses, firstInput, names, colors,
                        renamed=len(request.reference.names) if request.reference else 0)
 
@@ -137,10 +137,13 @@ def writeOutputs(request: Request, result: SegmentationResult) -> DeepGMMSegment
         biasFieldVolumes=biasFieldVolumes, correctedVolumes=correctedVolumes)
 
 
-def classNamesAndColors(request: Request) -> tuple[list[str], list[tuple[float, float, float]]]:
+def classNamesAndColors(request: Request, result: SegmentationResult) -> tuple[list[str], list[tuple]]:
     """Name and colour of each output class: the reference segments' for the classes they mark (in
-    their order), "Class k" and the fixed palette for the others."""
+    their order), else the names a trained model stores, else "Class k"; the fixed palette for
+    classes no reference segment colours."""
     names = [className(k) for k in range(1, request.numberOfClasses + 1)]
+    if result.class_names is not None and len(result.class_names) == request.numberOfClasses:
+        names = [str(name) for name in result.class_names]
     colors = classColors(request.numberOfClasses)
     if request.reference is not None:
         marked = len(request.reference.names)

@@ -13,7 +13,8 @@ Results (written here), the fields of :class:`DeepGMMSegmentLib.result.Segmentat
 one result type of a run; the runner rebuilds it from these two files):
   ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nll_history``
                  (and ``bias_field``, ``corrected`` when the run estimated a bias field)
-  ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes"}``
+  ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes",
+                 "class_names"}`` (class_names: a trained model's class names, or null)
   ``error.json`` ``{"type", "message", "traceback"}`` when the engine failed
 
 Every stdout line starting with :data:`MESSAGE_PREFIX` is a JSON event:
@@ -207,6 +208,7 @@ def runJob(jobFolder: str) -> int:
             "n_classes": int(result.n_classes),
             "options": result.options,
             "notes": [str(note) for note in result.notes],
+            "class_names": None if result.class_names is None else [str(name) for name in result.class_names],
         })
     except Exception as error:  # noqa: BLE001
         return _reportError(jobFolder, error)

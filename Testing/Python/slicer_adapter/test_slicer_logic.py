@@ -515,3 +515,17 @@ def test_trained_model_segments_through_the_logic(mrmlScene, helpers, trainedMod
     assert (_labels(outputs, t1) == truth).mean() > 0.6
     stored = json.loads(outputs.segmentationNode.GetAttribute("DeepGMMSegment.Options"))
     assert stored == {"model": str(model)}  # absolute: a saved scene remembers which model file
+
+
+def test_a_trained_model_names_the_output_classes(mrmlScene, helpers, trainedModelFile):
+    ijkToRas = helpers.ijkToRasMatrix((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    channel1, channel2, _ = helpers.phantom(shape=(4, 16, 18), seed=7)
+    t1 = helpers.addVolume(mrmlScene, channel1, ijkToRas, "T1")
+    t2 = helpers.addVolume(mrmlScene, channel2, ijkToRas, "T2")
+    model = trainedModelFile(("T1", "T2"), classNames=("CSF", "Grey matter", "White matter"))
+    outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="deepsvg", options={"model": model})
+    segmentation = outputs.segmentationNode.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["CSF", "Grey matter", "White matter"]
+    assert [s.name for s in outputs.classStatistics] == ["CSF", "Grey matter", "White matter"]
+    np.testing.assert_allclose([segmentation.GetNthSegment(n).GetColor() for n in range(3)], class_colors(3),
+                               atol=1e-6)

@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import gmm
+from .seeds import fix_responsibilities
 
 # report(iteration, max_iterations, nll) is called once per iteration; it may raise to cancel.
 Reporter = Callable[[int, int, float], None]
@@ -194,9 +195,11 @@ def _iterate(
     reg_covar: float,
     counts: torch.Tensor | None,
     report: Reporter | None,
+    fixed_labels: torch.Tensor | None = None,
 ):
     """The EM loop shared by GMM (global log weights (K,)) and SVGMM (per-voxel log weights (V, K)).
 
+    ``fixed_labels`` (V,): seeded voxels keep their class in every E-step (core/seeds.py).
     Returns (final log responsibilities, parameters, log weights, NLL history, iterations, converged).
     """
     history: list[float] = []
@@ -205,6 +208,7 @@ def _iterate(
     floor = -30.0  # keeps per-voxel log weights finite once a posterior becomes one-hot
     for n_iter in range(1, max_iter + 1):
         log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
+        log_resp = fix_responsibilities(log_resp, fixed_labels)
         nll = -gmm.weighted_mean(ll, counts).item()
         history.append(nll)
         nk, params = gmm.weighted_mstep(data, log_resp.exp(), covariance_type, reg_covar, counts)
@@ -216,7 +220,7 @@ def _iterate(
             break
     log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(data, params))
     history.append(-gmm.weighted_mean(ll, counts).item())
-    return log_resp, params, log_w, history, n_iter, converged
+    return fix_responsibilities(log_resp, fixed_labels), params, log_w, history, n_iter, converged
 
 
 def fit_gmm(
@@ -234,15 +238,19 @@ def fit_gmm(
     compress: bool = True,
     n_init: int = 1,
     check_cancel: Callable[[], None] | None = None,
+    fixed_labels: torch.Tensor | None = None,
 ) -> MixtureFit:
     """EM for a Gaussian mixture with global weights.
+
+    ``fixed_labels`` (V,) long: class index of each seeded voxel, -1 elsewhere (core/seeds.py);
+    seeded voxels keep their class in every E-step (and the fit runs voxel by voxel).
 
     ``init`` = (log weights, parameters) starts from given parameters (used to compare with
     scikit-learn); ``means_init`` starts from given means; otherwise the best of ``n_init``
     k-means++ starts (:func:`best_start`) does. Stops when the mean NLL changes by less than
     ``tol`` or after ``max_iter`` iterations; ``report`` sees the iterations of this final run.
     """
-    packed = _compress(x) if compress else None
+    packed = _compress(x) if compress and fixed_labels is None else None
     data, inverse, counts = (x, None, None) if packed is None else packed
     if init is not None:
         log_w, params = init
@@ -254,7 +262,7 @@ def fit_gmm(
                                    sample_weight=counts, check_cancel=check_cancel)
     log_resp, params, log_w, history, n_iter, converged = _iterate(
         data, log_w, params, per_voxel_weights=False, covariance_type=covariance_type, max_iter=max_iter, tol=tol,
-        reg_covar=reg_covar, counts=counts, report=report,
+        reg_covar=reg_covar, counts=counts, report=report, fixed_labels=fixed_labels,
     )
     if inverse is not None:
         log_resp = log_resp[inverse]
@@ -275,6 +283,7 @@ def fit_svgmm(
     n_init: int = 1,
     check_cancel: Callable[[], None] | None = None,
     start: MixtureFit | None = None,
+    fixed_labels: torch.Tensor | None = None,
 ) -> MixtureFit:
     """EM for the spatially variant GMM (one weight vector per voxel, no spatial prior).
 
@@ -286,10 +295,10 @@ def fit_svgmm(
         start = fit_gmm(x, n_classes, covariance_type=covariance_type, max_iter=min(max_iter, START_MAX_ITER),
                         tol=max(tol, START_TOL),
                         reg_covar=reg_covar, generator=generator, means_init=means_init, n_init=n_init,
-                        check_cancel=check_cancel,
+                        check_cancel=check_cancel, fixed_labels=fixed_labels,
                         report=None if check_cancel is None else (lambda *_: check_cancel()))
     log_resp, params, _, history, n_iter, converged = _iterate(
         x, start.log_resp.clamp_min(-30.0), start.params, per_voxel_weights=True, covariance_type=covariance_type,
-        max_iter=max_iter, tol=tol, reg_covar=reg_covar, counts=None, report=report,
+        max_iter=max_iter, tol=tol, reg_covar=reg_covar, counts=None, report=report, fixed_labels=fixed_labels,
     )
     return MixtureFit(log_resp, params, log_resp.exp().mean(0), history, n_iter, converged)

@@ -13,7 +13,6 @@ written, so a failed or interrupted run leaves no output file behind.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import warnings

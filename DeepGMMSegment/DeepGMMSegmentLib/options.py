@@ -26,7 +26,7 @@ import numpy as np
 __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
-    "check_value", "parse_prior_means", "resolve_bias_field_order", "resolve_options",
+    "check_class_names", "check_value", "parse_prior_means", "resolve_bias_field_order", "resolve_options",
 ]
 
 # ----------------------------------------------------------------------------- names
@@ -435,6 +435,24 @@ def parse_prior_means(text: str | None, n_classes: int | None = None, n_channels
         raise ValueError(f"prior means have {values.shape[0]} rows but there are {n_classes} classes; "
                          "give one mean per class, separated by ';'")
     return values
+
+
+def check_class_names(names: Any, n_classes: int) -> list[str] | None:
+    """Class names as a list of ``n_classes`` distinct, non-empty strings (class k = name k), or None.
+
+    Text gives the names separated by ``,`` (``"blood, myocardium, edema, scar"``).
+    """
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    names = [str(name).strip() for name in names]
+    if len(names) != n_classes or not all(names):
+        raise ValueError(f"class names {names} must be {n_classes} non-empty names, one per class in class order "
+                         "(e.g. 'blood, myocardium, edema, scar').")
+    if len({name.lower() for name in names}) != len(names):
+        raise ValueError(f"class names {names} repeat a name: give every class its own name.")
+    return names
 
 
 def legacy_prior_means_text(values: Sequence[str]) -> tuple[str, bool]:

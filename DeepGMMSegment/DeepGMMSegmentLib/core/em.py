@@ -23,6 +23,7 @@ import torch
 
 from ..options import EMSettings
 from . import gmm
+from .seeds import FREE, fix_responsibilities
 
 # report(iteration, max_iterations, nll) is called once per iteration; it may raise to cancel.
 Reporter = Callable[[int, int, float], None]
@@ -333,6 +334,7 @@ def e_step(
     *,
     log_resp_out: torch.Tensor | None = None,
     statistics: bool = True,
+    fixed_labels: torch.Tensor | None = None,
 ) -> Statistics:
     """One pass over the voxels in blocks: posteriors, log-likelihood and the M-step's sums together.
 
@@ -343,6 +345,8 @@ def e_step(
     be ``log_weights`` itself: each block is read before it is written). Inside a block the work is
     class-major, (S*K, n), so every operation runs along the voxels (vectorised) in the data's dtype
     (at least float32); block sums are float32 (pairwise) and are added up in float64.
+    ``fixed_labels`` (V,) long, one mixture only: a seeded voxel (core/seeds.py) enters the sums and
+    ``log_resp_out`` with its class's responsibility 1; its log-likelihood stays the mixture's.
     """
     dtype = channels.dtype
     matrix, offset, log_norm = whitening(params, dtype)
@@ -373,7 +377,13 @@ def e_step(
         norm = resp.sum(1, keepdim=True)
         log2_norm = norm.log2()
         if log_resp_out is not None:
-            log_resp_out[block] = ((joint[0] - log2_norm[0]) * LOG_2).T
+            log_resp_out[block] = fix_responsibilities(((joint[0] - log2_norm[0]) * LOG_2).T,
+                                                       None if fixed_labels is None else fixed_labels[block])
+        if fixed_labels is not None and statistics:
+            seeded = fixed_labels[block] != FREE
+            if bool(seeded.any()):  # one-hot scaled by norm, so resp / norm below is exactly one-hot
+                one_hot = torch.nn.functional.one_hot(fixed_labels[block][seeded], k).T.to(dtype)
+                resp[0][:, seeded] = one_hot * norm[0][:, seeded]
         ll = log2_norm.add_(top)[:, 0]  # log2 p(x), (S, n)
         weight = None if counts is None else counts[block].to(dtype)
         log_likelihood += (ll if weight is None else ll * weight).sum(-1).to(gmm.ACCUMULATE) * LOG_2
@@ -417,7 +427,7 @@ def m_step(
 
 
 def _iterate(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParameters, settings: EMSettings,
-             counts: torch.Tensor | None, report: Reporter | None):
+             counts: torch.Tensor | None, report: Reporter | None, fixed_labels: torch.Tensor | None = None):
     """The EM loop shared by GMM (global log weights (K,)) and SVGMM (per-voxel log weights (V, K)).
 
     Each iteration is one fused sweep (:func:`e_step`) and a small M-step (:func:`m_step`). It
@@ -425,7 +435,7 @@ def _iterate(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParame
     M-step) changes by less than ``settings.tol`` (scikit-learn's rule: its lower bound is the mean
     log-likelihood per sample, for a GMM), or after ``settings.max_iter`` iterations. Returns (final log responsibilities, parameters, log
     weights, NLL history, iterations, converged); the history ends with the NLL of the returned
-    parameters.
+    parameters. ``fixed_labels`` (V,): seeded voxels keep their class in every E-step (core/seeds.py).
     """
     per_voxel = log_w.dim() == 2
     max_iter, tol = settings.max_iter, settings.tol
@@ -437,7 +447,8 @@ def _iterate(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParame
     floor = -30.0  # keeps per-voxel log weights finite once a posterior becomes one-hot
     for n_iter in range(1, max_iter + 1):
         # SVGMM: the new per-voxel weights are this E-step's posterior, written over the old ones
-        stats = e_step(channels, log_w, params, counts, log_resp_out=log_w if per_voxel else None)
+        stats = e_step(channels, log_w, params, counts, log_resp_out=log_w if per_voxel else None,
+                       fixed_labels=fixed_labels)
         history.append(float(stats.mean_nll))
         mass, params = m_step(stats, params, settings.reg_covar, channel_var)
         log_w = log_w.clamp_min_(floor) if per_voxel else torch.log(mass / mass.sum())
@@ -447,7 +458,8 @@ def _iterate(data: torch.Tensor, log_w: torch.Tensor, params: gmm.GaussianParame
             converged = True
             break
     log_resp = torch.empty(data.shape[0], params.means.shape[0], dtype=channels.dtype, device=data.device)
-    history.append(float(e_step(channels, log_w, params, counts, log_resp_out=log_resp, statistics=False).mean_nll))
+    history.append(float(e_step(channels, log_w, params, counts, log_resp_out=log_resp, statistics=False,
+                                fixed_labels=fixed_labels).mean_nll))
     return log_resp, params, log_w, history, n_iter, converged
 
 
@@ -494,9 +506,13 @@ def fit_gmm(
     report: Reporter | None = None,
     compress: bool = True,
     check_cancel: Callable[[], None] | None = None,
+    fixed_labels: torch.Tensor | None = None,
     **overrides,
 ) -> MixtureFit:
     """EM for a Gaussian mixture with global weights.
+
+    ``fixed_labels`` (V,) long: class index of each seeded voxel, -1 elsewhere (core/seeds.py);
+    seeded voxels keep their class in every E-step (and the fit runs voxel by voxel).
 
     ``settings`` (:class:`~DeepGMMSegmentLib.options.EMSettings`: covariance_type, max_iter, tol,
     reg_covar, n_init), with any of its fields overridden by keyword (``tol=1e-3``). ``init`` =
@@ -506,7 +522,7 @@ def fit_gmm(
     ``max_iter`` iterations (:func:`_iterate`); ``report`` sees the iterations of this final run.
     """
     settings = settings.replace(**overrides)
-    packed = _compress(x) if compress else None
+    packed = _compress(x) if compress and fixed_labels is None else None
     data, inverse, counts = (x, None, None) if packed is None else packed
     if init is not None:
         log_w, params = init
@@ -515,7 +531,8 @@ def fit_gmm(
                                            counts, means_init)
     else:
         log_w, params = best_start(data, n_classes, settings, generator, counts, check_cancel)
-    log_resp, params, log_w, history, n_iter, converged = _iterate(data, log_w, params, settings, counts, report)
+    log_resp, params, log_w, history, n_iter, converged = _iterate(data, log_w, params, settings, counts, report,
+                                                                   fixed_labels)
     if inverse is not None:
         log_resp = log_resp[inverse]
     return MixtureFit(log_resp, params, log_w.exp(), history, n_iter, converged)
@@ -531,6 +548,7 @@ def fit_svgmm(
     report: Reporter | None = None,
     check_cancel: Callable[[], None] | None = None,
     start: MixtureFit | None = None,
+    fixed_labels: torch.Tensor | None = None,
     **overrides,
 ) -> MixtureFit:
     """EM for the spatially variant GMM (one weight vector per voxel, no spatial prior).
@@ -538,12 +556,13 @@ def fit_svgmm(
     Maximum-likelihood SVGMM as in the paper's baseline: the per-voxel weights start at the
     posterior of the GMM that em-gmm fits (``start``, or fitted here with the same starts), and
     each iteration sets them to the current posterior. Its NLL is -mean_i log sum_k pi_ik N_k(x_i).
-    Settings as :func:`fit_gmm`.
+    Settings and ``fixed_labels`` as :func:`fit_gmm`.
     """
     settings = settings.replace(**overrides)
     if start is None:
         start = fit_gmm(x, n_classes, _start_settings(settings), generator=generator, means_init=means_init,
-                        check_cancel=check_cancel, report=None if check_cancel is None else (lambda *_: check_cancel()))
+                        check_cancel=check_cancel, report=None if check_cancel is None else (lambda *_: check_cancel()),
+                        fixed_labels=fixed_labels)
     log_resp, params, _, history, n_iter, converged = _iterate(x, start.log_resp.clamp_min(-30.0), start.params,
-                                                               settings, None, report)
+                                                               settings, None, report, fixed_labels)
     return MixtureFit(log_resp, params, log_resp.exp().mean(0), history, n_iter, converged)

@@ -280,3 +280,31 @@ def test_segment_keeps_the_class_order_of_a_model_trained_with_prior_means(tmp_p
     result = segment(image[0], 3, method="deepsvg", mask=mask, model=path)
     assert np.all(np.diff(result.means[:, 0]) < 0)  # brightest first, as trained
     assert (result.labels[mask].astype(int) - 1 == 2 - truth[mask]).mean() > 0.85
+
+
+def test_class_names_are_stored_in_the_model_and_returned_with_its_segmentation(tmp_path):
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.trained import model_file
+    from DeepGMMSegmentLib.trained.training import train
+
+    images, masks, _ = cohort(3)
+    path = tmp_path / "named.pt"
+    train(images, 3, masks=masks, spatial_dims=2, output=path, class_names=[" dark", "middle ", "bright"],
+          **dict(FAST, max_epochs=1, min_epochs=1))
+    info = model_file.describe_model(path)
+    assert info["class_names"] == ["dark", "middle", "bright"]
+    assert "class names: dark, middle, bright" in model_file.format_description(info)
+    image, mask, _ = synthetic_case(112)
+    assert segment(image[0], 3, method="deepsvg", mask=mask, model=path).class_names == ["dark", "middle", "bright"]
+    assert segment(image[0], 3, method="em-gmm", mask=mask).class_names is None
+
+
+@pytest.mark.parametrize("names, message", [(["a", "b"], "must be 3 non-empty names"),
+                                            (["a", "", "c"], "must be 3 non-empty names"),
+                                            (["a", "B", "b"], "repeat a name")])
+def test_bad_class_names_are_refused_before_training(names, message):
+    from DeepGMMSegmentLib.trained.training import train
+
+    images, masks, _ = cohort(2)
+    with pytest.raises(ValueError, match=message):
+        train(images, 3, masks=masks, spatial_dims=2, class_names=names, max_epochs=1)

@@ -23,8 +23,9 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "LoadedInputs", "StagedOutputs", "check_writable", "engine_geometry", "label_image", "load_inputs",
-    "probability_image", "read_image", "write_image",
+    "LoadedInputs", "ResultFiles", "StagedOutputs", "channels_image", "check_output_paths", "check_writable",
+    "engine_geometry", "label_image", "load_inputs", "probability_image", "read_image", "write_image",
+    "write_result",
 ]
 
 # Geometry that differs by less than this (relative to the spacing) counts as the same grid.
@@ -226,6 +227,56 @@ def write_image(image, path: str, role: str) -> None:
     except RuntimeError as error:
         raise ValueError(f"cannot write {role} '{os.path.basename(path)}' ({_first_line(error)}); "
                          "use a NIfTI (.nii.gz), NRRD (.nrrd) or MetaImage (.mha) file name") from None
+
+
+@dataclass(frozen=True)
+class ResultFiles:
+    """Where the outputs of one segmentation go; ``None``: not written."""
+
+    labels: str
+    probabilities: str | None = None
+    bias_field: str | None = None
+    corrected: str | None = None
+
+    def paths(self) -> list[str]:
+        return [path for path in (self.labels, self.probabilities, self.bias_field, self.corrected) if path]
+
+
+def write_result(result, reference, files: ResultFiles, staging: StagedOutputs):
+    """Stage every output ``files`` asks for on the reference's geometry; returns the label image.
+
+    The label map is staged last, so it is moved into place last: its existence marks a
+    complete set (the batch mode skips a case whose label map exists).
+    """
+    if files.probabilities:
+        write_image(probability_image(result.probabilities, reference), staging.path_for(files.probabilities),
+                    "probabilities")
+    for path, values, role in ((files.bias_field, result.bias_field, "bias field"),
+                               (files.corrected, result.corrected, "corrected image")):
+        if path:
+            write_image(channels_image(values, reference), staging.path_for(path), role)
+    labels = label_image(result.labels, reference)
+    write_image(labels, staging.path_for(files.labels), "label map")
+    return labels
+
+
+def check_output_paths(inputs: Sequence[str], outputs: Sequence[tuple[str, str]]) -> None:
+    """``ValueError`` when an output (option, path) is a directory, an input, or named twice.
+
+    Inputs are never overwritten, and two outputs never share a file.
+    """
+    inputs = {os.path.realpath(path) for path in inputs}
+    seen: dict[str, str] = {}
+    for option, path in outputs:
+        if os.path.isdir(path):
+            raise ValueError(f"{option} '{path}' is a directory; give a file name")
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise ValueError(f"{option} '{path}' is also an input; choose another output file "
+                             "(inputs are never overwritten)")
+        if real in seen:
+            raise ValueError(f"{option} and {seen[real]} both name '{path}'; give different files")
+        seen[real] = option
 
 
 def _staging_directory(final_path: str) -> str:

@@ -13,7 +13,6 @@ written, so a failed or interrupted run leaves no output file behind.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -25,16 +24,11 @@ import numpy as np
 from .. import options
 from . import images
 from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, EXIT_USAGE,  # noqa: F401
-                         Interrupts, ProgressBar, Terminated, print_error, set_threads)
+                     CliError, Interrupts, ProgressBar, Terminated, add_bias_field_options,
+                     add_shared_options, bias_field_option, non_negative_float, positive_int, print_error,
+                     set_threads)
 
 PROG = "deepgmm-segment"
-# --bias-field-order values: the named ones, then every basis order.
-BIAS_FIELD_ORDERS = (*options.BIAS_FIELD_CHOICES, *(str(order) for order in range(options.MAX_BIAS_FIELD_ORDER + 1)))
-
-
-class CliError(ValueError):
-    """Bad input or options; reported as one line on stderr with exit code 2."""
-
 
 _INTERRUPTS = Interrupts()
 
@@ -44,26 +38,6 @@ class _ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # noqa: D401 - argparse API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,26 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("channels", nargs="+", metavar="CHANNEL",
                         help="input image(s), one scalar image per channel (e.g. MR sequences)")
-    parser.add_argument("-k", "--classes", type=int, metavar="K",
-                        help="number of tissue classes K (>= 2); required unless --seeds is given "
-                             "(default then: the number of seed labels)")
+    add_shared_options(parser, classes=dict(help="number of tissue classes K (>= 2); required unless --seeds is "
+                                                  "given (default then: the number of seed labels)"))
     parser.add_argument("-m", "--method", choices=options.METHODS, default=options.DEFAULT_METHOD,
                         help=f"segmentation method (default: {options.DEFAULT_METHOD})")
+    _add_file_options(parser)
+    _add_fit_options(parser)
+    add_shared_options(parser, "device", "seed", "threads", "quiet")
+    return parser
+
+
+def _add_file_options(parser: argparse.ArgumentParser) -> None:
+    """What the command writes, and the mask it reads."""
     parser.add_argument("-o", "--output", required=True, metavar="LABELS",
                         help="label map to write (uint8; 0 outside the mask, classes 1..K)")
     parser.add_argument("-p", "--probabilities", metavar="PROBS",
                         help="class probabilities to write (float32 vector image, K components)")
-    parser.add_argument("--bias-field-order", choices=BIAS_FIELD_ORDERS, metavar="{none,auto,0..6}",
-                        help="estimate a smooth multiplicative bias field (MR coil inhomogeneity) together "
-                             f"with the mixture: 'auto' = basis order {options.DEFAULT_BIAS_FIELD_ORDER}, or an "
-                             f"order 0..{options.MAX_BIAS_FIELD_ORDER}; needs positive intensities (default: "
-                             f"{options.DEFAULT_BIAS_FIELD}, or auto with --bias-field / --corrected)")
-    parser.add_argument("--bias-field", metavar="FIELD",
-                        help="estimated multiplicative bias field to write (float32; mean 1 in the mask, "
-                             "1 outside; a vector image for several channels)")
-    parser.add_argument("--corrected", metavar="IMAGE",
-                        help="bias-corrected input to write (float32; input / field; a vector image for "
-                             "several channels)")
+    add_bias_field_options(parser)
     parser.add_argument("--mask", metavar="MASK",
                         help="region to segment: every non-zero voxel of this image is modelled; "
                              "voxels outside get label 0 (default: the whole image)")
@@ -116,69 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
                              "the seed classes' means are the prior means (not with --prior-means)")
     parser.add_argument("--preview", metavar="PNG",
                         help="write a PNG of the orthogonal mid slices with the label overlay")
-    parser.add_argument("--device", default="auto",
-                        help="'auto' (GPU if available, else CPU), 'cpu', 'cuda' or 'cuda:N' "
-                             "(default: auto)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed; the same seed gives the same result on CPU (default: 0)")
-    parser.add_argument("--max-iter", type=_positive_int, metavar="N",
+
+
+def _add_fit_options(parser: argparse.ArgumentParser) -> None:
+    """The per-image fit's options; unset ones take the method's own default (options.py)."""
+    parser.add_argument("--max-iter", type=positive_int, metavar="N",
                         help="maximum number of iterations (default: the method's own)")
-    parser.add_argument("--tol", type=_non_negative_float, metavar="T",
+    parser.add_argument("--tol", type=non_negative_float, metavar="T",
                         help="stop when the NLL changes less than this (default: the method's own)")
-    parser.add_argument("--covariance", choices=options.COVARIANCE_TYPES,
-                        help="covariance type of the mixture (default: the method's own)")
     parser.add_argument("--prior-means", nargs="+", metavar="MEANS",
                         help="expected mean intensity of each class in class order, classes "
                              "separated by ';', the channel values of a class by ',' "
                              "(e.g. --prior-means '30,200; 80,120; 110,60'). Fixes which class is "
                              "which. The old spelling, one word per class (30:200 80:120 110:60), "
                              "still works for this release")
-    parser.add_argument("--prior-weight", type=_non_negative_float, metavar="LAMBDA",
-                        help="weight of the prior-means penalty (default: the method's own)")
-    parser.add_argument("--warm-start", choices=options.WARM_STARTS,
-                        help="deep methods: 'em' first fits the network to the EM solution, "
-                             "'none' starts from random weights (default: the method's own)")
-    parser.add_argument("--smoothness", type=_non_negative_float, metavar="BETA",
-                        help="deep methods: weight of the spatial prior that makes neighbouring voxels "
-                             f"agree (default: {options.DEFAULT_SMOOTHNESS['deepsvg']:g} for deepsvg, "
-                             f"{options.DEFAULT_SMOOTHNESS['deepg']:g} for deepg; 0 = the paper's loss, "
-                             "noisier labels)")
-    parser.add_argument("--precision", choices=options.PRECISIONS,
-                        help="deep methods: the network's arithmetic ('auto': bfloat16 where the "
-                             "hardware computes it natively, about 2x faster; default: auto)")
-    parser.add_argument("--threads", type=_positive_int, metavar="N",
-                        help="number of CPU threads torch may use (default: torch's choice)")
-    parser.add_argument("-q", "--quiet", action="store_true",
-                        help="print nothing but errors (no progress bar, no summary)")
-    return parser
+    add_shared_options(parser, "covariance", "prior_weight", "warm_start", "smoothness", "precision")
 
 
 def _check_output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
-    inputs = {os.path.realpath(path) for path in args.channels}
-    for path in (args.mask, args.seeds):
-        if path:
-            inputs.add(os.path.realpath(path))
-    outputs = [("--output", args.output)]
-    if args.probabilities:
-        outputs.append(("--probabilities", args.probabilities))
-    for option, path in (("--bias-field", args.bias_field), ("--corrected", args.corrected)):
-        if path:
-            outputs.append((option, path))
-    if args.preview:
-        outputs.append(("--preview", args.preview))
-        if not args.preview.lower().endswith(".png"):
-            raise CliError(f"--preview '{args.preview}' must end in .png")
-    seen: dict[str, str] = {}
-    for option, path in outputs:
-        if os.path.isdir(path):
-            raise CliError(f"{option} '{path}' is a directory; give a file name")
-        real = os.path.realpath(path)
-        if real in inputs:
-            raise CliError(f"{option} '{path}' is also an input; choose another output file "
-                           "(inputs are never overwritten)")
-        if real in seen:
-            raise CliError(f"{option} and {seen[real]} both name '{path}'; give different files")
-        seen[real] = option
+    outputs = [(option, path) for option, path in (
+        ("--output", args.output), ("--probabilities", args.probabilities), ("--bias-field", args.bias_field),
+        ("--corrected", args.corrected), ("--preview", args.preview)) if path]
+    if args.preview and not args.preview.lower().endswith(".png"):
+        raise CliError(f"--preview '{args.preview}' must end in .png")
+    try:
+        images.check_output_paths([*args.channels, *(path for path in (args.mask, args.seeds) if path)], outputs)
+    except ValueError as error:
+        raise CliError(str(error)) from None
     return outputs
 
 
@@ -220,15 +155,9 @@ def _engine_options(args: argparse.Namespace, n_channels: int, stderr: TextIO) -
     for name in ("warm_start", "smoothness", "precision"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
-    order = args.bias_field_order
-    wants_field = bool(args.bias_field or args.corrected)
-    if order is None and wants_field:
-        order = "auto"
-    if order is not None:
-        options["bias_field"] = int(order) if order.isdigit() else order
-        if wants_field and options["bias_field"] in ("none", 0):
-            raise CliError(f"--bias-field / --corrected need a bias field, but --bias-field-order is {order}; "
-                           "drop --bias-field-order or use --bias-field-order auto")
+    bias_field = bias_field_option(args)
+    if bias_field is not None:
+        options["bias_field"] = bias_field
     return options
 
 
@@ -326,15 +255,8 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
 
 
 def _write_outputs(args: argparse.Namespace, reference, result, staging: images.StagedOutputs) -> None:
-    labels = images.label_image(result.labels, reference)
-    images.write_image(labels, staging.path_for(args.output), "label map")
-    if args.probabilities:
-        images.write_image(images.probability_image(result.probabilities, reference),
-                           staging.path_for(args.probabilities), "probabilities")
-    for path, values, role in ((args.bias_field, result.bias_field, "bias field"),
-                               (args.corrected, result.corrected, "corrected image")):
-        if path:
-            images.write_image(images.channels_image(values, reference), staging.path_for(path), role)
+    files = images.ResultFiles(args.output, args.probabilities, args.bias_field, args.corrected)
+    labels = images.write_result(result, reference, files, staging)
     if args.preview:
         from .preview import write_image_preview
 

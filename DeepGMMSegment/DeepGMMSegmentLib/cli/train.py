@@ -14,7 +14,6 @@ Exit codes: 0 success, 2 bad input or options, 130 interrupted (the best model s
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 
 from .. import options
 from .common import (EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, TrainingProgressBar,  # noqa: F401
-                         print_error, set_threads)
+                     add_shared_options, print_error, set_threads)
 
 PROG = "deepgmm-train"
 
@@ -41,13 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                "Distributed: torchrun --nproc_per_node N -m DeepGMMSegmentLib.cli.train COHORT ...",
     )
     parser.add_argument("cohort", metavar="COHORT", help="folder or CSV of training cases")
-    parser.add_argument("-k", "--classes", type=int, required=True, metavar="K", help="number of classes K (>= 2)")
+    add_shared_options(parser, classes=dict(required=True))
     parser.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.pt)")
     parser.add_argument("-m", "--method", choices=options.DEEP_METHODS, default=default.method,
                         help=f"deep GMM variant (default {default.method})")
-    parser.add_argument("--channels", metavar="NAMES",
-                        help="comma-separated channel names (case-folder file stems) in channel order")
-    parser.add_argument("--mask-name", default="mask", help="file name (stem) of the masks (default: mask)")
+    add_shared_options(parser, "channels", "mask_name")
     parser.add_argument("--prior-means", metavar="MEANS",
                         help="class means in normalised units (z-scores inside the mask): 'auto' (EM on the pooled "
                              "training voxels), a .npy/.csv file with K rows and C columns, or classes separated by "
@@ -56,8 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="comma-separated class names in class order, stored in the model and given to its "
                              "output segments (e.g. 'blood,myocardium,edema,scar'; with --prior-means, class k = "
                              "row k)")
-    parser.add_argument("--prior-weight", type=float, default=default.prior_weight, metavar="LAMBDA",
-                        help=f"weight of the prior-means penalty (default {default.prior_weight:g})")
+    _add_schedule_options(parser, default)
+    _add_network_options(parser, default)
+    add_shared_options(parser, "smoothness", prior_weight=dict(default=default.prior_weight),
+                       covariance=dict(default=default.covariance_type),
+                       warm_start=dict(default=default.warm_start), precision=dict(default=default.precision),
+                       device=dict(default=default.device), seed=dict(default=default.seed))
+    add_shared_options(parser, "threads")
+    parser.add_argument("--curve", metavar="PNG", help="training-curve image (default: <model>_curve.png)")
+    add_shared_options(parser, "quiet")
+    return parser
+
+
+def _add_schedule_options(parser: argparse.ArgumentParser, default: options.TrainingSettings) -> None:
+    """Epochs, early stopping, batches, learning rate, held-out share, augmentation, patches."""
     parser.add_argument("--epochs", type=int, default=default.max_epochs,
                         help=f"maximum number of epochs (default {default.max_epochs})")
     parser.add_argument("--min-epochs", type=int, default=default.min_epochs,
@@ -73,28 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-augment", action="store_true", help="no flips / intensity / noise augmentation")
     parser.add_argument("--patch-size", metavar="SIZE",
                         help="train on random patches of this size, e.g. 32,96,96 (saves memory and time)")
-    parser.add_argument("--warm-start", choices=options.WARM_STARTS, default=default.warm_start,
-                        help=f"first teach the network each case's EM posterior (default {default.warm_start})")
+
+
+def _add_network_options(parser: argparse.ArgumentParser, default: options.TrainingSettings) -> None:
+    """The U-Net's kind, width and depth."""
     parser.add_argument("--network", choices=options.NETWORKS, default=default.network,
                         help=f"U-Net kind (default {default.network})")
     parser.add_argument("--base-width", type=int, default=default.base_width,
                         help=f"filters at full resolution (default {default.base_width})")
     parser.add_argument("--depth", type=int, default=default.depth, help=f"number of poolings (default {default.depth})")
-    parser.add_argument("--covariance", choices=options.COVARIANCE_TYPES, default=default.covariance_type,
-                        help=f"covariance type (default {default.covariance_type})")
-    parser.add_argument("--smoothness", type=float, default=None, metavar="BETA",
-                        help="weight of the spatial prior (neighbouring voxels agree); default as deepgmm-segment "
-                             f"({options.DEFAULT_SMOOTHNESS['deepsvg']:g} for deepsvg, "
-                             f"{options.DEFAULT_SMOOTHNESS['deepg']:g} for deepg; 0 = the paper's training loss); "
-                             "stored in the model and used when fine-tuning")
-    parser.add_argument("--precision", choices=options.PRECISIONS, default=default.precision,
-                        help="the network's arithmetic (default auto: bfloat16 where the hardware computes it natively)")
-    parser.add_argument("--device", default=default.device, help="'auto', 'cpu', 'cuda' or 'cuda:N' (default auto)")
-    parser.add_argument("--seed", type=int, default=default.seed, help=f"random seed (default {default.seed})")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads per process")
-    parser.add_argument("--curve", metavar="PNG", help="training-curve image (default: <model>_curve.png)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
-    return parser
 
 
 def _settings(args: argparse.Namespace) -> options.TrainingSettings:

@@ -590,20 +590,41 @@ class _TrainingRun:
         return model_file.save_model(self.output, state, self._metadata(status))
 
     def _metadata(self, status: str) -> dict:
-        s, data = self.settings, self.data
-        config = dict(n_classes=data.n_classes, method=s.method, covariance_type=s.covariance_type,
-                      reg_covar=s.reg_covar, smoothness=float(s.smoothness), channel_names=data.channel_names,
-                      n_channels=data.n_channels, spatial_dims=data.spatial_dims, class_names=data.class_names)
-        settings = dict(
+        """The model file's metadata: what the network is for and how it was built, then how training went."""
+        return {**self._model_description(), "training": self._training_record(status)}
+
+    def _model_description(self) -> dict:
+        """What a user of the model needs: the data it expects, its mixture, network and class identity."""
+        s, data, prior = self.settings, self.data, self.prior
+        return dict(
+            n_classes=data.n_classes, method=s.method, covariance_type=s.covariance_type, reg_covar=s.reg_covar,
+            smoothness=float(s.smoothness), channel_names=data.channel_names, class_names=data.class_names,
+            n_channels=data.n_channels, spatial_dims=data.spatial_dims, format=model_file.FORMAT_NAME,
+            format_version=model_file.FORMAT_VERSION,
+            package_version=model_file.package_version(), torch_version=torch.__version__,
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            normalization=dict(NORMALIZATION), network={"class": "UNet", **self.net.config},
+            prior_means=None if prior is None else np.asarray(prior, dtype=float).tolist(), prior_weight=self.lam,
+            class_identity="fixed by the prior means (class k = row k)" if prior is not None
+            else "ordered per image by the first channel's mean",
+        )
+
+    def _training_record(self, status: str) -> dict:
+        """How training went (cases, epochs, the best epoch, the curves) and the settings it ran with."""
+        s, history, best, n_val = self.settings, self.history, self.best, len(self.val_idx)
+        return dict(
+            status=status, n_train=len(self.train_idx), n_val=n_val, epochs=len(history), best_epoch=best.epoch,
+            best_val_loss=best.loss if n_val else None,
+            best_val_nll=next((h["val_nll"] for h in history if h["epoch"] == best.epoch), None),
+            train_loss_history=[h["train_loss"] for h in history], val_loss_history=[h["val_loss"] for h in history],
+            train_nll_history=[h["train_nll"] for h in history], val_nll_history=[h["val_nll"] for h in history],
+            seconds=round(time.perf_counter() - self.start, 3), world_size=self.dist.world, device=self.dev.type,
             seed=s.seed, batch_size=s.batch_size, learning_rate=s.learning_rate, weight_decay=s.weight_decay,
             grad_clip=s.grad_clip, precision=s.precision, max_epochs=s.max_epochs, min_epochs=s.min_epochs,
             patience=s.patience, min_delta=s.min_delta, val_fraction=s.val_fraction, augment=bool(s.augment),
-            warm_start_steps=s.warm_start_steps, patch_size=None if s.patch_size is None else [int(p) for p in s.patch_size],
+            warm_start_steps=s.warm_start_steps,
+            patch_size=None if s.patch_size is None else [int(p) for p in s.patch_size],
         )
-        best = {"loss": self.best.loss, "epoch": self.best.epoch}
-        return _metadata(config, self.net.config, self.prior, self.lam, settings, self.history, best,
-                         len(self.train_idx), len(self.val_idx), self.dist.world, self.dev,
-                         time.perf_counter() - self.start, status)
 
 
 def _check_finite(loss: torch.Tensor, epoch: int) -> None:
@@ -612,36 +633,6 @@ def _check_finite(loss: torch.Tensor, epoch: int) -> None:
             f"The training loss became {loss.item()} at epoch {epoch}: lower the learning rate "
             "or check the images (constant or tiny masks)."
         )
-
-
-def _metadata(config, network_config, prior, lam, settings, history, best, n_train, n_val, world, dev, seconds,
-              status) -> dict:
-    meta = dict(config)
-    meta.update(
-        format=model_file.FORMAT_NAME,
-        format_version=model_file.FORMAT_VERSION,
-        package_version=model_file.package_version(),
-        torch_version=torch.__version__,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        normalization=dict(NORMALIZATION),
-        network={"class": "UNet", **network_config},
-        prior_means=None if prior is None else np.asarray(prior, dtype=float).tolist(),
-        prior_weight=lam,
-        class_identity="fixed by the prior means (class k = row k)" if prior is not None
-        else "ordered per image by the first channel's mean",
-        training=dict(
-            status=status,
-            n_train=n_train, n_val=n_val, epochs=len(history), best_epoch=best["epoch"],
-            best_val_loss=best["loss"] if n_val else None,
-            best_val_nll=next((h["val_nll"] for h in history if h["epoch"] == best["epoch"]), None),
-            train_loss_history=[h["train_loss"] for h in history],
-            val_loss_history=[h["val_loss"] for h in history],
-            train_nll_history=[h["train_nll"] for h in history],
-            val_nll_history=[h["val_nll"] for h in history],
-            seconds=round(seconds, 3), world_size=world, device=dev.type, **settings,
-        ),
-    )
-    return meta
 
 
 __all__ = [

@@ -101,6 +101,87 @@ def test_second_channel_is_resampled_onto_first_grid_at_known_ras_points(mrmlSce
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(second), secondVoxels)  # input untouched
 
 
+def _sourceIjkOfTargetVoxels(sourceNode, targetToRas, shape) -> np.ndarray:
+    """(3, K, J, I) continuous IJK of ``sourceNode`` at each target voxel centre, by Slicer's RAS->IJK."""
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    targetIjk = np.stack([i, j, k, np.ones_like(i)]).reshape(4, -1).astype(float)
+    return ((_rasToIjk(sourceNode) @ targetToRas @ targetIjk)[:3]).reshape((3,) + tuple(shape))
+
+
+def test_labelmap_on_an_oblique_anisotropic_grid_is_resampled_nearest(mrmlScene, helpers):
+    # Labels on a sagittal, 3 mm thick, flipped grid read onto an oblique 0.8 x 0.9 x 2 mm grid:
+    # each target voxel takes exactly the label of the source voxel nearest to its centre (found
+    # independently from Slicer's RAS->IJK), never a mixture, and keeps the labelmap's type.
+    sourceToRas = helpers.ijkToRasMatrix((1.0, 1.1, 3.0), (2.0, 6.0, -2.5),
+                                         np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    labels = np.random.default_rng(4).choice(np.array([0, 3, 7, 1000], np.int16), size=(12, 40, 45))
+    labelmap = helpers.addVolume(mrmlScene, labels, sourceToRas, "labels", "vtkMRMLLabelMapVolumeNode")
+    targetToRas = helpers.ijkToRasMatrix((0.8, 0.9, 2.0), (-10.0, -25.0, 0.0), helpers.obliqueDirection(35))
+    target = sceneGeometry.VolumeGeometry((14, 30, 36), targetToRas)
+
+    values, inside = sceneGeometry.resampleArray(labels, sceneGeometry.volumeGeometry(labelmap), target, "nearest")
+
+    assert values.dtype == np.int16 and values.shape == target.shape
+    assert set(np.unique(values[inside])) <= {0, 3, 7, 1000}
+    sourceIjk = _sourceIjkOfTargetVoxels(labelmap, targetToRas, target.shape)
+    upper = np.array(labels.shape[::-1], dtype=float).reshape(3, 1, 1, 1) - 0.5
+    farFromEdge = np.all((sourceIjk > -0.5 + 1e-3) & (sourceIjk < upper - 1e-3), axis=0)
+    beyondEdge = np.any((sourceIjk < -0.5 - 1e-3) | (sourceIjk > upper + 1e-3), axis=0)
+    np.testing.assert_array_equal(inside[farFromEdge], True)
+    np.testing.assert_array_equal(inside[beyondEdge], False)
+    np.testing.assert_array_equal(values[beyondEdge], 0)
+    noTie = np.all(np.abs(sourceIjk - np.floor(sourceIjk) - 0.5) > 1e-3, axis=0)
+    nearest = np.clip(np.rint(sourceIjk), 0, upper + 0.5 - 1).astype(int)
+    checked = farFromEdge & noTie
+    assert checked.sum() > 2000 and beyondEdge.sum() > 2000
+    np.testing.assert_array_equal(values[checked], labels[nearest[2], nearest[1], nearest[0]][checked])
+
+
+def test_resampling_takes_types_vtk_reslice_lacks(mrmlScene, helpers):
+    # vtkImageReslice is built without 64-bit integers (such input crashes the process) and VTK
+    # has no booleans: these come back in their own type, as the 16-bit labels would.
+    labels = np.random.default_rng(5).integers(0, 4, size=(6, 9, 8)).astype(np.int16)
+    sourceGeometry = sceneGeometry.VolumeGeometry(labels.shape, helpers.ijkToRasMatrix((1, 1, 2), (0, 0, 0)))
+    target = sceneGeometry.VolumeGeometry((5, 7, 9), helpers.ijkToRasMatrix((1.1, 0.9, 2.2), (0.4, -0.3, 0.5),
+                                                                          helpers.obliqueDirection(10)))
+    reference, referenceInside = sceneGeometry.resampleArray(labels, sourceGeometry, target, "nearest")
+    linearReference, _ = sceneGeometry.resampleArray(labels, sourceGeometry, target, "linear")
+    assert referenceInside.any() and not referenceInside.all()
+    for dtype in (np.int64, np.uint64):
+        values, inside = sceneGeometry.resampleArray(labels.astype(dtype), sourceGeometry, target, "nearest")
+        assert values.dtype == dtype
+        np.testing.assert_array_equal(values, reference)
+        np.testing.assert_array_equal(inside, referenceInside)
+        linear, _ = sceneGeometry.resampleArray(labels.astype(dtype), sourceGeometry, target, "linear")
+        np.testing.assert_allclose(linear, linearReference, atol=1e-5)
+    booleans, inside = sceneGeometry.resampleArray(labels > 1, sourceGeometry, target, "nearest")
+    assert booleans.dtype == bool
+    np.testing.assert_array_equal(booleans, reference > 1)
+    with pytest.raises(ValueError, match="do not fit in 32 bits.*Relabel"):
+        sceneGeometry.resampleArray(labels.astype(np.int64) << 40, sourceGeometry, target, "nearest")
+    with pytest.raises(ValueError, match="Unknown interpolation 'cubic'"):
+        sceneGeometry.resampleArray(labels, sourceGeometry, target, "cubic")
+
+    # The same through the scene: a 64-bit labelmap volume as the mask.
+    labelmap = helpers.addVolume(mrmlScene, labels.astype(np.int64), sourceGeometry.ijkToRas, "lm64",
+                                 "vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_array_equal(sceneGeometry.maskFromLabelmapVolume(labelmap, target),
+                                  (reference != 0) & referenceInside)
+
+
+def test_a_single_slice_input_covers_half_a_slice_on_each_side(mrmlScene, helpers):
+    # A one-slice 2 mm volume resampled onto a grid of 0.5 mm slices: the target slices within
+    # 1 mm of its plane take its in-plane values, the others lie outside it.
+    image = np.arange(20, dtype=np.float32).reshape(1, 4, 5)
+    single = sceneGeometry.VolumeGeometry(image.shape, helpers.ijkToRasMatrix((1, 1, 2), (0, 0, 0)))
+    target = sceneGeometry.VolumeGeometry((6, 4, 5), helpers.ijkToRasMatrix((1, 1, 0.5), (0, 0, -1.6)))
+    values, inside = sceneGeometry.resampleArray(image, single, target, "linear")
+    # Target slice z positions: -1.6, -1.1, -0.6, -0.1, 0.4, 0.9 mm; the slab is -1 .. +1 mm.
+    np.testing.assert_array_equal(inside.all(axis=(1, 2)), [False, False, True, True, True, True])
+    np.testing.assert_allclose(values[2:], np.broadcast_to(image, (4, 4, 5)))
+    np.testing.assert_array_equal(values[:2], 0.0)
+
+
 def test_same_grid_inputs_are_taken_as_they_are(mrmlScene, helpers):
     ijkToRas = helpers.ijkToRasMatrix((1, 1, 2), (0, 0, 0), helpers.obliqueDirection())
     a, b, _ = helpers.phantom((3, 5, 6))

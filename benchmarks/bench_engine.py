@@ -10,16 +10,24 @@
     public ``segment(method="em-gmm")`` on the whole volume (what a user runs: normalisation,
     EM over the distinct intensity values weighted by their counts, label and probability maps).
     Reported: time, iterations, final NLL (mean per voxel, z-scored units) and peak memory.
-(b) deepSVG with its defaults on the bundled 2 mm volume inside its mask: wall time, iterations,
-    voxel-iterations per second, the FLOPs of one training iteration (forward + backward, counted
-    with ``torch.utils.flop_counter.FlopCounterMode``) and the achieved FLOP rate as a fraction of
-    a large float32 matmul's rate measured in the same run; peak memory.
+(b)-(d) benchmarks/bench_deep.py (issue 10): per-image deepSVG fits on a synthetic cardiac ROI, the
+    2 mm sample and the 1 mm template, each with this tree's engine and with the engine of
+    ``--baseline-ref`` (default 1a33663, before issue 10's work) side by side; trained-model
+    inference at 1 mm; time against mask voxels (10^4 to 2*10^6) for em-gmm and deepsvg, plotted
+    into docs/images/benchmark-scaling.png with the fitted log-log slope.
+(e) The FLOPs of one deepSVG training iteration on the 2 mm sample (forward + backward, counted with
+    ``torch.utils.flop_counter.FlopCounterMode``) and a large float32 matmul's FLOP rate measured in
+    the same run.
 
 Every case runs in a fresh subprocess; its peak memory is ``ru_maxrss`` at the end minus
 ``ru_maxrss`` after imports and loading the data (so it is the memory the algorithm adds).
 Prints a table and writes ``docs/benchmarks.md``.
 
     python benchmarks/bench_engine.py [--output docs/benchmarks.md] [--skip-deep] [--skip-em]
+        [--skip-scaling] [--skip-trained] [--baseline-ref REF | none] [--quick]
+
+``--quick`` runs every part on tiny stand-in inputs (about a minute; figures meaningless) into
+out/benchmark-quick/ unless ``--output`` says otherwise.
 """
 
 from __future__ import annotations
@@ -29,7 +37,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,6 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "DeepGMMSegment"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_deep  # noqa: E402  (benchmarks/ is on the path now)
+
 SAMPLE_T1_2MM = REPO / "data" / "sample" / "mni152_2009_t1_2mm.nii.gz"
 SAMPLE_MASK_2MM = REPO / "data" / "sample" / "mni152_2009_brainmask_2mm.nii.gz"
 N_CLASSES = 3
@@ -51,13 +60,18 @@ MATMUL_SIZE = 4096
 
 # Goals of issue 2 (reported against, never asserted).
 GOAL_EM_SPEEDUP = 10.0
-GOAL_DEEPSVG_SECONDS = 60.0
+
+SCALING_IMAGE = REPO / "docs" / "images" / "benchmark-scaling.png"
+QUICK_OUTPUT = REPO / "out" / "benchmark-quick"
+QUICK_T1_ENV = "DEEPGMM_BENCH_T1"  # --quick: the T1 file part (a) reads instead of the 1 mm template
 
 
 # ------------------------------------------------------------------------------------- data
 
 def t1_1mm_path() -> Path:
     """The MNI152 2009a T1 at 1 mm: from benchmarks/mni_data.py, else extracted here."""
+    if os.environ.get(QUICK_T1_ENV):
+        return Path(os.environ[QUICK_T1_ENV])
     try:
         import mni_data
     except ImportError:
@@ -81,6 +95,15 @@ def _extract_t1_from_nilearn_wheel(cache: Path) -> Path:
     with zipfile.ZipFile(wheels[-1]) as archive:
         target.write_bytes(archive.read(member))
     return target
+
+
+def write_quick_t1(directory: Path) -> Path:
+    """--quick: the 2 mm sample block-averaged by 3 (about 10^4 brain voxels) as part (a)'s input file."""
+    import SimpleITK as sitk
+    image = sitk.BinShrink(sitk.ReadImage(str(SAMPLE_T1_2MM)), [3, 3, 3])
+    path = directory / "quick_t1.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
 
 
 def _initial_parameters(x: np.ndarray) -> dict:
@@ -112,15 +135,8 @@ def prepare_data(directory: Path, tol: float) -> dict:
 
 # ------------------------------------------------------------------------------------- workers
 
-def _cpu_seconds() -> float:
-    """User + system CPU time of this process (all threads): less sensitive to other load."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _rss_mib() -> float:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+_cpu_seconds = bench_deep.cpu_seconds
+_rss_mib = bench_deep.rss_mib
 
 
 def worker_sklearn(directory: Path, tol: float) -> dict:
@@ -185,31 +201,6 @@ def _load_sample_2mm():
     return volume, mask, tuple(reversed(image.GetSpacing()))
 
 
-def worker_deepsvg(directory: Path, tol: float) -> dict:  # noqa: ARG001 - deep defaults
-    from DeepGMMSegmentLib import segment
-    volume, mask, spacing = _load_sample_2mm()
-    stamps: list[tuple[int, float]] = []
-
-    def progress(iteration, max_iterations, nll, elapsed):  # noqa: ARG001
-        stamps.append((iteration, time.perf_counter()))
-
-    baseline = _rss_mib()
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    result = segment(volume, N_CLASSES, method="deepsvg", mask=mask, spacing=spacing,
-                     device="cpu", seed=0, progress=progress)
-    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    peak = _rss_mib() - baseline
-    # The progress callback runs once per training iteration; iterations 1..n of the main loop
-    # are the last n stamps (a warm start may report its own iterations before them).
-    loop = stamps[-result.n_iter:]
-    per_iteration = ((loop[-1][1] - loop[0][1]) / (len(loop) - 1)) if len(loop) > 1 else float("nan")
-    return {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(result.n_iter),
-            "converged": bool(result.converged),
-            "nll": float(result.nll_history[-1]), "peak_mib": peak,
-            "seconds_per_iteration": per_iteration, "mask_voxels": int(mask.sum()),
-            "volume_voxels": int(mask.size), "before_loop_seconds": loop[0][1] - start}
-
-
 def worker_compute(directory: Path, tol: float) -> dict:  # noqa: ARG001
     """FLOPs of one deepSVG training iteration, and a large matmul's FLOP rate."""
     import torch
@@ -245,7 +236,6 @@ WORKERS = {
     "sklearn": worker_sklearn,
     "em-voxelwise": worker_em_voxelwise,
     "em-segment": worker_em_segment,
-    "deepsvg": worker_deepsvg,
     "compute": worker_compute,
 }
 
@@ -284,10 +274,35 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
+def compute_report(compute: dict, deep: dict | None) -> tuple[list, list]:
+    """(console lines, markdown lines) of part (e): FLOPs per deepSVG iteration at 2 mm, achieved rate."""
+    fit = ((deep or {}).get("fits", {}).get("mni-2mm") or {}).get("after") or {}
+    per_iteration = fit.get("seconds_per_iteration")
+    rows = [f"| FLOPs of one training iteration (forward + backward) | "
+            f"{compute['flops_per_iteration'] / 1e9:.2f} GFLOP |",
+            f"| float32 matmul {MATMUL_SIZE}×{MATMUL_SIZE} (same run, {compute['torch_threads']} threads) | "
+            f"{compute['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s |"]
+    console = [f"deepSVG at 2 mm: {compute['flops_per_iteration'] / 1e9:.2f} GFLOP per iteration; "
+               f"{MATMUL_SIZE}² matmul {compute['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s"]
+    if per_iteration:
+        achieved = compute["flops_per_iteration"] / per_iteration
+        fraction = achieved / compute["matmul_flops_per_second"]
+        rows += [f"| time per training iteration (the 2 mm fit of (b), after) | {per_iteration:.3f} s |",
+                 f"| achieved FLOP rate | {achieved / 1e9:.2f} GFLOP/s |",
+                 f"| achieved / matmul | **{fraction:.1%}** |"]
+        console.append(f"  achieved {achieved / 1e9:.2f} GFLOP/s = {fraction:.1%} of the matmul's rate")
+    md = ["## (e) Compute use of the deepSVG fit at 2 mm", "",
+          "FLOPs of one training iteration of this tree's engine on the 2 mm sample, and the FLOP rate "
+          "they run at against a large float32 matmul measured in the same run.", "",
+          "| figure | value |", "|---|---:|", *rows, ""]
+    return console + [""], md
+
+
 def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict | None,
                  machine: dict, load: tuple[tuple[float, ...], tuple[float, ...]],
-                 date: str) -> tuple[str, str]:
-    """(console table, markdown document)."""
+                 date: str, image: Path = SCALING_IMAGE,
+                 page: Path = REPO / "docs" / "benchmarks.md") -> tuple[str, str]:
+    """(console table, markdown document); ``deep`` is bench_deep.run_all's result, its plot goes to ``image``."""
     lines_console, md = [], []
     md += ["# Engine benchmark", "",
            f"Produced by `benchmarks/bench_engine.py` (`make benchmark`) on {date}.", "",
@@ -354,47 +369,13 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
                                  f"{r['peak_mib']:>10.0f}{ratio:>9.1f}x")
         lines_console.append("")
     if deep is not None:
-        voxel_iterations = deep["mask_voxels"] / deep["seconds_per_iteration"]
-        md += ["## (b) deepSVG fit on the 2 mm sample", "",
-               f"`segment(method=\"deepsvg\")` with its defaults on "
-               f"`data/sample/mni152_2009_t1_2mm.nii.gz` inside its brain mask "
-               f"({deep['mask_voxels']:,} of {deep['volume_voxels']:,} voxels), 3 classes, CPU.", "",
-               "| figure | value |", "|---|---:|",
-               f"| wall time of the whole fit | **{deep['seconds']:.1f} s** |",
-               f"| CPU time of the whole fit (all threads) | {deep['cpu_seconds']:.1f} s |",
-               f"| of which before the first training iteration (EM warm start, set-up) | "
-               f"{deep['before_loop_seconds']:.1f} s |",
-               f"| training iterations (converged: {deep['converged']}) | {deep['n_iter']} |",
-               f"| time per training iteration | {deep['seconds_per_iteration']:.3f} s |",
-               f"| throughput (mask voxels × iterations / s) | {voxel_iterations:,.0f} |",
-               f"| final NLL / voxel | {deep['nll']:.4f} |",
-               f"| peak memory | {deep['peak_mib']:.0f} MiB |"]
-        if compute is not None:
-            achieved = compute["flops_per_iteration"] / deep["seconds_per_iteration"]
-            fraction = achieved / compute["matmul_flops_per_second"]
-            md += [f"| FLOPs of one training iteration (forward + backward) | "
-                   f"{compute['flops_per_iteration'] / 1e9:.2f} GFLOP |",
-                   f"| achieved FLOP rate | {achieved / 1e9:.2f} GFLOP/s |",
-                   f"| float32 matmul {MATMUL_SIZE}×{MATMUL_SIZE} (same run, "
-                   f"{compute['torch_threads']} threads) | "
-                   f"{compute['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s |",
-                   f"| achieved / matmul | **{fraction:.1%}** |"]
-        md += ["",
-               f"Goal (issue 2): a full fit in at most {GOAL_DEEPSVG_SECONDS:g} s on 2 CPU cores: "
-               f"{deep['seconds']:.1f} s ({_mark(deep['seconds'] <= GOAL_DEEPSVG_SECONDS)}).",
-               ""]
-        lines_console += [
-            "deepSVG, MNI 2 mm sample",
-            f"  wall time {deep['seconds']:.1f} s (CPU {deep['cpu_seconds']:.1f} s; "
-            f"{deep['n_iter']} iterations, "
-            f"{deep['seconds_per_iteration']:.3f} s each; {deep['before_loop_seconds']:.1f} s "
-            "before the first), "
-            f"{voxel_iterations:,.0f} voxel-iterations/s, peak {deep['peak_mib']:.0f} MiB"]
-        if compute is not None:
-            lines_console.append(
-                f"  {compute['flops_per_iteration'] / 1e9:.2f} GFLOP per iteration, "
-                f"{achieved / 1e9:.2f} GFLOP/s achieved = {fraction:.1%} of a "
-                f"{MATMUL_SIZE}² matmul ({compute['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s)")
+        console, section = bench_deep.report(deep, image, page)
+        lines_console += console
+        md += section
+    if compute is not None:
+        console, section = compute_report(compute, deep)
+        lines_console += console
+        md += section
     md += ["## Method", "",
            "Each run is a fresh Python process; peak memory is `ru_maxrss` at its end minus "
            "`ru_maxrss` after imports and loading its input, i.e. what the algorithm adds. "
@@ -404,18 +385,28 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
            "while CPU time stays roughly put). FLOPs are counted by "
            "`torch.utils.flop_counter.FlopCounterMode` as the difference between a 3- and a "
            "2-iteration fit (so set-up and inference cancel out); the time per iteration comes "
-           "from the progress callback's timestamps in the full fit.", ""]
+           "from the progress callback's timestamps in the full fit. The engine before (b, c) is "
+           "the package `DeepGMMSegmentLib` of the baseline commit, extracted with `git archive` "
+           "and imported in place of this tree's by the same benchmark code.", ""]
     return "\n".join(lines_console), "\n".join(md)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default=str(REPO / "docs" / "benchmarks.md"),
-                        help="markdown file to write (default: docs/benchmarks.md)")
+    parser.add_argument("--output", help="markdown file to write (default: docs/benchmarks.md; the scaling "
+                                         "plot goes to images/benchmark-scaling.png beside it)")
     parser.add_argument("--tol", type=float, default=1e-6,
                         help="EM stopping tolerance on the mean NLL change (default: 1e-6)")
     parser.add_argument("--skip-em", action="store_true", help="skip part (a)")
-    parser.add_argument("--skip-deep", action="store_true", help="skip part (b)")
+    parser.add_argument("--skip-deep", action="store_true", help="skip parts (b) to (e)")
+    parser.add_argument("--skip-trained", action="store_true", help="skip part (c), the trained model")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip part (d), the scaling curve")
+    parser.add_argument("--baseline-ref", default=bench_deep.DEFAULT_BASELINE_REF, metavar="REF",
+                        help="git commit whose engine is run beside this tree's in (b) and (c) "
+                             f"(default: {bench_deep.DEFAULT_BASELINE_REF}, before issue 10; 'none': no baseline)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny inputs and few iterations: every code path in about a minute, figures "
+                             f"meaningless; writes into {QUICK_OUTPUT.relative_to(REPO)}/ unless --output is given")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,11 +415,18 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[args.worker](Path(args.data), args.tol)))
         return 0
 
+    output = Path(args.output or (QUICK_OUTPUT / "benchmarks.md" if args.quick else REPO / "docs" / "benchmarks.md"))
+    image = output.parent / "images" / SCALING_IMAGE.name
+    baseline = None if args.baseline_ref.lower() == "none" else args.baseline_ref
+    if baseline:
+        bench_deep.resolve_commit(baseline)  # a bad ref fails now, not after the EM part
     load_start = os.getloadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     em = deep = compute = None
     with tempfile.TemporaryDirectory(prefix="deepgmm-bench-") as scratch:
         directory = Path(scratch)
+        if args.quick:
+            os.environ[QUICK_T1_ENV] = str(write_quick_t1(directory))
         info = prepare_data(directory, args.tol)
         if not args.skip_em:
             em = {}
@@ -436,18 +434,16 @@ def main(argv=None) -> int:
                 print(f"running {case} ...", file=sys.stderr, flush=True)
                 em[case] = run_worker(case, directory, args.tol)
         if not args.skip_deep:
-            for case in ("deepsvg", "compute"):
-                print(f"running {case} ...", file=sys.stderr, flush=True)
-                result = run_worker(case, directory, args.tol)
-                if case == "deepsvg":
-                    deep = result
-                else:
-                    compute = result
+            deep = bench_deep.run_all(args.quick, baseline, scaling=not args.skip_scaling,
+                                      trained=not args.skip_trained)
+            print("running compute ...", file=sys.stderr, flush=True)
+            compute = run_worker("compute", directory, args.tol)
     console, markdown = build_report(info, em, deep, compute, machine_description(),
-                                     (load_start, os.getloadavg()), date)
+                                     (load_start, os.getloadavg()), date, image, output)
     print(console)
-    Path(args.output).write_text(markdown + "\n")
-    print(f"wrote {args.output}", file=sys.stderr)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(markdown + "\n")
+    print(f"wrote {output}" + (f" and {image}" if deep and deep["scaling"] else ""), file=sys.stderr)
     return 0
 
 

@@ -228,7 +228,7 @@ def _timed_segment(inp: DeepInput, device: str, labels_out: str | None, **option
     loop = stamps[-result.n_iter:] if result.n_iter else []
     out = {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(result.n_iter), "converged": bool(result.converged),
            "nll": float(result.nll_history[-1]), "peak_mib": peak, "dice": dice, "dice_per_class": per_class,
-           "mask_voxels": int(inp.mask.sum()), "device": str(result.device),
+           "mask_voxels": int(inp.mask.sum()), "n_classes": inp.n_classes, "device": str(result.device),
            "seconds_per_iteration": (loop[-1] - loop[0]) / (len(loop) - 1) if len(loop) > 1 else None,
            **_engine_facts()}
     if device.startswith("cuda"):
@@ -277,18 +277,21 @@ def worker_scaling(spec: dict) -> dict:
 WORKERS = {"fit": worker_fit, "train": worker_train, "inference": worker_inference, "scaling": worker_scaling}
 
 
-def run_case(spec: dict, engine: Path | None = None) -> dict:
+def run_case(spec: dict, engine: Path | None = None, timeout: float | None = None) -> dict:
     """Run one worker in a fresh interpreter (``engine``: the folder holding DeepGMMSegmentLib).
 
     Never raises for a failing case: the result is then ``{"error": <last lines of its stderr>}``, so
-    one failure cannot lose a long sequential run.
+    one failure (or a case stopped after ``timeout`` seconds) cannot lose a long sequential run.
     """
     env = dict(os.environ)
     env.pop(ENGINE_ENV, None)
     if engine is not None:
         env[ENGINE_ENV] = str(engine)
-    completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
-                               capture_output=True, text=True, env=env)
+    try:
+        completed = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(spec)],
+                                   capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"stopped after {timeout:.0f} s (time budget)"}
     lines = completed.stdout.strip().splitlines()
     if completed.returncode != 0 or not lines:
         tail = " | ".join(completed.stderr.strip().splitlines()[-3:]) or f"exit code {completed.returncode}"
@@ -541,9 +544,55 @@ def report(results: dict, image: Path, page: Path) -> tuple[list, list]:
     return console, md
 
 
-def main() -> int:
-    """Worker entry point: ``python bench_deep.py '<json spec>'`` prints the worker's JSON result."""
-    spec = json.loads(sys.argv[1])
+# ------------------------------------------------------------------------------------- GPU check
+
+def gpu_check(device: str = "cuda", budget_seconds: float = 240.0, quick: bool = False,
+              inputs: tuple = DEEP_INPUTS, log=lambda text: print(text, flush=True)) -> int:
+    """The deep inputs on ``device`` and on the CPU: one table of times, Dice and GPU-CPU agreement.
+
+    The GPU runs come first; each CPU reference then gets what is left of ``budget_seconds`` (a
+    reference that does not fit is reported as stopped, not waited for). Returns 1 if a GPU run failed.
+    ``quick``, ``inputs``: tiny stand-ins, fewer inputs (for the test that keeps this code running).
+    """
+    from evaluation import metrics
+    deadline = time.monotonic() + budget_seconds
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="deepgmm-gpu-check-") as scratch:
+        for where in (device, "cpu"):
+            for name in inputs:
+                left = deadline - time.monotonic()
+                log(f"deepsvg on {name}, {where} ({left:.0f} s of the budget left) ...")
+                labels = str(Path(scratch) / f"{name}-{where.replace(':', '')}.npy")
+                spec = {"worker": "fit", "input": name, "device": where, "labels_out": labels, "quick": quick}
+                runs[name, where] = run_case(spec, timeout=left) if left > 1 else {"error": "no time left"}
+                runs[name, where]["labels"] = labels
+        lines = [f"{'input':<9}{'GPU s':>8}{'iter':>6}{'GPU Dice':>10}{'GPU MiB':>9}{'CPU s':>9}{'CPU Dice':>10}"
+                 f"{'GPU~CPU':>9}  (GPU~CPU: mean Dice between the two label maps, matched)"]
+        failed = 0
+        for name in inputs:
+            gpu, cpu = runs[name, device], runs[name, "cpu"]
+            failed += "error" in gpu
+            agreement = "–"
+            if "error" not in gpu and "error" not in cpu:
+                on_gpu, on_cpu = np.load(gpu["labels"]), np.load(cpu["labels"])
+                agreement = f"{metrics.pairwise_agreement(on_cpu, on_gpu, on_gpu > 0, gpu['n_classes']):.3f}"
+            lines.append(f"{name:<9}{_cell(gpu, 'seconds', '.2f'):>8}{_cell(gpu, 'n_iter', 'd'):>6}"
+                         f"{_cell(gpu, 'dice', '.3f'):>10}{_cell(gpu, 'gpu_peak_mib', '.0f'):>9}"
+                         f"{_cell(cpu, 'seconds', '.2f'):>9}{_cell(cpu, 'dice', '.3f'):>10}{agreement:>9}")
+            for where, run in ((device, gpu), ("cpu", cpu)):
+                if "error" in run:
+                    lines.append(f"  {name} on {where}: {run['error'][-300:]}")
+    log("\n".join(lines))
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    """``python bench_deep.py '<json spec>'``: run one worker, print its JSON result (used by run_case);
+    ``python bench_deep.py --gpu-check [DEVICE] [BUDGET_SECONDS]``: the GPU table (gpu_check.sh)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--gpu-check":
+        return gpu_check(*(argv[1:2] or ["cuda"]), *[float(v) for v in argv[2:3]])
+    spec = json.loads(argv[0])
     print(json.dumps(WORKERS[spec["worker"]](spec)))
     return 0
 

@@ -103,3 +103,12 @@ def test_bad_baseline_ref_fails_before_any_case_runs(tmp_path, capsys):
         bench_engine.main(["--quick", "--baseline-ref", "no-such-ref-anywhere", "--output", str(tmp_path / "x.md")])
     assert not (tmp_path / "x.md").exists()
     assert subprocess.run(["git", "--version"], capture_output=True).returncode == 0
+
+
+def test_gpu_check_table_compares_the_device_with_the_cpu(capsys):
+    # gpu_check.sh runs this on cuda; on the CPU the code path is the same, the agreement then 1.
+    status = bench_deep.gpu_check("cpu", budget_seconds=300, quick=True, inputs=("cardiac",))
+    table = capsys.readouterr().out.splitlines()
+    row = next(line for line in table if line.startswith("cardiac "))
+    assert status == 0 and "GPU~CPU" in table[-2]
+    assert row.split()[-1] == "1.000"  # same device, same seed: identical label maps

@@ -61,7 +61,7 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest
 
 # Needs the eval extras (scikit-learn, scipy, matplotlib for the scaling plot). Sequential, about
-# 20 min on 2 cores; QUICK=1: tiny inputs, every code path, into out/benchmark-quick/.
+# 20-25 min on 2 cores (most of it the baseline engine's 1 mm fit); QUICK=1: tiny inputs, every code path, into out/benchmark-quick/.
 benchmark: $(EVAL_STAMP)
 	$(PY) benchmarks/bench_engine.py $(if $(QUICK),--quick)
 

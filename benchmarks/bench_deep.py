@@ -546,6 +546,19 @@ def report(results: dict, image: Path, page: Path) -> tuple[list, list]:
 
 # ------------------------------------------------------------------------------------- GPU check
 
+GPU_CHECK_DOC = [
+    "## GPU check", "",
+    "This page is measured on the CPU. On a machine with an NVIDIA GPU, `bash benchmarks/gpu_check.sh` "
+    "(within 5 minutes once installed) sets up `.venv` as `make test` does, replaces its torch by the CUDA "
+    "build of the same version if it cannot use the GPU (`TORCH_CUDA_INDEX` chooses the wheel index), runs "
+    "the test suite's CUDA-capable tests on the GPU (`pytest -m cuda --device cuda`; without `--device` they "
+    "run on the CPU like every other test), then fits the three deep inputs of (b) on the GPU and on the CPU "
+    "and prints one table: time, iterations, Dice, GPU memory, and the agreement of the GPU labels with the "
+    "CPU labels (mean Dice between the two maps after matching). It exits non-zero when a test failed or a "
+    "GPU run did not finish. No CI runs it; it is checked by reading (`bash -n`, shellcheck) and its table "
+    "code by `Testing/Python/benchmarks/test_bench_quick.py` on the CPU.", ""]
+
+
 def gpu_check(device: str = "cuda", budget_seconds: float = 240.0, quick: bool = False,
               inputs: tuple = DEEP_INPUTS, log=lambda text: print(text, flush=True)) -> int:
     """The deep inputs on ``device`` and on the CPU: one table of times, Dice and GPU-CPU agreement.

@@ -387,7 +387,8 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
            "2-iteration fit (so set-up and inference cancel out); the time per iteration comes "
            "from the progress callback's timestamps in the full fit. The engine before (b, c) is "
            "the package `DeepGMMSegmentLib` of the baseline commit, extracted with `git archive` "
-           "and imported in place of this tree's by the same benchmark code.", ""]
+           "and imported in place of this tree's by the same benchmark code.", "",
+           *bench_deep.GPU_CHECK_DOC]
     return "\n".join(lines_console), "\n".join(md)
 
 

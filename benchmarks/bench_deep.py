@@ -47,9 +47,9 @@ SAMPLE = REPO / "data" / "sample"
 DEFAULT_BASELINE_REF = "1a33663"  # the engine at the start of issue 10's work
 DEEP_INPUTS = ("cardiac", "mni-2mm", "mni-1mm")
 QUICK_INPUTS = ("cardiac",)
-INPUT_TITLES = {"cardiac": "cardiac ROI (synthetic, 8 × 128 × 128, 3 channels, K = 4, LV mask)",
-                "mni-2mm": "MNI152 2 mm sample in its mask (K = 3)",
-                "mni-1mm": "MNI152 1 mm template, T1 > 0 (K = 3)"}
+INPUT_TITLES = {"cardiac": "cardiac ROI (synthetic, {shape}, 3 channels, K = 4, LV mask)",
+                "mni-2mm": "MNI152 2 mm sample in its mask ({shape}, K = 3)",
+                "mni-1mm": "MNI152 1 mm template, T1 > 0 ({shape}, K = 3)"}
 
 # Goals of issue 10 (reported against, never asserted).
 GOAL_SECONDS = {"cardiac": 1.5, "mni-2mm": 10.0, "mni-1mm": 60.0}
@@ -228,7 +228,8 @@ def _timed_segment(inp: DeepInput, device: str, labels_out: str | None, **option
     loop = stamps[-result.n_iter:] if result.n_iter else []
     out = {"seconds": seconds, "cpu_seconds": cpu, "n_iter": int(result.n_iter), "converged": bool(result.converged),
            "nll": float(result.nll_history[-1]), "peak_mib": peak, "dice": dice, "dice_per_class": per_class,
-           "mask_voxels": int(inp.mask.sum()), "n_classes": inp.n_classes, "device": str(result.device),
+           "mask_voxels": int(inp.mask.sum()), "shape": list(inp.mask.shape), "n_classes": inp.n_classes,
+           "device": str(result.device),
            "seconds_per_iteration": (loop[-1] - loop[0]) / (len(loop) - 1) if len(loop) > 1 else None,
            **_engine_facts()}
     if device.startswith("cuda"):
@@ -391,6 +392,10 @@ def _cell(run: dict | None, key: str, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+QUICK_BANNER = ("**Quick run (`--quick`): tiny stand-in inputs and a few iterations; the figures check that the "
+                "benchmark runs, they measure nothing.**")
+
+
 def _fits_section(results: dict) -> tuple[list, list]:
     fits, has_before = results["fits"], "before_version" in results
     md = ["## (b) Per-image deepSVG fits, before and after", "",
@@ -406,12 +411,14 @@ def _fits_section(results: dict) -> tuple[list, list]:
     goals = []
     for name in [n for n in DEEP_INPUTS if n in fits]:
         runs = fits[name]
-        voxels = next((r["mask_voxels"] for r in runs.values() if "error" not in r), None)
+        measured = next((r for r in runs.values() if "error" not in r), {})
+        voxels = measured.get("mask_voxels")
+        title = INPUT_TITLES[name].format(shape=" × ".join(map(str, measured.get("shape", []))) or "?")
         for side in ("before", "after"):
             if side not in runs:
                 continue
             r = runs[side]
-            md.append(f"| {INPUT_TITLES[name]} | {voxels or 0:,} | {side} | {_cell(r, 'seconds', '.2f')} | "
+            md.append(f"| {title} | {voxels or 0:,} | {side} | {_cell(r, 'seconds', '.2f')} | "
                       f"{_cell(r, 'cpu_seconds', '.2f')} | {_cell(r, 'n_iter', 'd')} | "
                       f"{_cell(r, 'seconds_per_iteration', '.3f')} | {_cell(r, 'dice', '.3f')} | "
                       f"{_cell(r, 'peak_mib', '.0f')} |")
@@ -530,9 +537,6 @@ def _scaling_section(results: dict, image: Path, page: Path) -> tuple[list, list
 def report(results: dict, image: Path, page: Path) -> tuple[list, list]:
     """(console lines, markdown lines) of sections (b) to (d); writes the scaling PNG to ``image``."""
     console, md = [], []
-    if results.get("quick"):
-        md += ["**Quick run (`--quick`): tiny stand-in inputs and a few iterations; the figures check that "
-               "the benchmark runs, they measure nothing.**", ""]
     sections = [_fits_section(results)]
     if results["trained"]:
         sections.append(_trained_section(results))

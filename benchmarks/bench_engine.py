@@ -301,11 +301,12 @@ def compute_report(compute: dict, deep: dict | None) -> tuple[list, list]:
 def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict | None,
                  machine: dict, load: tuple[tuple[float, ...], tuple[float, ...]],
                  date: str, image: Path = SCALING_IMAGE,
-                 page: Path = REPO / "docs" / "benchmarks.md") -> tuple[str, str]:
+                 page: Path = REPO / "docs" / "benchmarks.md", quick: bool = False) -> tuple[str, str]:
     """(console table, markdown document); ``deep`` is bench_deep.run_all's result, its plot goes to ``image``."""
     lines_console, md = [], []
     md += ["# Engine benchmark", "",
            f"Produced by `benchmarks/bench_engine.py` (`make benchmark`) on {date}.", "",
+           *([bench_deep.QUICK_BANNER, ""] if quick else []),
            "## Machine", "",
            f"* CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM, "
            f"no GPU used; {machine['os']}",
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
             print("running compute ...", file=sys.stderr, flush=True)
             compute = run_worker("compute", directory, args.tol)
     console, markdown = build_report(info, em, deep, compute, machine_description(),
-                                     (load_start, os.getloadavg()), date, image, output)
+                                     (load_start, os.getloadavg()), date, image, output, args.quick)
     print(console)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown + "\n")

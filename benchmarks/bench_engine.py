@@ -28,7 +28,7 @@ Prints a table and writes ``docs/benchmarks.md``.
     python benchmarks/bench_engine.py [--output docs/benchmarks.md] [--skip-deep] [--skip-em]
         [--skip-scaling] [--skip-trained] [--baseline-ref REF | none] [--quick]
 
-``--quick`` runs every part on tiny stand-in inputs (about a minute; figures meaningless) into
+``--quick`` runs every part on tiny stand-in inputs (one to two minutes; figures meaningless) into
 out/benchmark-quick/ (or another ``--output``, never docs/benchmarks.md).
 """
 
@@ -410,7 +410,7 @@ def main(argv=None) -> int:
                         help="git commit whose engine is run beside this tree's in (b) and (c) "
                              f"(default: {bench_deep.DEFAULT_BASELINE_REF}, before issue 10; 'none': no baseline)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny inputs and few iterations: every code path in about a minute, figures "
+                        help="tiny inputs and few iterations: every code path in one to two minutes, figures "
                              f"meaningless; writes into {QUICK_OUTPUT.relative_to(REPO)}/, never docs/")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)

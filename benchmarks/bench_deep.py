@@ -475,8 +475,12 @@ def _trained_section(results: dict) -> tuple[list, list]:
     return console + ["  " + goal, ""], md + ["", goal, ""]
 
 
-def plot_scaling(scaling: dict, path: Path) -> None:
-    import matplotlib
+def plot_scaling(scaling: dict, path: Path) -> bool:
+    """Log-log plot of the scaling runs into ``path``; False (no plot) when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, axes = plt.subplots(figsize=(6, 4.2))
@@ -498,16 +502,19 @@ def plot_scaling(scaling: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return True
 
 
 def _scaling_section(results: dict, image: Path, page: Path) -> tuple[list, list]:
     scaling = results["scaling"]
-    plot_scaling(scaling, image)
+    plotted = plot_scaling(scaling, image)
     md = ["## (d) Time against mask voxels", "",
           "The 1 mm template resampled (linear, isotropic) so that its brain holds 10^4 to 2·10^6 voxels, "
           f"with Gaussian noise of {SCALING_NOISE:g} of the intensity range (so that EM cannot compress the "
           "intensities), K = 3, each method with its defaults, CPU, this tree's engine.", "",
-          f"![fit time against mask voxels]({os.path.relpath(image, page.parent)})", "",
+          (f"![fit time against mask voxels]({os.path.relpath(image, page.parent)})" if plotted else
+           "*No plot: matplotlib is not installed (`pip install matplotlib`, or the eval extras `make benchmark` "
+           "installs), then `python benchmarks/bench_engine.py --from-results out/benchmark-results.json`.*"), "",
           "| mask voxels | " + " | ".join(f"{m} (s)" for m in scaling) + " |",
           "|---:|" + "---:|" * len(scaling)]
     console = ["Scaling (wall s against mask voxels)"]

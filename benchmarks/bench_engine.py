@@ -26,10 +26,11 @@ Every case runs in a fresh subprocess; its peak memory is ``ru_maxrss`` at the e
 Prints a table and writes ``docs/benchmarks.md``.
 
     python benchmarks/bench_engine.py [--output docs/benchmarks.md] [--skip-deep] [--skip-em]
-        [--skip-scaling] [--skip-trained] [--baseline-ref REF | none] [--quick]
+        [--skip-scaling] [--skip-trained] [--baseline-ref REF | none] [--quick] [--from-results JSON]
 
 ``--quick`` runs every part on tiny stand-in inputs (one to two minutes; figures meaningless) into
-out/benchmark-quick/ (or another ``--output``, never docs/benchmarks.md).
+out/benchmark-quick/ (or another ``--output``, never docs/benchmarks.md). Every run first saves its raw
+figures (out/benchmark-results.json); ``--from-results`` writes the page from them again.
 """
 
 from __future__ import annotations
@@ -412,6 +413,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny inputs and few iterations: every code path in one to two minutes, figures "
                              f"meaningless; writes into {QUICK_OUTPUT.relative_to(REPO)}/, never docs/")
+    parser.add_argument("--from-results", metavar="JSON",
+                        help="write the page from the raw results a run saved (out/benchmark-results.json) "
+                             "without measuring anything")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -420,10 +424,8 @@ def main(argv=None) -> int:
         print(json.dumps(WORKERS[args.worker](Path(args.data), args.tol)))
         return 0
 
-    output = Path(args.output)
-    if args.quick and output.resolve() == (REPO / "docs" / "benchmarks.md").resolve():
-        output = QUICK_OUTPUT / "benchmarks.md"  # a quick run's figures never replace the page
-    image = output.parent / "images" / SCALING_IMAGE.name  # the scaling plot, beside the page
+    if args.from_results:
+        return write_page(json.loads(Path(args.from_results).read_text()), args.output)
     baseline = None if args.baseline_ref.lower() == "none" else args.baseline_ref
     if baseline:
         try:
@@ -448,11 +450,30 @@ def main(argv=None) -> int:
                                       trained=not args.skip_trained)
             print("running compute ...", file=sys.stderr, flush=True)
             compute = run_worker("compute", directory, args.tol)
-    console, markdown = build_report(info, em, deep, compute, machine_description(),
-                                     (load_start, os.getloadavg()), date, image, output, args.quick)
+    results = {"info": info, "em": em, "deep": deep, "compute": compute, "machine": machine_description(),
+               "load": (load_start, os.getloadavg()), "date": date, "quick": args.quick}
+    # The raw figures first: a page that fails to render costs no re-run (--from-results).
+    saved = (QUICK_OUTPUT / "results.json") if args.quick else (REPO / "out" / "benchmark-results.json")
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results, indent=1))
+    print(f"saved the raw results in {saved}", file=sys.stderr)
+    return write_page(results, args.output)
+
+
+def write_page(results: dict, output: str) -> int:
+    """Print the console table and write the markdown page (and the scaling plot beside it) from a run's
+    results; a quick run's figures never replace docs/benchmarks.md (they go to out/benchmark-quick/)."""
+    output = Path(output)
+    if results["quick"] and output.resolve() == (REPO / "docs" / "benchmarks.md").resolve():
+        output = QUICK_OUTPUT / "benchmarks.md"
+    image = output.parent / "images" / SCALING_IMAGE.name
+    console, markdown = build_report(results["info"], results["em"], results["deep"], results["compute"],
+                                     results["machine"], results["load"], results["date"], image, output,
+                                     results["quick"])
     print(console)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(markdown + "\n")
+    deep = results["deep"]
     print(f"wrote {output}" + (f" and {image}" if deep and deep["scaling"] else ""), file=sys.stderr)
     return 0
 

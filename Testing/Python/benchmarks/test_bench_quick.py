@@ -7,6 +7,8 @@ the page and its plot are written.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -95,6 +97,16 @@ def test_quick_workers_feed_the_page_with_goals_and_plot(tmp_path):
     cardiac = next(line for line in markdown.splitlines() if line.startswith("* cardiac:"))
     assert cardiac.count("met") == 2 and "(met: equal at three decimals or better)" in cardiac  # time goal, then Dice (equal here)
     assert "deepSVG per-image fits" in console
+
+    # the raw results a run saves render the same page again without measuring
+    saved = tmp_path / "results.json"
+    saved.write_text(json.dumps({"info": {}, "em": None, "deep": results, "compute": None,
+                                 "machine": bench_engine.machine_description(), "load": [[0.0] * 3] * 2,
+                                 "date": "today", "quick": True}))
+    again = tmp_path / "again" / "benchmarks.md"
+    assert bench_engine.main(["--from-results", str(saved), "--output", str(again)]) == 0
+    assert again.read_text() == markdown + "\n"
+    assert (again.parent / "images" / "benchmark-scaling.png").is_file()
 
 
 def test_bad_baseline_ref_fails_before_any_case_runs(tmp_path, capsys):

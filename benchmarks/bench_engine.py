@@ -70,7 +70,6 @@ MATMUL_SIZE = 4096
 GOAL_EM_SPEEDUP = 5.0
 EM_NOISE = "noise 0.05"  # the evaluation's condition (evaluation/conditions.py) the EM runs on
 SKLEARN_TOL = 1e-3  # GaussianMixture's default tol, the default of --tol
-GOAL_DEEPSVG_SECONDS = 60.0
 
 SCALING_IMAGE = REPO / "docs" / "images" / "benchmark-scaling.png"
 QUICK_OUTPUT = REPO / "out" / "benchmark-quick"

@@ -267,7 +267,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             fit = fit_with_model(x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed), report)
             return fit, centre, scale, bias
         warm = None
-        if settings.warm_start == "em":
+        if settings.warm_start != "none":
             # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
             em_defaults = EMSettings()
             warm_fit = em.fit_gmm(xv, n_classes, max_iter=em_defaults.max_iter, tol=em_defaults.tol,

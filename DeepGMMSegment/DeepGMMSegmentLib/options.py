@@ -142,8 +142,9 @@ class DeepSettings:
     learning_rate: float = 1e-2
     max_iter: int = 100
     min_iter: int = 20
-    # The fit stops when the objective (NLL + priors, per voxel) improved by less than tol per step
-    # over the last core.deep.STOP_WINDOW steps.
+    # The fit stops when the mean NLL per voxel changes by less than tol in one step; with
+    # warm_start="em-head", when the objective improved by less than tol per step over the last
+    # core.deep.STOP_WINDOW steps (core.deep._converged).
     tol: float = 1e-4
     # "em": the network is first taught the EM posterior (below); "em-head": its output starts at
     # the (smoothed) EM posterior (its logits are added to the EM log-probabilities, its output

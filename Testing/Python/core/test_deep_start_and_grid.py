@@ -52,7 +52,7 @@ def test_stopping_rule_needs_a_whole_window_without_progress():
     assert not _stalled(falling, 1e-4)
     flat = falling + [falling[-1]] * 10
     assert _stalled(flat, 1e-4)
-    # one flat step inside a falling run does not stop the fit (the old single-step rule did)
+    # one flat step inside a falling run does not stop an em-head fit (a one-step rule would)
     assert not _stalled(falling[:20] + [falling[19]] + falling[20:], 1e-4)
 
 

@@ -82,7 +82,7 @@ def segment(
         the EM fit, default 10; every method starts from its winner), ``bias_field`` ("none" /
         "auto" / a basis order 0..6: a smooth multiplicative field estimated with the mixture,
         returned as ``result.bias_field`` with ``result.corrected``; docs/bias-field.md); deep methods also ``network``,
-        ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"none"),
+        ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"), ``max_network_voxels``,
         ``warm_start_iter``, ``smoothness`` (weight of the spatial prior; default 0.3 for deepsvg,
         0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
@@ -267,7 +267,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             fit = fit_with_model(x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed), report)
             return fit, centre, scale, bias
         warm = None
-        if settings.warm_start == "em":
+        if settings.warm_start != "none":
             # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
             em_defaults = EMSettings()
             warm_fit = em.fit_gmm(xv, n_classes, max_iter=em_defaults.max_iter, tol=em_defaults.tol,

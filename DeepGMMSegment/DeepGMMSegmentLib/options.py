@@ -39,7 +39,7 @@ DEFAULT_METHOD = METHODS[0]
 COVARIANCE_TYPES = ("full", "diag")
 PRECISIONS = ("auto", "float32", "bfloat16")
 NETWORKS = ("auto", "2d", "3d")
-WARM_STARTS = ("em", "none")
+WARM_STARTS = ("em", "em-head", "none")
 
 # ----------------------------------------------------------------------------- defaults
 
@@ -142,9 +142,21 @@ class DeepSettings:
     learning_rate: float = 1e-2
     max_iter: int = 100
     min_iter: int = 20
-    tol: float = 1e-4  # change of the mean NLL per voxel between steps
-    warm_start: str = "em"  # "em" | "none"
-    # The EM posterior is distilled into the network until the network reproduces it: its NLL
+    # The fit stops when the mean NLL per voxel changes by less than tol in one step; with
+    # warm_start="em-head", when the objective improved by less than tol per step over the last
+    # core.deep.STOP_WINDOW steps (core.deep._converged).
+    tol: float = 1e-4
+    # "em": the network is first taught the EM posterior (below); "em-head": its output starts at
+    # the (smoothed) EM posterior (its logits are added to the EM log-probabilities, its output
+    # layer starts at zero: no distillation steps); "none": a cold start (the paper's).
+    warm_start: str = "em"
+    # The network's input grid: the crop average-pooled by 2 per axis until it holds at most this
+    # many voxels (0: full resolution); its logits are interpolated back to every voxel, where the
+    # loss is computed. 2^20 keeps the 2 mm MNI crop (about 570,000 voxels) at full resolution and
+    # pools the 1 mm crop (4.5 M) by 2: on the 2 mm MNI, pooling by 2 with warm_start="em" cost
+    # 0.044 mean Dice on the clean T1 (0.835 vs 0.879) for a 3.4x cheaper step.
+    max_network_voxels: int = 2**20
+    # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
     # cannot copy the voxel-by-voxel noise of a soft EM posterior, so the NLL gap alone often
@@ -291,6 +303,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "min_iter": [Interval(numbers.Integral, 0, None)],
     "warm_start": [Choices(WARM_STARTS)],
     "warm_start_iter": [Interval(numbers.Integral, 0, None)],
+    "max_network_voxels": [Interval(numbers.Integral, 0, None)],
     "warm_start_gap": [_NON_NEGATIVE],
     "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
     "n_init": [_COUNT],
@@ -336,7 +349,7 @@ _COMMON = {
     "prior_weight": 1.0, "cancel_event": None, "model": None, "fine_tune": 0, "n_init": EMSettings.n_init,
     "bias_field": DEFAULT_BIAS_FIELD,
 }
-_DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
+_DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter", "max_network_voxels",
               "warm_start_gap", "warm_start_agreement", "smoothness", "precision")
 
 

@@ -101,7 +101,9 @@ SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
         type=non_negative_float, metavar="LAMBDA", help="weight of the prior-means penalty (default: {default})")),
     "warm_start": (("--warm-start",), dict(
         choices=options.WARM_STARTS, help="deep methods: 'em' first fits the network to the EM solution "
-                                          "(of each image), 'none' starts from random weights (default: {default})")),
+                                          "(of each image), 'em-head' (per-image fits only) starts the network's "
+                                          "output at the smoothed EM solution without that step, 'none' starts "
+                                          "from random weights (default: {default})")),
     "smoothness": (("--smoothness",), dict(
         type=non_negative_float, metavar="BETA",
         help="deep methods: weight of the spatial prior that makes neighbouring voxels agree (default: "

@@ -35,6 +35,15 @@ MAX_BAD_STEPS = 5  # skipped steps in a row, in float32, before the fit gives up
 # the EM start has emptied.
 EMPTY_SHARE = 0.1
 MAX_RECOVERIES = 2
+# warm_start="em-head": the output starts at the EM posterior, each class's log-probability floored at
+# log(START_FLOOR) so the network can still overturn a confident EM label with a finite correction.
+START_FLOOR = 1e-2
+# warm_start="em-head" stops when the objective's best value improved by less than tol per step over
+# the last STOP_WINDOW steps (one step's change is too noisy under Adam to stop on).
+STOP_WINDOW = 10
+# warm_start="em-head": the EM posterior is smoothed (Gaussian, sigma in voxels) before it becomes the
+# output's starting point, a denoised start the network then sharpens where the likelihood asks.
+START_SMOOTHING = 1.0
 
 
 def deep_gmm_loss(
@@ -134,6 +143,71 @@ def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, ne
     return 3, thick or shape[0] < 16
 
 
+def network_grid_factors(shape: tuple[int, ...], dims: int, in_plane_only: bool, max_voxels: int) -> tuple[int, ...]:
+    """Average-pooling factor per axis of the network's input grid, for a crop of ``shape`` (z, y, x) or (y, x).
+
+    The network runs on the crop pooled by 2, 4, ... along every axis it may pool (in-plane only
+    for the 2D network and thick slices) until its grid holds at most ``max_voxels`` voxels; an
+    axis is pooled only while it keeps at least 16 voxels. ``max_voxels`` 0 means full resolution.
+    """
+    poolable = [True] * len(shape)
+    if len(shape) == 3 and (dims == 2 or in_plane_only):
+        poolable[0] = False
+    factors = [1] * len(shape)
+    if max_voxels <= 0:
+        return tuple(factors)
+    while math.prod(math.ceil(s / f) for s, f in zip(shape, factors)) > max_voxels:
+        grown = False
+        for axis, size in enumerate(shape):
+            if poolable[axis] and math.ceil(size / (2 * factors[axis])) >= 16:
+                factors[axis] *= 2
+                grown = True
+        if not grown:
+            break
+    return tuple(factors)
+
+
+def smooth_in_mask(values: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
+    """Gaussian smoothing (``sigmas`` in voxels, one per spatial axis) of (K, *spatial) ``values`` inside ``mask``.
+
+    Normalised convolution: only voxels inside the mask contribute, so the mask's border does
+    not pull values towards the zeros outside it. An axis with sigma below 0.3 voxel is left alone.
+    """
+    weight = mask.to(values.dtype)
+    stack = torch.cat([values * weight, weight.unsqueeze(0)]).unsqueeze(1)  # (K + 1, 1, *spatial)
+    conv = F.conv3d if mask.ndim == 3 else F.conv2d
+    for axis, sigma in enumerate(sigmas):
+        if sigma < 0.3:
+            continue
+        radius = max(1, int(math.ceil(2 * sigma)))
+        taps = torch.arange(-radius, radius + 1, dtype=values.dtype, device=values.device)
+        kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        shape = [1] * mask.ndim
+        shape[axis] = -1
+        padding = [0] * mask.ndim
+        padding[axis] = radius
+        stack = conv(stack, kernel.reshape(1, 1, *shape), padding=tuple(padding))
+    stack = stack[:, 0]
+    return stack[:-1] / stack[-1:].clamp_min(1e-6)
+
+
+def start_logits(warm_start_log_resp: torch.Tensor, mask: torch.Tensor, spacing: tuple[float, ...] | None = None,
+                 floor: float = START_FLOOR, sigma: float = START_SMOOTHING) -> torch.Tensor:
+    """(1, K, *spatial) logits of the (V, K) start over ``mask`` (uniform outside): smoothed, floored.
+
+    ``sigma`` is in voxels of the finest axis; coarser axes (thick slices) get proportionally less.
+    """
+    steps = spacing if spacing is not None and len(spacing) == mask.ndim else (1.0,) * mask.ndim
+    sigmas = tuple(sigma * min(steps) / step for step in steps)
+    prob = torch.zeros((warm_start_log_resp.shape[1],) + tuple(mask.shape), dtype=torch.float32, device=mask.device)
+    prob[:, mask] = warm_start_log_resp.T.float().exp()
+    prob = smooth_in_mask(prob, mask, sigmas)
+    grid = torch.zeros_like(prob)
+    grid[:, mask] = prob[:, mask].clamp_min(floor).log()
+    return grid.unsqueeze(0)
+
+
 def _bounding_box(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
     idx = mask.nonzero()
     lo = (idx.min(0).values - margin).clamp_min(0)
@@ -214,10 +288,19 @@ def fit_deep(
     """Fit a fresh network (or continue ``network``) to one image.
 
     x: (C, *spatial) normalised channels; mask: (*spatial) bool. Seeding is the caller's job.
-    ``warm_start_log_resp`` (V, K) over the mask voxels (e.g. the EM posterior) is first distilled
-    into the network until the network's NLL is within ``warm_start_gap`` of the start's (at most
-    ``warm_start_iter`` steps); those steps count as iterations (``report`` and the NLL history
-    include them). With a warm start the fit never returns a result whose objective (NLL plus
+    ``warm_start_log_resp`` (V, K) over the mask voxels (e.g. the EM posterior) is the start:
+
+    * ``settings.warm_start="em"``: the start is first distilled into the network until its NLL is
+      within ``warm_start_gap`` of the start's or its labels agree on ``warm_start_agreement`` of
+      the voxels (at most ``warm_start_iter`` steps, which count as iterations);
+    * ``"em-head"`` (fresh networks; a given ``network`` is distilled instead): the network's
+      logits are added to the start's log-probabilities (smoothed and floored,
+      :func:`start_logits`) and its output layer starts at zero, so there is no distillation and
+      step 0 is the (smoothed) start.
+
+    A fresh network runs on the crop average-pooled to at most ``settings.max_network_voxels``
+    voxels (:func:`network_grid_factors`); its logits are interpolated back to every voxel, where
+    the loss is computed. With a start the fit never returns a result whose objective (NLL plus
     priors) is worse than the start's, and a class that empties is recovered (see :class:`_Guard`);
     ``fit.notes`` says what happened. ``fixed_labels`` (*spatial) long: class index of each seeded
     voxel, -1 elsewhere; the network's output there is replaced by the seed class after every
@@ -227,22 +310,37 @@ def fit_deep(
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
-    if dims == 2 and mc.ndim == 3:
-        net_in = xc.permute(1, 0, 2, 3)  # slices as a batch: (Z, C, Y, X)
-    else:
-        net_in = xc.unsqueeze(0)
-    if network is None:
+    fresh = network is None
+    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only,
+                                   settings.max_network_voxels if fresh else 0)
+    net_in = _network_input(xc, dims, factors)
+    if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
     network.autocast_dtype = resolve_precision(settings.precision, x.device)
     guard = _Guard(network)
     fixed_crop = None if fixed_labels is None else fixed_labels[box].unsqueeze(0)
+    mode = "none" if warm_start_log_resp is None else settings.warm_start
+    if mode == "em-head" and not fresh:
+        mode = "em"  # a trained network's output layer must not be reset: distil instead
+    offset = None
+    if mode == "em-head":
+        offset = start_logits(warm_start_log_resp, mc, spacing).to(xc.dtype)
+        with torch.no_grad():
+            network.head.weight.zero_()
+            network.head.bias.zero_()
 
     def forward() -> torch.Tensor:
         """Log responsibilities on the cropped grid, as (1, K, *spatial)."""
         logits = network(net_in)
+        if any(f > 1 for f in factors):
+            size = tuple(mc.shape[-(net_in.ndim - 2):])
+            logits = F.interpolate(logits, size=size, mode="bilinear" if net_in.ndim == 4 else "trilinear",
+                                   align_corners=False)
         if dims == 2 and mc.ndim == 3:
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
+        if offset is not None:
+            logits = logits + offset
         return fix_responsibilities(F.log_softmax(logits, dim=1), fixed_crop, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
@@ -260,9 +358,9 @@ def fit_deep(
         return torch.optim.Adam(network.parameters(), lr=lr)
 
     optimiser = new_optimiser(settings.learning_rate)
-    warm_iter = settings.warm_start_iter if warm_start_log_resp is not None else 0
+    warm_iter = settings.warm_start_iter if mode == "em" else 0
     total = warm_iter + settings.max_iter
-    # Warm-start steps count as iterations (and report their NLL) so progress moves from the start.
+    # Distillation steps count as iterations (and report their NLL) so progress moves from the start.
     history: list[float] = []
     n_iter = 0
     start = None
@@ -276,34 +374,15 @@ def fit_deep(
         guard.start_shares = warm_start_log_resp.exp().mean(0).cpu()
         guard.consider(start[0], start[1], warm_start_log_resp.T)
     if warm_iter > 0:
-        target = warm_start_log_resp.exp().T  # (K, V)
-        target_labels = target.argmax(0)
-        reached = False
-        for n_iter in range(1, warm_iter + 1):
-            optimiser.zero_grad(set_to_none=True)
-            log_resp = forward()
-            loss = -(target * log_resp[0][:, mc]).sum(0).mean()
-            guard.step(loss, optimiser)
-            with torch.no_grad():
-                _, nll, _ = deep_gmm_loss(xb, log_resp.detach(), mb, method, settings.covariance_type, None, 0.0,
-                                          settings.reg_covar)
-            history.append(nll.item())
-            if report is not None:
-                report(n_iter, total, history[-1])
-            agreement = (log_resp[0][:, mc].argmax(0) == target_labels).float().mean().item()
-            if history[-1] <= start[1] + settings.warm_start_gap or agreement >= settings.warm_start_agreement:
-                reached = True
-                break
-        logger.info("Distilled the EM start into the network in %d steps (NLL %.4f, start %.4f; labels agree on "
-                    "%.1f %%).", n_iter, history[-1], start[1], 100 * agreement)
-        if not reached:
-            guard.say(f"The network did not reproduce the EM start within warm_start_iter={warm_iter} steps "
-                      f"(NLL {history[-1]:.3f} against {start[1]:.3f}, labels agree on {100 * agreement:.1f} %); "
-                      "the fit continued from there.")
-    distilled = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        n_iter = _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
+                         lambda log_resp: deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, None,
+                                                        0.0, settings.reg_covar)[1],
+                         history, report, total)
+    restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
     warm_done = n_iter
 
     converged = False
+    objectives: list[float] = []
     learning_rate = settings.learning_rate
     recoveries = 0
     for step in range(1, settings.max_iter + 1):
@@ -317,19 +396,20 @@ def fit_deep(
             if bool(lost.any()) and recoveries < MAX_RECOVERIES:
                 recoveries += 1
                 learning_rate /= 2
-                network.load_state_dict(distilled)
+                network.load_state_dict(restart)
                 optimiser = new_optimiser(learning_rate)
                 guard.say(f"Class(es) {', '.join(str(int(k) + 1) for k in lost.nonzero()[:, 0])} emptied at step "
-                          f"{step}; went back to the distilled EM start at learning rate {learning_rate:g}.")
+                          f"{step}; went back to the EM start at learning rate {learning_rate:g}.")
             else:
                 guard.consider(loss.item(), nll.item(), voxels)
                 guard.step(loss, optimiser)
         else:
             guard.step(loss, optimiser)
         history.append(nll.item())
+        objectives.append(loss.item())
         if report is not None:
             report(n_iter, total, history[-1])
-        if step >= max(2, settings.min_iter) and abs(history[-2] - history[-1]) < settings.tol:
+        if step >= max(2, settings.min_iter) and _converged(mode, history, objectives, settings.tol):
             converged = True
             break
     with torch.no_grad():
@@ -355,6 +435,67 @@ def fit_deep(
     history.append(float(final_nll))
     fit = MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
     return fit, network
+
+
+def _network_input(xc: torch.Tensor, dims: int, factors: tuple[int, ...]) -> torch.Tensor:
+    """The crop (C, *spatial) as the network's batch, average-pooled by ``factors`` (z, y, x) or (y, x)."""
+    if dims == 2 and xc.ndim == 4:
+        net_in, kernel = xc.permute(1, 0, 2, 3), factors[1:]  # slices as a batch: (Z, C, Y, X)
+    else:
+        net_in, kernel = xc.unsqueeze(0), factors
+    if all(f == 1 for f in kernel):
+        return net_in
+    pool = F.avg_pool2d if net_in.ndim == 4 else F.avg_pool3d
+    return pool(net_in, tuple(kernel), ceil_mode=True)
+
+
+def _converged(mode: str, history: list[float], objectives: list[float], tol: float) -> bool:
+    """The stopping rule: one step's NLL change below ``tol``, or for "em-head" a stalled objective window.
+
+    "em-head" starts from a smoothed posterior whose NLL first rises while the objective falls, so
+    the NLL alone would stop it at once. The other starts keep the one-step NLL rule: on the 2 mm
+    MNI with warm_start="em", the window rule ran 177-200 steps instead of 129-142 for mean Dice
+    0.883 / 0.860 / 0.865 (clean / noise 0.10 / phantom) against 0.878 / 0.860 / 0.860.
+    """
+    if mode == "em-head":
+        return _stalled(objectives, tol)
+    return abs(history[-2] - history[-1]) < tol
+
+
+def _stalled(objectives: list[float], tol: float, window: int = STOP_WINDOW) -> bool:
+    """True when the best objective of the last ``window`` steps improved on the one before by < tol per step."""
+    if len(objectives) <= window:
+        return False
+    return objectives[-window - 1] - min(objectives[-window:]) < tol * window
+
+
+def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser, nll_of, history, report, total) -> int:
+    """Teach the network the start's posterior (``warm_start="em"``); returns the steps taken."""
+    target = warm_start_log_resp.exp().T  # (K, V)
+    target_labels = target.argmax(0)
+    warm_iter = settings.warm_start_iter
+    reached, n_iter, agreement = False, 0, 0.0
+    for n_iter in range(1, warm_iter + 1):
+        optimiser.zero_grad(set_to_none=True)
+        log_resp = forward()
+        loss = -(target * log_resp[0][:, mc]).sum(0).mean()
+        guard.step(loss, optimiser)
+        with torch.no_grad():
+            nll = nll_of(log_resp.detach())
+        history.append(nll.item())
+        if report is not None:
+            report(n_iter, total, history[-1])
+        agreement = (log_resp[0][:, mc].argmax(0) == target_labels).float().mean().item()
+        if history[-1] <= start[1] + settings.warm_start_gap or agreement >= settings.warm_start_agreement:
+            reached = True
+            break
+    logger.info("Distilled the EM start into the network in %d steps (NLL %.4f, start %.4f; labels agree on "
+                "%.1f %%).", n_iter, history[-1], start[1], 100 * agreement)
+    if not reached:
+        guard.say(f"The network did not reproduce the EM start within warm_start_iter={warm_iter} steps "
+                  f"(NLL {history[-1]:.3f} against {start[1]:.3f}, labels agree on {100 * agreement:.1f} %); "
+                  "the fit continued from there.")
+    return n_iter
 
 
 def voxel_objective(xv: torch.Tensor, log_resp: torch.Tensor, method: str, settings: DeepSettings):

@@ -355,6 +355,9 @@ def _checked_settings(settings: TrainingSettings) -> TrainingSettings:
                  "network", "min_delta", "weight_decay", "grad_clip"):
         check_value(name, getattr(settings, name))
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else settings.smoothness
+    if settings.warm_start == "em-head":
+        raise ValueError("warm_start='em-head' is for per-image fits (one network per image); training teaches "
+                         "one network every case's EM posterior: use warm_start='em' or 'none'.")
     steps = 0 if settings.warm_start == "none" else settings.warm_start_steps
     return settings.replace(method=method, smoothness=smoothness, warm_start_steps=steps)
 

@@ -1,0 +1,87 @@
+"""The per-image deep fit's start ("em" / "em-head"), its network grid and its stopping rule (real torch, CPU)."""
+
+import numpy as np
+import pytest
+import torch
+from phantoms import blob_phantom, matched_dice
+
+from DeepGMMSegmentLib import segment
+from DeepGMMSegmentLib.core.deep import _stalled, network_grid_factors, smooth_in_mask, start_logits
+from DeepGMMSegmentLib.options import DeepSettings, TrainingSettings
+
+FAST = dict(depth=2, base_width=4, precision="float32", max_iter=25, min_iter=25)
+
+
+def test_grid_keeps_small_crops_and_pools_large_ones_by_powers_of_two():
+    assert network_grid_factors((90, 110, 90), 3, False, 2**20) == (1, 1, 1)
+    assert network_grid_factors((180, 220, 180), 3, False, 2**20) == (2, 2, 2)  # 7.1 M -> 891,000
+    assert network_grid_factors((180, 220, 180), 3, False, 0) == (1, 1, 1)  # 0: full resolution
+    # thick slices and the per-slice network never pool across slices
+    assert network_grid_factors((40, 512, 512), 3, True, 2**20) == (1, 4, 4)  # 10.5 M -> 655,360
+    assert network_grid_factors((40, 512, 512), 2, False, 2**17)[0] == 1
+    # an axis keeps at least 16 voxels even when the budget cannot be met
+    assert network_grid_factors((20, 40, 40), 3, False, 10) == (1, 2, 2)
+
+
+def test_smoothing_inside_the_mask_keeps_constants_and_ignores_outside_voxels():
+    mask = torch.zeros(6, 9, 9, dtype=torch.bool)
+    mask[1:5, 2:7, 2:7] = True
+    values = torch.full((2, 6, 9, 9), 0.25)
+    values[:, ~mask] = 100.0  # must not leak in
+    out = smooth_in_mask(values, mask, (1.0, 1.0, 1.0))
+    assert torch.allclose(out[:, mask], torch.full_like(out[:, mask], 0.25), atol=1e-6)
+    spike = torch.zeros(1, 6, 9, 9)
+    spike[0, 3, 4, 4] = 1.0
+    blurred = smooth_in_mask(spike, mask, (0.0, 1.0, 1.0))  # sigma 0 along z: no mixing across slices
+    assert blurred[0, 2].abs().max() == 0 and blurred[0, 3, 4, 4] < 1.0 and blurred[0, 3, 4, 5] > 0
+
+
+def test_start_logits_reproduce_the_start_labels_and_are_floored():
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    labels = torch.zeros(8, 8, dtype=torch.long)
+    labels[:, 4:] = 1
+    log_resp = torch.log(torch.nn.functional.one_hot(labels[mask], 2).float() * 0.999 + 0.0005)
+    logits = start_logits(log_resp, mask, sigma=0.0)
+    assert logits.shape == (1, 2, 8, 8)
+    assert torch.equal(logits[0].argmax(0), labels)
+    assert float(logits.min()) >= np.log(1e-2) - 1e-6  # START_FLOOR: a finite correction can overturn a label
+
+
+def test_stopping_rule_needs_a_whole_window_without_progress():
+    falling = [1.0 - 0.01 * i for i in range(30)]
+    assert not _stalled(falling, 1e-4)
+    flat = falling + [falling[-1]] * 10
+    assert _stalled(flat, 1e-4)
+    # one flat step inside a falling run does not stop an em-head fit (a one-step rule would)
+    assert not _stalled(falling[:20] + [falling[19]] + falling[20:], 1e-4)
+
+
+def test_em_head_starts_at_the_em_solution_without_distillation():
+    channels, truth, _ = blob_phantom((40, 40), n_classes=3, n_channels=2, noise=0.15, seed=3)
+    em = segment(channels, 3, method="em-gmm", seed=0)
+    head = segment(channels, 3, method="deepsvg", seed=0, warm_start="em-head", **FAST)
+    assert head.n_iter <= FAST["max_iter"]  # no distillation steps in front
+    assert (head.labels == em.labels).mean() > 0.9
+    assert matched_dice(head.labels, truth, 3) > matched_dice(em.labels, truth, 3) - 0.02
+
+
+def test_pooled_network_grid_still_labels_every_voxel():
+    channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    result = segment(channels, 3, method="deepsvg", seed=0, warm_start="em-head", max_network_voxels=2**12, **FAST)
+    assert result.labels.shape == truth.shape and result.labels.min() >= 1
+    assert matched_dice(result.labels, truth, 3) > 0.85
+
+
+def test_training_refuses_the_per_image_head_start():
+    from DeepGMMSegmentLib.trained import training
+    with pytest.raises(ValueError, match="em-head"):
+        training._checked_settings(TrainingSettings(warm_start="em-head"))
+
+
+def test_settings_validate_the_new_choices():
+    from DeepGMMSegmentLib.options import resolve_options
+    with pytest.raises(ValueError, match="warm_start"):
+        resolve_options("deepsvg", warm_start="distillation")
+    with pytest.raises(ValueError, match="max_network_voxels"):
+        resolve_options("deepsvg", max_network_voxels=-1)
+    assert DeepSettings().max_network_voxels == 2**20

@@ -185,7 +185,9 @@ def test_seed_rows_take_class_identity_and_count_from_the_strokes(cohort):
     assert scores.identity_ok and scores.dice[BLOOD - 1] > 0.8  # MyoPS order with no matching
     unseeded = cardiac_run.score(cardiac_run.run_variant(cardiac_run.Variant("em-gmm", False), infarct, 0),
                                  infarct, matched=False)
-    assert scores.scar > unseeded.scar + 0.1  # LGE order puts scar and blood together
+    # without seeds the classes come in LGE order, which is not MyoPS order (scar and blood are both
+    # bright): most classes are wrong as given (mean Dice as given 0.21 against 0.71 here)
+    assert np.nanmean(scores.dice) > np.nanmean(unseeded.dice) + 0.2
     healthy = next(c for c in cohort if not c.has_infarct)
     labels = cardiac_run.run_variant(seeded, healthy, seed=0)
     assert labels.max() == MYOCARDIUM  # two tissues painted: K = 2, no scar invented

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from evaluation import conditions, methods
 from mni_data import reference_from_maps
 
-from conftest import REPO
+REPO = Path(__file__).resolve().parents[3]
 
 
 def ball_mask(shape=(12, 16, 20)):

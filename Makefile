@@ -27,9 +27,9 @@ METHOD ?= deepsvg
 help:
 	@echo "make demo       create .venv, install, segment the bundled MNI152 sample into $(OUT)/ (METHOD=em-gmm: quick)"
 	@echo "make test       create .venv with the test extras and run the whole pytest suite"
-	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deepsvg throughput) -> docs/benchmarks.md"
+	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deep fits before/after, scaling) -> docs/benchmarks.md (QUICK=1: smoke run)"
 	@echo "make stress     randomized stress benchmark: 320 phantoms, our 4 methods vs scikit-learn -> docs/robustness.md (long; QUICK=1: 12 cases)"
-	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152 -> docs/evaluation.md (~30 min; QUICK=1 smoke run)"
+	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152, then the cardiac phantom -> docs/evaluation.md (~30 min + cardiac; QUICK=1 smoke run)"
 	@echo "make clean      remove $(OUT)/, build artefacts and caches (keeps .venv)"
 	@echo "make distclean  clean, and remove .venv"
 
@@ -60,8 +60,10 @@ demo: $(BASE_STAMP)
 test: $(TEST_STAMP)
 	$(PY) -m pytest
 
-benchmark: $(TEST_STAMP)
-	$(PY) benchmarks/bench_engine.py
+# Needs the eval extras (scikit-learn, scipy, matplotlib for the scaling plot). Sequential, about
+# 20-25 min on 2 cores (most of it the baseline engine's 1 mm fit); QUICK=1: tiny inputs, every code path, into out/benchmark-quick/.
+benchmark: $(EVAL_STAMP)
+	$(PY) benchmarks/bench_engine.py $(if $(QUICK),--quick)
 
 # From scratch (--fresh): every case and method again, then docs/robustness.md. An interrupted run
 # resumes with `$(PY) benchmarks/stress.py` (no --fresh). QUICK=1: 12 cases into out/stress-quick/.
@@ -73,8 +75,9 @@ $(EVAL_STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet -e ".[eval]"
 	@touch $@ $(BASE_STAMP)
 
-# Every method on every condition, each in a fresh process; regenerates docs/evaluation.md and
-# docs/images/evaluation-*.png. QUICK=1: 2 mm, two conditions, into out/evaluation-quick/.
+# Every method on every condition, each in a fresh process, then the cardiac phantom section
+# (evaluation/cardiac_run.py); regenerates docs/evaluation.md and docs/images/evaluation-*.png.
+# QUICK=1: 2 mm, two conditions, 2 cardiac cases, into out/evaluation-quick/.
 evaluate: $(EVAL_STAMP)
 	$(PY) -m evaluation.run $(if $(QUICK),--quick)
 

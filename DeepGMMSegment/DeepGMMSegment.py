@@ -123,7 +123,9 @@ class DeepGMMSegmentParameterNode:
     class, one value per channel; outputSegmentation None = create a new segmentation;
     smoothness: deepSVG's spatial prior (0 = the published loss);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
-    fineTuneSteps 0 = one forward pass."""
+    fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
+    (biasFieldOrder 0 = automatic); seedSegmentation: reference segments painted per tissue, which
+    fix the classes' identity, names and colours."""
 
     inputVolume1: Optional[vtkMRMLScalarVolumeNode]
     inputVolume2: Optional[vtkMRMLScalarVolumeNode]
@@ -143,6 +145,9 @@ class DeepGMMSegmentParameterNode:
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
+    seedSegmentation: Optional[vtkMRMLSegmentationNode]
+    correctBiasField: bool = False
+    biasFieldOrder: Annotated[int, WithinRange(0, options.MAX_BIAS_FIELD_ORDER)] = 0
     outputSegmentation: Optional[vtkMRMLSegmentationNode]
     probabilityMaps: bool = True
     useTrainedModel: bool = False
@@ -275,6 +280,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateChannelSelectors()
         self._updateMaskSelectorFromParameterNode()
         self._updateTrainedModel()
+        self.ui.biasFieldOrderSpinBox.enabled = self._parameterNode.correctBiasField
         self._checkCanApply()
 
     def _channelVolumes(self):
@@ -338,6 +344,9 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
             widget.enabled = not use  # the model decides these
         ui.smoothnessSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
+        # Reference segments give the class means (so no prior means) and a model fixes its classes.
+        ui.priorMeansLineEdit.enabled = not use and parameters.seedSegmentation is None
+        ui.seedSegmentationSelector.enabled = not use
         modelIo = self._modelIo() if use else None
         ui.trainedModelInfoLabel.text = panel.trainedModelSummary(path, modelIo, self._trainedModels) if use else ""
         settings = panel.trainedModelSettings(panel.describeTrainedModel(path, modelIo, self._trainedModels)[0]
@@ -422,7 +431,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameters.useTrainedModel:
             engineOptions = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
         else:
-            priorMeans = options.parse_prior_means(parameters.priorMeans, parameters.numberOfClasses, len(channels))
+            priorMeansText = parameters.priorMeans if parameters.seedSegmentation is None else ""
+            priorMeans = options.parse_prior_means(priorMeansText, parameters.numberOfClasses, len(channels))
             engineOptions = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
                                                 parameters.covarianceType.value,
                                                 None if priorMeans is None else priorMeans.tolist(),
@@ -444,6 +454,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if problem:
                 raise ValueError(problem)
         mask = (parameters.maskSegmentation, parameters.maskSegmentId) if parameters.maskSegmentation else None
+        strokes = None if parameters.useTrainedModel else parameters.seedSegmentation  # greyed out with a model
         self._runningMethod = parameters.method
         self._setProcessing(True)
         try:
@@ -452,7 +463,10 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                    method=parameters.method.value, roi=parameters.roi, mask=mask,
                                    device=parameters.device.value, seed=parameters.seed, options=engineOptions,
                                    probabilityMaps=parameters.probabilityMaps, waitForCompletion=False,
-                                   progressCallback=self.onProgress, completedCallback=self.onCompleted)
+                                   progressCallback=self.onProgress, completedCallback=self.onCompleted,
+                                   biasField=panel.biasFieldOption(parameters.correctBiasField,
+                                                                   parameters.biasFieldOrder),
+                                   seedSegmentation=strokes)
         except Exception:
             self._setProcessing(False)
             raise
@@ -533,7 +547,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
-    """SelfTest inside Slicer: logic and parameter node, the EM path and the cancel path of the panel.
+    """SelfTest inside Slicer: logic and parameter node, the EM path (also with reference segments and
+    the bias field) and the cancel path of the panel.
 
     Runs in ctest (``--testing``) on the extensions factory too. There nothing is installed: when
     PyTorch is missing, the two runs are skipped with a message saying so (peers skip their heavy
@@ -544,7 +559,7 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         for test in (self.test_LogicBeforeAnyRun, self.test_ParameterNode, self.test_PanelEmGmm,
-                     self.test_PanelCancel):
+                     self.test_PanelReferenceSegmentsAndBiasField, self.test_PanelCancel):
             self.setUp()
             try:
                 test()
@@ -626,6 +641,40 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(widget.ui.resultsTableWidget.rowCount, 6, widget.ui.statusLabel.text)
         self.assertNotEqual(parameters.outputSegmentation.GetID(), first.GetID())
         self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), 2)
+
+    def test_PanelReferenceSegmentsAndBiasField(self):
+        self.delayDisplay("Panel: EM-GMM with painted reference segments and bias field correction")
+        self._requireTorch()
+        import numpy as np
+
+        volume = self._phantom()
+        before = slicer.util.arrayFromVolume(volume).copy()
+        strokes = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+        strokes.CreateDefaultDisplayNodes()
+        strokes.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        # The phantom's blocks along I: brightest on the right. Strokes: "Bright" first, then "Dark".
+        for name, columns, color in (("Bright", slice(28, 30), (1.0, 0.2, 0.2)),
+                                     ("Dark", slice(2, 4), (0.2, 0.2, 1.0))):
+            marked = np.zeros(before.shape, dtype=np.uint8)
+            marked[4:8, 10:20, columns] = 1
+            segmentId = strokes.GetSegmentation().AddEmptySegment(name, name, color)
+            slicer.util.updateSegmentBinaryLabelmapFromArray(marked, strokes, segmentId, volume)
+        widget = self._panel()
+        parameters = widget._parameterNode
+        parameters.inputVolume1, parameters.outputSegmentation = volume, None
+        parameters.method, parameters.numberOfClasses = SegmentationMethod.EM_GMM, 3
+        parameters.seedSegmentation, parameters.correctBiasField = strokes, True
+        widget.ui.segmentButton.click()
+        self._waitUntil(lambda: not widget.isProcessing(), 300, "the EM-GMM run")
+        segmentation = parameters.outputSegmentation.GetSegmentation()
+        self.assertEqual([segmentation.GetNthSegment(index).GetName() for index in range(3)],
+                         ["Bright", "Dark", "Class 3"], widget.ui.statusLabel.text)
+        self.assertEqual([round(c, 3) for c in segmentation.GetNthSegment(0).GetColor()], [1.0, 0.2, 0.2])
+        for name in ("DeepGMMSegmentPhantom bias field", "DeepGMMSegmentPhantom corrected"):
+            self.assertEqual(slicer.util.getNode(name).GetImageData().GetDimensions(),
+                             volume.GetImageData().GetDimensions())
+        self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "input was modified")
+        parameters.seedSegmentation, parameters.correctBiasField = None, False
 
     def test_PanelCancel(self):
         self.delayDisplay("Panel: cancel a long deepSVG run")

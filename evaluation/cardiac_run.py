@@ -8,14 +8,18 @@ scar + edema), the share of infarct cases whose class identity is right with no 
 scar a method invents in cases without an infarct. Dice is per case over its 3D stack, averaged over
 the cases whose truth holds that class ("mean (4)": per case over the classes its truth holds). Every method is scored twice: with the class identity it
 gives (no matching) and after Hungarian matching to the truth (an evaluation-only oracle step).
-No timings are reported here (the machine is shared).
+Each of our methods runs without a prior, with ``prior_means`` from μ_data, and with painted seeds
+(``seeds=``: simulated strokes on at most 1 % of the mask, :func:`cardiac_phantom.seed_strokes`).
+Time per case only with ``--times`` (``make evaluate`` asks for it; on a shared machine it means little).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +51,19 @@ def variants(deep: bool) -> list:
             continue
         rows.append(Variant(method, False))
         rows.append(Variant(f"{method} + μ_data", True))
+        rows.append(Variant(f"{method} + seeds", True))
     rows.append(Variant("sklearn GaussianMixture (n_init=10)", False))
     return rows
 
 
-def run_variant(variant: Variant, case: cardiac_phantom.CardiacCase, seed: int) -> np.ndarray:
-    """uint8 labels of one row's method on one case."""
+def case_seeds(case: cardiac_phantom.CardiacCase) -> np.ndarray:
+    """The simulated strokes of a case: a few per class its truth holds, at most 1 % of the mask."""
+    return cardiac_phantom.seed_strokes(case.labels, case.seed)
+
+
+def run_variant(variant: Variant, case: cardiac_phantom.CardiacCase, seed: int,
+                deep_options: dict | None = None) -> np.ndarray:
+    """uint8 labels of one row's method on one case (``deep_options``: extra options of deepg/deepsvg)."""
     channels, mask = case.channels, case.mask
     if variant.name.startswith("oracle"):
         smoothing = cardiac_oracle.DEFAULT_SMOOTHING_PX if "smoothing" in variant.name else 0.0
@@ -66,8 +77,14 @@ def run_variant(variant: Variant, case: cardiac_phantom.CardiacCase, seed: int) 
         return labels
     from DeepGMMSegmentLib import segment
     method = variant.name.split(" ")[0]
-    options = {"prior_means": case.prior_means()} if "μ_data" in variant.name else {}
-    result = segment(list(channels), N_CLASSES, method=method, mask=mask, spacing=case.spacing,
+    options = dict(deep_options or {}) if method in DEEP else {}
+    n_classes = N_CLASSES
+    if "μ_data" in variant.name:
+        options["prior_means"] = case.prior_means()
+    if "seeds" in variant.name:
+        # the class count comes from the strokes: a user paints only the tissues the case shows
+        options["seeds"], n_classes = case_seeds(case), None
+    result = segment(list(channels), n_classes, method=method, mask=mask, spacing=case.spacing,
                      device="cpu", seed=seed, **options)
     return result.labels
 
@@ -107,10 +124,12 @@ def _mean(values) -> str:
     return f"{np.mean(values):.3f}" if values else "–"
 
 
-def table(rows: dict, matched: bool) -> str:
-    """Markdown table of the rows {variant name: [Scores per case]}."""
+def table(rows: dict, matched: bool, seconds: dict | None = None) -> str:
+    """Markdown table of the rows {variant name: [Scores per case]}; ``seconds`` {name: [s per case]} adds a column."""
     head = ["method", "cases", *cardiac_phantom.CLASS_NAMES, "mean (4)", "scar (MyoPS)", "scar+edema (MyoPS)",
             "identity right, no matching", "scar invented, no-infarct cases (% of mask)"]
+    if seconds is not None:
+        head.append("s per case (median)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, scores in rows.items():
         per_class = [_mean(s.dice[k] for s in scores) for k in range(N_CLASSES)]
@@ -122,6 +141,7 @@ def table(rows: dict, matched: bool) -> str:
             _mean(s.scar_edema for s in scores),
             f"{sum(identity)}/{len(identity)}" if identity else "–",
             f"{np.mean(invented):.1f}" if invented else "–",
+            *([f"{np.median(seconds[name]):.1f}"] if seconds is not None else []),
         ]) + " |")
     return "\n".join(lines)
 
@@ -132,18 +152,27 @@ def cohort_summary(cases: list) -> str:
     scar_slices = sum(len(c.infarct_slices) for c in cases)
     thickness = [c.spacing[0] for c in cases]
     pixel = [c.spacing[1] for c in cases]
+    painted = [100 * np.count_nonzero(case_seeds(c)) / c.mask.sum() for c in cases]
     return (f"{len(cases)} SYNTHETIC cases (seeds {cases[0].seed}..{cases[-1].seed}), {with_infarct} with an "
             f"infarct; {slices} slices, {scar_slices} with scar; slices {min(thickness):.1f}-{max(thickness):.1f} mm, "
             f"pixels {min(pixel):.2f}-{max(pixel):.2f} mm, {cases[0].labels.shape[1]}x{cases[0].labels.shape[2]}; "
-            f"mask voxels per case {min(int(c.mask.sum()) for c in cases)}-{max(int(c.mask.sum()) for c in cases)}.")
+            f"mask voxels per case {min(int(c.mask.sum()) for c in cases)}-{max(int(c.mask.sum()) for c in cases)}; "
+            f"painted seeds (the `+ seeds` rows) on {min(painted):.2f}-{max(painted):.2f} % of the mask.")
 
 
-def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=print) -> str:
+def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=print, times: bool = False,
+             deep_options: dict | None = None) -> str:
+    """The Markdown report (see the module docstring); ``times`` adds each row's median seconds per case."""
     cases = cardiac_phantom.generate_cohort(n_cases, first_seed)
     results: dict = {}
+    seconds: dict = {}
     for variant in variants(deep=deep_cases > 0):
         subset = cases[:deep_cases] if variant.name.split(" ")[0] in DEEP else cases
-        results[variant] = [(case, run_variant(variant, case, seed)) for case in subset]
+        results[variant], seconds[variant] = [], []
+        for case in subset:
+            start = time.perf_counter()
+            results[variant].append((case, run_variant(variant, case, seed, deep_options)))
+            seconds[variant].append(time.perf_counter() - start)
         log(f"  {variant.name}: {len(subset)} cases done", file=sys.stderr)
     parts = ["**Synthetic data** (evaluation/cardiac_phantom.py); no patient data. " + cohort_summary(cases), ""]
     views = [(False, "Class identity as each method gives it (no matching)", len(cases)),
@@ -152,11 +181,13 @@ def evaluate(n_cases: int, first_seed: int, deep_cases: int, seed: int = 0, log=
         views += [(False, f"The first {deep_cases} cases only, no matching", deep_cases),
                   (True, f"The first {deep_cases} cases only, Hungarian matching", deep_cases)]
     for matched, title, count in views:
-        rows = {v.name + ("" if v.fixed_identity or matched else " †"):
-                [score(lab, c, matched) for c, lab in runs[:count]] for v, runs in results.items()}
-        parts += [f"### {title}", "", table(rows, matched), ""]
+        shown = {v: v.name + ("" if v.fixed_identity or matched else " †") for v in results}
+        rows = {shown[v]: [score(lab, c, matched) for c, lab in runs[:count]] for v, runs in results.items()}
+        spent = {shown[v]: seconds[v][:count] for v in results} if times else None
+        parts += [f"### {title}", "", table(rows, matched, spent), ""]
     parts.append("† no prior: classes come in the method's own order (ours: ascending LGE mean; "
-                 "scikit-learn: arbitrary), which need not be MyoPS order.")
+                 "scikit-learn: arbitrary), which need not be MyoPS order. `+ seeds`: class k = seed label k "
+                 "= MyoPS class k; K = the number of classes painted (2 in a case without an infarct).")
     if deep_cases and deep_cases < n_cases:
         parts.append(f"deepg and deepsvg rows: the first {deep_cases} cases only (CPU budget).")
     return "\n".join(parts)
@@ -192,6 +223,10 @@ def main(argv=None) -> None:
                         help="run deepg and deepsvg on the first N cases (default 0: EM only)")
     parser.add_argument("--seed", type=int, default=0, help="the methods' seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--deep-options", type=json.loads, default=None, metavar="JSON",
+                        help="extra segment() options of deepg and deepsvg, e.g. '{\"max_iter\": 5}' (smoke runs)")
+    parser.add_argument("--times", action="store_true",
+                        help="add each row's median seconds per case (meaningful on a quiet machine only)")
     parser.add_argument("--out", type=Path, help="also write the report to this Markdown file")
     parser.add_argument("--figure", type=Path,
                         help="also write a PNG of the first infarct case (slices x LGE, T2, bSSFP, truth)")
@@ -204,7 +239,8 @@ def main(argv=None) -> None:
         case = next((c for c in (cardiac_phantom.generate_case(args.first_seed + i) for i in range(args.cases))
                      if c.has_infarct), None) or cardiac_phantom.generate_case(args.first_seed)
         write_figure(case, args.figure)
-    report = evaluate(args.cases, args.first_seed, args.deep_cases, args.seed)
+    report = evaluate(args.cases, args.first_seed, args.deep_cases, args.seed, times=args.times,
+                      deep_options=args.deep_options)
     print(report)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

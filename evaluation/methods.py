@@ -23,7 +23,8 @@ ENGINE_DIR = REPO_ROOT / "DeepGMMSegment"
 # (options, result), the engine and the numerics (core/).
 ENGINE_FILES = tuple(f"DeepGMMSegment/DeepGMMSegmentLib/{name}" for name in
                      ("__init__.py", "options.py", "result.py", "engine.py", "core/__init__.py", "core/inputs.py",
-                      "core/em.py", "core/gmm.py", "core/deep.py", "core/networks.py", "core/bias_field.py"))
+                      "core/em.py", "core/gmm.py", "core/deep.py", "core/networks.py", "core/bias_field.py",
+                      "core/seeds.py"))
 
 
 @dataclasses.dataclass

@@ -2,8 +2,12 @@
 
     python -m evaluation.run            # full run -> docs/evaluation.md, docs/images/evaluation-*.png
     python -m evaluation.run --quick    # smoke run (2 mm, two conditions) -> out/evaluation-quick/
+    python -m evaluation.run --cardiac-only   # only the cardiac section again, into the same page
 
-What runs where (the full plan) is in :func:`build_plan`; the report states it too.
+What runs where (the full plan) is in :func:`build_plan`; the report states it too. After the brain
+jobs, the cardiac phantom evaluation (:mod:`evaluation.cardiac_run`: oracle, our methods without a
+prior, with μ_data and with painted seeds, scikit-learn) runs in one fresh process; its Markdown is
+kept beside results.json and becomes the page's cardiac section.
 """
 
 from __future__ import annotations
@@ -90,10 +94,45 @@ def build_plan(quick: bool):
     return plan, {"quick": False}
 
 
+# The cardiac section: SYNTHETIC patients 0..5, the deep rows on the first 3 (each deep fit of a
+# stack takes tens of seconds on one CPU core, three rows per deep method).
+CARDIAC_CASES, CARDIAC_DEEP_CASES = 6, 3
+CARDIAC_QUICK_CASES, CARDIAC_QUICK_DEEP_CASES = 2, 1
+CARDIAC_REPORT = "cardiac.md"
+
 DEEP_CONDITIONS = ("clean", "noise 0.10")
 ONE_MM_CONDITIONS = ("clean", "noise 0.10", "bias 40%")
 # a smoke run only checks that everything runs end to end: the deep fits are cut short
 QUICK_DEEP_OPTIONS = {"max_iter": 5, "min_iter": 2, "warm_start_iter": 2}
+
+
+def run_cardiac(work: Path, quick: bool, timeout: float) -> Path:
+    """The cardiac evaluation in a fresh process -> ``work/cardiac.md`` (kept from the last run when it fails)."""
+    cases, deep_cases = ((CARDIAC_QUICK_CASES, CARDIAC_QUICK_DEEP_CASES) if quick
+                         else (CARDIAC_CASES, CARDIAC_DEEP_CASES))
+    path = work / CARDIAC_REPORT
+    partial = work / f"cardiac.{os.getpid()}.partial.md"
+    command = [sys.executable, "-m", "evaluation.cardiac_run", "--cases", str(cases), "--deep-cases",
+               str(deep_cases), "--times", "--threads", str(max(1, os.cpu_count() or 1)), "--out", str(partial)]
+    if quick:
+        command += ["--deep-options", json.dumps(QUICK_DEEP_OPTIONS)]
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    try:
+        completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"cardiac: timed out after {timeout:.0f} s; the page keeps the last cardiac section", flush=True)
+        return path
+    if completed.returncode != 0:
+        tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"cardiac: failed ({tail[0][:300]}); the page keeps the last cardiac section", flush=True)
+        return path
+    header = (f"Run started {started}, engine at commit {engine_revision()}, {os.cpu_count()} CPU cores, "
+              f"one process (`python -m evaluation.cardiac_run --cases {cases} --deep-cases {deep_cases} --times`"
+              + (", deep fits cut short: a smoke run" if quick else "") + ").")
+    path.write_text(header + "\n\n" + partial.read_text())
+    partial.unlink()
+    print(f"cardiac: {cases} cases ({deep_cases} with the deep methods) -> {path}", flush=True)
+    return path
 
 
 def run_job(case_path: Path, method: str, result_path: Path, n_classes: int, timeout: float,
@@ -180,13 +219,23 @@ def main(argv=None) -> int:
                              "(the others are listed as not run)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the report from the last results.json")
+    parser.add_argument("--no-cardiac", action="store_true",
+                        help="skip the cardiac phantom evaluation (the page keeps the last cardiac section)")
+    parser.add_argument("--cardiac-only", action="store_true",
+                        help="run only the cardiac phantom evaluation and rebuild the page from the last "
+                             "results.json")
     args = parser.parse_args(argv)
     work = args.work_dir / ("quick" if args.quick else "full")
     output_dir = REPO_ROOT / "out" / "evaluation-quick" if args.quick else REPO_ROOT / "docs"
     results_path = work / ("results.json" if not (args.only or args.cases) else
                            f"results-{slug('-'.join(args.only or []) + '-' + (args.cases or ''))}.json")
 
-    if not args.report_only:
+    if args.cardiac_only:
+        if not results_path.exists():
+            parser.error(f"--cardiac-only needs the brain results of an earlier run ({results_path}); "
+                         "run without it first")
+        run_cardiac(work, args.quick, args.timeout)
+    elif not args.report_only:
         work.mkdir(parents=True, exist_ok=True)
         plan, info = build_plan(args.quick)
         started = time.time()
@@ -255,6 +304,8 @@ def main(argv=None) -> int:
             info["load_after"] = os.getloadavg()
             info["jobs_done"], info["jobs_planned"] = done, len(jobs)
             results_path.write_text(json.dumps({"info": info, "cases": records}, indent=1))
+        if not (args.no_cardiac or args.collect or args.only or args.cases):
+            run_cardiac(work, args.quick, args.timeout)
 
     data = json.loads(results_path.read_text())
     written = write_report(data, work, output_dir)

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import bias_field, em, gmm
+from .core import bias_field, em, gmm, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, normalize_channels, normalize_voxels, resolve_device,
-                          validate_inputs)
+                          validate_seeded_inputs)
 from .options import DEEP_METHODS, DeepSettings, EMSettings, resolve_bias_field_order, resolve_options
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
@@ -37,13 +37,14 @@ CLASS_SHARE_WARNING = 0.001
 
 def segment(
     channels: Any,
-    n_classes: int,
+    n_classes: int | None = None,
     method: str = "deepsvg",
     mask: Any = None,
     spacing: Sequence[float] | None = None,
     device: Any = "auto",
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    seeds: Any = None,
     **options: Any,
 ) -> SegmentationResult:
     """Segment co-registered images into ``n_classes`` tissue classes without labels.
@@ -52,8 +53,9 @@ def segment(
     ----------
     channels : array or sequence of arrays
         One image or several co-registered images of one shape, 2D (y, x) or 3D (z, y, x).
-    n_classes : int
-        Number of classes K (>= 2).
+    n_classes : int, optional
+        Number of classes K (>= 2); required unless ``seeds`` are given (then it defaults to the
+        number of seed labels).
     method : {"deepsvg", "deepg", "em-gmm", "em-svgmm"}
         Deep GMM with per-voxel (deepsvg) or global (deepg) mixing weights, fitted per image; or
         classic EM for a GMM / spatially variant GMM.
@@ -68,6 +70,12 @@ def segment(
     progress : callable, optional
         ``progress(iteration, max_iterations, nll, elapsed_seconds)`` every iteration; return False
         to cancel (raises :class:`SegmentationCancelled`).
+    seeds : int array, optional
+        A few marked voxels per class, on the channels' grid: label k > 0 marks class k, 0 is
+        unmarked (labels 1..L without gaps, all inside the mask). Class k of the result is seed
+        label k; classes L+1..K (``n_classes`` > L) are free. The seed classes' mean intensities
+        are the prior means (so ``prior_means`` cannot be given too), and the marked voxels keep
+        their class in every method (hard constraints, see core/seeds.py). Not with ``model``.
     **options
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
         ((K, C), input units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
@@ -79,7 +87,9 @@ def segment(
         0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
-    ``prior_means`` are given, in which case class k is the k-th prior row.
+    ``prior_means`` are given, in which case class k is the k-th prior row, or ``seeds``, in which
+    case class k is seed label k (free classes follow, by ascending mean of the first channel).
+    A trained model that stores class names returns them as ``result.class_names``.
 
     Anything the fit had to work around (a skipped training step, a class that emptied, a class
     holding almost all or almost none of the mask) is listed in ``result.notes``, logged and
@@ -88,24 +98,27 @@ def segment(
     """
     start = time.perf_counter()
     method = method.lower() if isinstance(method, str) else method
-    data, m = validate_inputs(channels, n_classes, method, mask)
-    n_classes = int(n_classes)
     opts = resolve_options(method, **options)
+    data, m, seed_grid, n_classes = validate_seeded_inputs(channels, n_classes, method, mask, seeds,
+                                                           prior_means=opts["prior_means"], model=opts["model"])
     spacing_t = check_spacing(spacing, data.ndim - 1)
     prior = check_prior_means(opts["prior_means"], n_classes, data.shape[0])
-    fixed_identity = prior is not None
+    # Classes whose identity the request fixes (class k is prior row k / seed label k) come first.
+    n_fixed = n_classes if prior is not None else (0 if seed_grid is None else int(seed_grid.max()) + 1)
     if opts["model"] is not None:
         from .trained.inference import check_model_request  # trained models are optional
 
         meta = check_model_request(opts["model"], n_classes, data.shape[0], data.ndim - 1)
         # A model trained with prior means outputs class k as the k-th prior row.
-        fixed_identity = fixed_identity or bool(meta.get("prior_means"))
+        n_fixed = n_classes if meta.get("prior_means") else n_fixed
+    class_names = None if opts["model"] is None else meta.get("class_names")
     requested = device
     dev = resolve_device(device)
     notes: list[str] = []
 
     def run(device: torch.device) -> tuple[em.MixtureFit, np.ndarray, np.ndarray, BiasEstimate | None]:
-        return _run_explained(data, m, n_classes, method, opts, spacing_t, prior, device, seed, progress, start)
+        return _run_explained(data, m, n_classes, method, opts, spacing_t, prior, device, seed, progress, start,
+                              seed_grid)
 
     try:
         fit, centre, scale, bias = run(dev)
@@ -119,16 +132,17 @@ def segment(
         dev = torch.device("cpu")
         fit, centre, scale, bias = run(dev)
     notes += fit.notes + _class_share_notes(fit, n_classes, mask is None)  # fit notes were warned about already
-    result = _build_result(fit, m, centre, scale, n_classes, method, opts, fixed_identity, dev, start, notes)
+    result = _build_result(fit, m, centre, scale, n_classes, method, opts, n_fixed, dev, start, notes)
     if bias is not None:
         result.bias_field, result.corrected = bias.field, bias.corrected
+    result.class_names = class_names
     return result
 
 
-def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
+def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start, seed_grid=None):
     """:func:`_run`, turning a numerical failure into a :class:`gmm.FitError` that says what to change."""
     try:
-        return _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start)
+        return _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start, seed_grid)
     except gmm.FitError as error:
         raise gmm.FitError(f"The {method} fit with {n_classes} classes failed: {error}") from None
     except torch.linalg.LinAlgError as error:
@@ -192,10 +206,11 @@ def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generat
     return BiasEstimate(field, bias_field.apply_bias(data, m, field), fit, centre * gain, scale * gain)
 
 
-def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start):
+def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start, seed_grid=None):
     """Normalise, fit on ``dev`` and return (fit in normalised units, centre, scale, bias estimate or None).
 
-    With a bias field, em-gmm is the joint fit itself; the other methods run on the corrected image.
+    With a bias field, em-gmm is the joint fit itself (unless seeds constrain it); the other
+    methods run on the corrected image.
     """
     cancel_event = opts["cancel_event"]
 
@@ -215,7 +230,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     if order > 0:
         bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator,
                               report if method == "em-gmm" else lambda *_: check_cancel())
-        if method == "em-gmm":
+        if method == "em-gmm" and seed_grid is None:
             return bias.fit, bias.centre, bias.scale, bias
         data = bias.corrected
     if method in DEEP_METHODS:  # the network needs the image grid
@@ -227,9 +242,12 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         voxels, centre, scale = normalize_voxels(data, m)
         xv = torch.from_numpy(voxels).to(dev)
     prior_norm = None if prior is None else torch.as_tensor((prior - centre) / scale, dtype=torch.float32, device=dev)
+    means_init, fixed = prior_norm, None
+    if seed_grid is not None:
+        prior_norm, means_init, fixed = _seed_start(xv, seed_grid, m, n_classes, generator)
     em_kwargs = dict(
         covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), generator=generator,
-        means_init=prior_norm, n_init=int(opts["n_init"]), check_cancel=check_cancel,
+        means_init=means_init, n_init=int(opts["n_init"]), check_cancel=check_cancel, fixed_labels=fixed,
     )
     if method == "em-gmm":
         fit = em.fit_gmm(xv, n_classes, max_iter=int(opts["max_iter"]), tol=float(opts["tol"]), report=report,
@@ -256,19 +274,30 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
                                   report=lambda *_: check_cancel(), **em_kwargs)
             warm = warm_fit.log_resp
         fit, _ = fit_deep(x_all, mask_t, n_classes, method, settings, spacing=spacing, prior_means=prior_norm,
-                          warm_start_log_resp=warm, report=report)
+                          warm_start_log_resp=warm, report=report,
+                          fixed_labels=None if seed_grid is None else torch.from_numpy(seed_grid).long().to(dev))
     return fit, centre, scale, bias
 
 
+def _seed_start(xv: torch.Tensor, seed_grid: np.ndarray, m: np.ndarray, n_classes: int, generator: torch.Generator):
+    """(prior means (L, C), starting means (K, C), fixed labels (V,)) of a seeded run, in normalised units."""
+    fixed = torch.from_numpy(seed_grid[m]).long().to(xv.device)
+    n_seed = int(seed_grid.max()) + 1
+    prior = seeding.class_means(xv, fixed, n_seed)
+    centres = None if n_classes == n_seed else em.kmeans_plus_plus(xv, n_classes, generator)
+    return prior, seeding.initial_means(prior, n_classes, centres), fixed
+
+
 def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: np.ndarray, n_classes: int,
-                  method: str, opts: dict[str, Any], fixed_identity: bool, dev: torch.device, start: float,
+                  method: str, opts: dict[str, Any], n_fixed: int, dev: torch.device, start: float,
                   notes: list[str]) -> SegmentationResult:
+    """The result in input units; classes 1..n_fixed keep their order, the rest by ascending mean of channel 1."""
     params: GaussianParameters = fit.params
     means_n = params.means.detach().double().cpu().numpy()
     covs_n = params.covariance_matrices().detach().double().cpu().numpy()
     weights = fit.weights.detach().double().cpu().numpy()
     resp = fit.log_resp.detach().float().exp().cpu().numpy()  # (V, K)
-    order = np.arange(n_classes) if fixed_identity else np.argsort(means_n[:, 0], kind="stable")
+    order = np.concatenate([np.arange(n_fixed), n_fixed + np.argsort(means_n[n_fixed:, 0], kind="stable")])
     means = means_n[order] * scale + centre
     covs = covs_n[order] * np.outer(scale, scale)
     resp = resp[:, order]

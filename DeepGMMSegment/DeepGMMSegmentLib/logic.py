@@ -152,7 +152,8 @@ class DeepGMMSegmentLogic:
                 roi=None, mask=None, device: str = "auto", seed: int = 0, options: dict | None = None,
                 probabilityMaps: bool = True, waitForCompletion: bool = True,
                 progressCallback: Callable[[ProgressInfo], object] | None = None,
-                completedCallback: Callable[[object], None] | None = None):
+                completedCallback: Callable[[object], None] | None = None, biasField="none",
+                seedSegmentation=None):
         """Segment ``inputVolumes`` into ``numberOfClasses`` tissue classes.
 
         :param inputVolumes: 1-4 ``vtkMRMLScalarVolumeNode`` (the channels, in order). The first one
@@ -163,7 +164,8 @@ class DeepGMMSegmentLogic:
             hierarchy place and any segment this module did not write; its class segments and
             probability maps get the new content.
         :param numberOfClasses: K >= 2. Segments are "Class 1".."Class K" in the engine's order
-            (class 1 = darkest in the first channel unless ``options["prior_means"]`` is given).
+            (class 1 = darkest in the first channel unless ``options["prior_means"]`` or
+            ``seedSegmentation`` is given).
         :param method: "deepsvg" | "deepg" | "em-gmm" | "em-svgmm".
         :param roi: ``vtkMRMLMarkupsROINode``: compute and write only inside its box (Crop Volume's
             voxel extent on the first input). Everything outside keeps its previous value.
@@ -185,6 +187,17 @@ class DeepGMMSegmentLogic:
             maxIterations, nll, elapsedSeconds, remainingSeconds). Returning ``False`` cancels.
         :param completedCallback: called with the outputs, or with the exception (e.g.
             :class:`ProcessingCancelled`, :class:`WorkerError`) on failure or cancel.
+        :param biasField: correct a smooth intensity inhomogeneity together with the fit (the
+            engine's ``bias_field``, docs/bias-field.md): ``True`` or "auto", a basis order 1..6, or
+            "none"/``False`` (default). Adds per channel "<input> bias field" and "<input> corrected"
+            volumes on the first input's grid (the inputs are not modified); a rerun into the same
+            output updates them.
+        :param seedSegmentation: ``vtkMRMLSegmentationNode`` with a few painted strokes per tissue,
+            one segment each (the engine's ``seeds``): segment n marks class n, its painted voxels'
+            means become the class's prior means, and output class n takes the segment's name and
+            colour. ``numberOfClasses`` may exceed the number of segments (the extra classes are
+            found freely, "Class k"). Strokes must lie inside the mask; when they are painted into
+            the mask's own segmentation, the mask segment is not a class.
         :raises ValueError: invalid input (message names the problem and the fix).
         :raises WorkerError: the engine failed (message is the engine's).
         :raises ProcessingCancelled: cancelled (blocking mode).
@@ -194,14 +207,14 @@ class DeepGMMSegmentLogic:
         if not waitForCompletion:
             self._scheduler()  # fail before any work when no scheduler can be found
         request = prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, roi, mask,
-                                 device, seed, options, probabilityMaps)
+                                 device, seed, options, probabilityMaps, biasField, seedSegmentation)
         self.dependencyInstaller()
         checkTrainedModel(request)
         job = self.runnerFactory(
             channels=[channel[request.region] if request.region else channel for channel in request.channels],
             mask=request.regionMask, numberOfClasses=request.numberOfClasses, method=request.method,
             device=request.device, seed=request.seed, spacing=request.geometry.spacingKji,
-            options=request.options)
+            options=request.engineOptions(), seeds=request.regionSeeds())
         task = DeepGMMSegmentTask(self, job, request, waitForCompletion, progressCallback, completedCallback)
         task._deliverProgress(ProgressInfo("starting"))
         job.start()

@@ -47,6 +47,8 @@ class SegmentationResult:
     # the mask and 1 outside, and the corrected input (input / field, unchanged outside the mask).
     bias_field: np.ndarray | None = None
     corrected: np.ndarray | None = None
+    # Names of classes 1..K when the run knows them (a trained model that stores class names), else None.
+    class_names: list[str] | None = None
 
     @property
     def nll(self) -> float:

@@ -42,8 +42,8 @@ def phantomCase(seed: int, shape=(4, 16, 18), numberOfChannels: int = 2) -> np.n
 
 @pytest.fixture(scope="session")
 def trainedModelFile(tmp_path_factory):
-    """``make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg", accurate=False)`` -> path of a real
-    model file.
+    """``make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg", accurate=False, classNames=None)``
+    -> path of a real model file (``classNames``: stored in the model).
 
     Trained once per argument set and session on four phantom cases: a tiny U-Net for 3 optimiser
     steps (a real file, not a useful segmenter), or with ``accurate`` 80 steps of a wider one,
@@ -51,8 +51,8 @@ def trainedModelFile(tmp_path_factory):
     """
     models = _MODELS
 
-    def make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg", accurate=False):
-        key = (tuple(channelNames), spatialDims, method, accurate)
+    def make(channelNames=("T1", "T2"), spatialDims=3, method="deepsvg", accurate=False, classNames=None):
+        key = (tuple(channelNames), spatialDims, method, accurate, None if classNames is None else tuple(classNames))
         if key not in models:
             import torch
 
@@ -69,7 +69,8 @@ def trainedModelFile(tmp_path_factory):
             torch.set_num_threads(1)  # tiny tensors; the 2 cores are shared
             try:
                 train(cases, 3, method=method, spatial_dims=spatialDims, channel_names=list(channelNames),
-                      output=path, prior_means="auto", depth=1, device="cpu", seed=0, **steps)
+                      output=path, prior_means="auto", class_names=classNames, depth=1, device="cpu", seed=0,
+                      **steps)
             finally:
                 torch.set_num_threads(threads)
             models[key] = path

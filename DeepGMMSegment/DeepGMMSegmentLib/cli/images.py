@@ -1,7 +1,8 @@
 """Images on disk for the commands: read and put every channel on channel 1's grid, write results.
 
-Reading uses SimpleITK (NIfTI, NRRD, MetaImage, ...); channels 2..N and the mask are resampled onto
-the first channel's grid by SimpleITK (linear for channels, nearest neighbour for the mask), so
+Reading uses SimpleITK (NIfTI, NRRD, MetaImage, ...); channels 2..N, the mask and the seeds are
+resampled onto the first channel's grid by SimpleITK (linear for channels, nearest neighbour for
+the label maps: mask and seeds), so
 the geometry (origin, spacing, direction) is handled by the library. Writing is staged: every
 output goes into a hidden temporary directory beside its target and is moved into place only when
 all outputs of a run were written, so a failed or interrupted run leaves no output file behind and
@@ -96,6 +97,7 @@ class LoadedInputs:
     channels: list[np.ndarray]             # float32 arrays on the reference grid, (z, y, x)
     mask: np.ndarray | None                # bool array or None (whole image)
     notes: list[str] = field(default_factory=list)
+    seeds: np.ndarray | None = None        # the seed label map's values on the reference grid, or None
 
 
 def _check_dimension(image, reference, what: str) -> None:
@@ -125,22 +127,30 @@ def _channel_on_grid(path: str, number: int, reference, notes: list[str]):
     return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), fov
 
 
-def _mask_on_grid(path: str, reference, notes: list[str]) -> np.ndarray:
+def _label_map_on_grid(path: str, role: str, reference, notes: list[str]) -> np.ndarray:
+    """The values of a label map (mask, seeds) on the reference grid, resampled nearest neighbour."""
     sitk = _sitk()
-    image = read_image(path, "mask")
-    _check_dimension(image, reference, f"mask '{path}'")
+    image = read_image(path, role)
+    _check_dimension(image, reference, f"{role} '{path}'")
     if not _same_grid(image, reference):
         image = _resample_onto(image, reference, sitk.sitkNearestNeighbor, image.GetPixelID())
-        notes.append(f"resampled mask '{path}' onto the grid of channel 1 (nearest neighbour)")
-    mask = sitk.GetArrayFromImage(image) != 0
+        notes.append(f"resampled {role} '{path}' onto the grid of channel 1 (nearest neighbour)")
+    return sitk.GetArrayFromImage(image)
+
+
+def _mask_on_grid(path: str, reference, notes: list[str]) -> np.ndarray:
+    mask = _label_map_on_grid(path, "mask", reference, notes) != 0
     if not mask.any():
         raise ValueError(f"mask '{path}' has no non-zero voxel on the grid of channel 1; "
                          "give a mask that marks the region to segment")
     return mask
 
 
-def load_inputs(channel_paths: Sequence[str], mask_path: str | None) -> LoadedInputs:
-    """Read the channels and the mask onto channel 1's grid; voxels some channel misses leave the mask."""
+def load_inputs(channel_paths: Sequence[str], mask_path: str | None, seeds_path: str | None = None) -> LoadedInputs:
+    """Read the channels, the mask and the seeds onto channel 1's grid; voxels some channel misses leave the mask.
+
+    The seeds keep their label values (the engine checks them: integer labels 1..L inside the mask).
+    """
     sitk = _sitk()
     reference = read_image(channel_paths[0], "channel 1")
     arrays = [sitk.GetArrayFromImage(reference).astype(np.float32, copy=False)]
@@ -152,12 +162,13 @@ def load_inputs(channel_paths: Sequence[str], mask_path: str | None) -> LoadedIn
         if fov is not None:
             covered = fov if covered is None else covered & fov
     mask = None if mask_path is None else _mask_on_grid(mask_path, reference, notes)
+    seeds = None if seeds_path is None else _label_map_on_grid(seeds_path, "seeds", reference, notes)
     if covered is not None:
         mask = covered if mask is None else mask & covered
         if not mask.any():
             raise ValueError("no voxel lies inside the mask and the field of view of every channel; "
                              "check that the images are co-registered")
-    return LoadedInputs(reference, arrays, mask, notes)
+    return LoadedInputs(reference, arrays, mask, notes, seeds)
 
 
 def engine_geometry(reference) -> tuple[tuple[int, ...], tuple[float, ...]]:

@@ -13,7 +13,6 @@ written, so a failed or interrupted run leaves no output file behind.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import sys
 import warnings
@@ -48,11 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Unsupervised tissue segmentation of one or more co-registered images into K classes "
             "with a deep Gaussian mixture model (deepg, deepsvg) or classic EM (em-gmm, em-svgmm). "
             "Classes are numbered by ascending mean intensity of the first channel "
-            "(1 = darkest), unless --prior-means fixes their order."),
+            "(1 = darkest), unless --prior-means or --seeds fix their order."),
         epilog=(
             "Images: anything SimpleITK reads (.nii, .nii.gz, .nrrd, .nhdr, .mha, .mhd, ...). "
-            "Channels 2..N and the mask may lie on other grids; they are resampled onto the first "
-            "channel's grid (linear for channels, nearest neighbour for the mask). Outputs keep the "
+            "Channels 2..N, the mask and the seeds may lie on other grids; they are resampled onto the first "
+            "channel's grid (linear for channels, nearest neighbour for the mask and the seeds). Outputs keep the "
             "first channel's geometry exactly. Example: deepgmm-segment t1.nii.gz flair.nii.gz "
             "--mask brain.nii.gz --classes 3 --output labels.nii.gz --probabilities probs.nii.gz "
             "--preview preview.png. With a model from deepgmm-train, see "
@@ -60,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("channels", nargs="+", metavar="CHANNEL",
                         help="input image(s), one scalar image per channel (e.g. MR sequences)")
-    add_shared_options(parser, classes=dict(required=True))
+    add_shared_options(parser, classes=dict(help="number of tissue classes K (>= 2); required unless --seeds is "
+                                                  "given (default then: the number of seed labels)"))
     parser.add_argument("-m", "--method", choices=options.METHODS, default=options.DEFAULT_METHOD,
                         help=f"segmentation method (default: {options.DEFAULT_METHOD})")
     _add_file_options(parser)
@@ -79,6 +79,11 @@ def _add_file_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", metavar="MASK",
                         help="region to segment: every non-zero voxel of this image is modelled; "
                              "voxels outside get label 0 (default: the whole image)")
+    parser.add_argument("--seeds", metavar="LABELMAP",
+                        help="a few painted voxels per class: label k > 0 marks class k, 0 unmarked "
+                             "(labels 1..L, inside the mask). Class k of the output is seed label k, "
+                             "classes beyond L are free; the painted voxels keep their class and "
+                             "the seed classes' means are the prior means (not with --prior-means)")
     parser.add_argument("--preview", metavar="PNG",
                         help="write a PNG of the orthogonal mid slices with the label overlay")
 
@@ -105,7 +110,7 @@ def _check_output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     if args.preview and not args.preview.lower().endswith(".png"):
         raise CliError(f"--preview '{args.preview}' must end in .png")
     try:
-        images.check_output_paths([*args.channels, *([args.mask] if args.mask else [])], outputs)
+        images.check_output_paths([*args.channels, *(path for path in (args.mask, args.seeds) if path)], outputs)
     except ValueError as error:
         raise CliError(str(error)) from None
     return outputs
@@ -143,8 +148,8 @@ def _engine_options(args: argparse.Namespace, n_channels: int, stderr: TextIO) -
     if prior_means is not None:
         options["prior_means"] = prior_means
     if args.prior_weight is not None:
-        if prior_means is None:
-            raise CliError("--prior-weight needs --prior-means")
+        if prior_means is None and args.seeds is None:
+            raise CliError("--prior-weight needs --prior-means or --seeds")
         options["prior_weight"] = args.prior_weight
     for name in ("warm_start", "smoothness", "precision"):
         if getattr(args, name) is not None:
@@ -169,7 +174,15 @@ def _summary(result, n_classes: int, channel_names: Sequence[str]) -> list[str]:
     return lines
 
 
-def _check_classes(n_classes: int) -> None:
+def _check_classes(args: argparse.Namespace) -> None:
+    if args.seeds and args.prior_means:
+        raise CliError("--seeds and --prior-means exclude each other: the seed classes' mean intensities are "
+                       "the prior means; drop one of them")
+    n_classes = args.classes
+    if n_classes is None:
+        if args.seeds is None:
+            raise CliError("--classes K is required unless --seeds gives the classes")
+        return
     if n_classes < 2:
         raise CliError(f"--classes must be at least 2, got {n_classes}")
     if n_classes > 255:
@@ -178,11 +191,11 @@ def _check_classes(n_classes: int) -> None:
 
 def _load_and_check(args: argparse.Namespace) -> images.LoadedInputs:
     """Read the inputs, then fail on an unwritable output before the segmentation, not after it."""
-    inputs = images.load_inputs(args.channels, args.mask)
+    inputs = images.load_inputs(args.channels, args.mask, args.seeds)
     dimension = inputs.reference.GetDimension()
     images.check_writable(args.output, "label map", 1, dimension)
-    if args.probabilities:
-        images.check_writable(args.probabilities, "probabilities", args.classes, dimension)
+    if args.probabilities:  # K >= 2 in every run: a vector image
+        images.check_writable(args.probabilities, "probabilities", args.classes or 2, dimension)
     for path, role in ((args.bias_field, "bias field"), (args.corrected, "corrected image")):
         if path:
             images.check_writable(path, role, len(args.channels), dimension)
@@ -195,15 +208,18 @@ def _segment(args: argparse.Namespace, inputs: images.LoadedInputs, engine_optio
     shape, spacing = images.engine_geometry(inputs.reference)
     channels = [array.reshape(shape) for array in inputs.channels]
     mask = None if inputs.mask is None else inputs.mask.reshape(shape)
+    seeds = None if inputs.seeds is None else inputs.seeds.reshape(shape)
     set_threads(args.threads)
     from .. import SegmentationCancelled, segment  # deferred: the engine loads torch
 
     progress = None if args.quiet else ProgressBar(stderr, args.method)
     try:
         return segment(channels, args.classes, method=args.method, mask=mask, spacing=spacing, device=args.device,
-                       seed=args.seed, progress=progress, cancel_event=_INTERRUPTS.cancel, **engine_options)
+                       seed=args.seed, progress=progress, seeds=seeds, cancel_event=_INTERRUPTS.cancel,
+                       **engine_options)
     except ValueError as error:
-        raise CliError(str(error)) from None
+        raise CliError(f"--seeds '{args.seeds}': {error}" if args.seeds and "seed" in str(error).lower()
+                       else str(error)) from None
     except SegmentationCancelled:
         raise _INTERRUPTS.stopped() from None
     finally:
@@ -215,7 +231,7 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
     """Run a parsed command line; raises CliError for bad input."""
     say: Callable[[str], None] = (lambda text: None) if args.quiet else (
         lambda text: print(f"{PROG}: {text}", file=stderr, flush=True))
-    _check_classes(args.classes)
+    _check_classes(args)
     outputs = _check_output_paths(args)
     engine_options = _engine_options(args, len(args.channels), stderr)
     try:
@@ -231,7 +247,7 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
         raise CliError(str(error)) from None
     for note in getattr(result, "notes", None) or []:
         say(note)  # e.g. a CUDA out-of-memory retry on the CPU
-    for line in _summary(result, args.classes, [f"channel {c + 1}" for c in range(len(args.channels))]):
+    for line in _summary(result, result.n_classes, [f"channel {c + 1}" for c in range(len(args.channels))]):
         say(line)
     say("wrote " + ", ".join(path for _, path in outputs))
     return EXIT_OK
@@ -243,7 +259,7 @@ def _write_outputs(args: argparse.Namespace, reference, result, staging: images.
     if args.preview:
         from .preview import write_image_preview
 
-        write_image_preview(staging.path_for(args.preview), reference, labels, args.classes)
+        write_image_preview(staging.path_for(args.preview), reference, labels, result.n_classes)
 
 
 def _install_signal_handlers() -> dict:

@@ -143,7 +143,8 @@ def segment_case(case, request: ModelRequest, files: images.ResultFiles) -> Case
     with images.StagedOutputs() as staging:
         images.write_result(result, loaded.reference, files, staging)
     counts = np.bincount(result.labels.ravel(), minlength=result.n_classes + 1)[1:]
-    shares = " ".join(f"{100 * c / max(counts.sum(), 1):.0f}%" for c in counts)
+    names = [f"{name} " for name in result.class_names] if result.class_names else [""] * len(counts)
+    shares = " ".join(f"{name}{100 * c / max(counts.sum(), 1):.0f}%" for name, c in zip(names, counts))
     return CaseOutcome(case.case_id, "done", time.perf_counter() - start, f"classes {shares}", files.paths())
 
 

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="class means in normalised units (z-scores inside the mask): 'auto' (EM on the pooled "
                              "training voxels), a .npy/.csv file with K rows and C columns, or classes separated by "
                              "';' with the channel values of a class separated by ',' (e.g. '-1.2; 0.1; 1.0')")
+    parser.add_argument("--class-names", metavar="NAMES",
+                        help="comma-separated class names in class order, stored in the model and given to its "
+                             "output segments (e.g. 'blood,myocardium,edema,scar'; with --prior-means, class k = "
+                             "row k)")
     _add_schedule_options(parser, default)
     _add_network_options(parser, default)
     add_shared_options(parser, "smoothness", prior_weight=dict(default=default.prior_weight),
@@ -144,6 +148,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     if args.classes < 2:
         raise ValueError(f"--classes must be at least 2, got {args.classes}")
     settings = _settings(args)
+    class_names = options.check_class_names(args.class_names, args.classes)
     set_threads(args.threads)
     from ..trained.training import TrainingCancelled, train
 
@@ -151,6 +156,7 @@ def run(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int:
     progress = TrainingProgressBar(stderr, PROG) if (rank0 and not args.quiet) else None
     try:
         result = train(images, args.classes, masks=masks, settings=settings, channel_names=channel_names,
+                       class_names=class_names,
                        spacing=spacing, output=args.output, progress=progress,
                        log=None if progress is not None else (lambda text: say(text)))
     except TrainingCancelled:

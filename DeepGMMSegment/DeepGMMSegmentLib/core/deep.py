@@ -26,6 +26,7 @@ from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSetti
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
+from .seeds import fix_responsibilities
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def deep_gmm_loss(
 
     x: (N, C, *spatial) normalised; log_resp: (N, K, *spatial) = log_softmax(logits); mask:
     (N, *spatial) bool. Returns (loss, nll, [(weights, params) per image]); loss = nll +
-    prior_weight * mean_b ||mu_b - prior_means||^2 when prior means are given.
+    prior_weight * mean_b ||mu_b - prior_means||^2 when prior means are given; (L, C) prior means
+    with L < K constrain the first L classes only (the rest are free).
     """
     if method not in DEEP_METHODS:
         raise ValueError(f"Unknown deep method {method!r}: use one of {DEEP_METHODS}.")
@@ -71,7 +73,7 @@ def deep_gmm_loss(
             weights = resp.mean(0)
         nlls.append(-ll.mean())
         if prior_means is not None:
-            penalties.append(((params.means - prior_means) ** 2).sum())
+            penalties.append(((params.means[: prior_means.shape[0]] - prior_means) ** 2).sum())
         fitted.append((weights, params))
     nll = torch.stack(nlls).mean()
     loss = nll
@@ -207,6 +209,7 @@ def fit_deep(
     warm_start_log_resp: torch.Tensor | None = None,
     report: Callable[[int, int, float], None] | None = None,
     network: torch.nn.Module | None = None,
+    fixed_labels: torch.Tensor | None = None,
 ) -> tuple[MixtureFit, torch.nn.Module]:
     """Fit a fresh network (or continue ``network``) to one image.
 
@@ -216,7 +219,9 @@ def fit_deep(
     ``warm_start_iter`` steps); those steps count as iterations (``report`` and the NLL history
     include them). With a warm start the fit never returns a result whose objective (NLL plus
     priors) is worse than the start's, and a class that empties is recovered (see :class:`_Guard`);
-    ``fit.notes`` says what happened. Returns the fit over the mask voxels and the trained network.
+    ``fit.notes`` says what happened. ``fixed_labels`` (*spatial) long: class index of each seeded
+    voxel, -1 elsewhere; the network's output there is replaced by the seed class after every
+    forward pass (core/seeds.py). Returns the fit over the mask voxels and the trained network.
     """
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
@@ -231,13 +236,14 @@ def fit_deep(
         network = network.to(x.device)
     network.autocast_dtype = resolve_precision(settings.precision, x.device)
     guard = _Guard(network)
+    fixed_crop = None if fixed_labels is None else fixed_labels[box].unsqueeze(0)
 
     def forward() -> torch.Tensor:
         """Log responsibilities on the cropped grid, as (1, K, *spatial)."""
         logits = network(net_in)
         if dims == 2 and mc.ndim == 3:
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
-        return F.log_softmax(logits, dim=1)
+        return fix_responsibilities(F.log_softmax(logits, dim=1), fixed_crop, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
     xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)

@@ -1,7 +1,7 @@
 """Checked, normalised inputs: what the per-image engine and training both need before a fit.
 
-Validation of the channels, mask and class count; the device choice; the z-score normalisation
-inside the mask; the prior means and the crop to the mask's bounding box. These functions sit
+Validation of the channels, mask, class count and seeds; the device choice; the z-score
+normalisation inside the mask; the prior means and the crop to the mask's bounding box. These functions sit
 below both faces (``engine.segment`` and ``training.train``), so neither face imports the other.
 """
 
@@ -13,11 +13,14 @@ import numpy as np
 import torch
 
 from ..options import METHODS
+from .seeds import FREE
 
 __all__ = [
     "check_prior_means", "check_spacing", "crop_box", "normalize_channels", "normalize_voxels", "resolve_device",
-    "validate_inputs",
+    "validate_inputs", "validate_seeded_inputs",
 ]
+
+MAX_CLASSES = 255  # labels are uint8
 
 
 def _as_channel_list(channels: Any) -> list[np.ndarray]:
@@ -80,12 +83,15 @@ def _check_informative(inside: np.ndarray) -> None:
 
 
 def _check_n_classes(n_classes: Any) -> None:
+    if n_classes is None:
+        raise ValueError("n_classes is missing: give an integer >= 2, or seeds (n_classes then defaults to the "
+                         "number of seed labels).")
     if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)):
         raise ValueError(f"n_classes must be an integer >= 2, got {n_classes!r}.")
     if n_classes < 2:
         raise ValueError(f"n_classes must be at least 2, got {n_classes}: a mixture needs two or more classes.")
-    if n_classes > 255:
-        raise ValueError(f"n_classes must be at most 255 (uint8 labels), got {n_classes}.")
+    if n_classes > MAX_CLASSES:
+        raise ValueError(f"n_classes must be at most {MAX_CLASSES} (uint8 labels), got {n_classes}.")
 
 
 def validate_inputs(channels: Any, n_classes: Any, method: str, mask: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +107,93 @@ def validate_inputs(channels: Any, n_classes: Any, method: str, mask: Any) -> tu
     _check_n_classes(n_classes)
     _check_distinct(inside, int(n_classes))
     return data, m
+
+
+_SEED_LABELS = "label k > 0 marks class k, 0 = unmarked"
+
+
+def _seed_values(seeds: Any) -> tuple[np.ndarray, int]:
+    """The seed label array as int64 and its number of classes L (labels 1..L, each marking voxels)."""
+    s = np.asarray(seeds)
+    if s.dtype == bool or not (np.issubdtype(s.dtype, np.integer) or np.issubdtype(s.dtype, np.floating)):
+        raise ValueError(f"seeds have dtype {s.dtype}: pass an integer label array ({_SEED_LABELS}).")
+    if np.issubdtype(s.dtype, np.floating):
+        bad = ~np.isfinite(s) | (s != np.round(s))
+        if bad.any():
+            raise ValueError(
+                f"seeds hold {int(bad.sum())} non-integer value(s) (e.g. {s[bad].flat[0]:g}): pass an integer label "
+                f"array ({_SEED_LABELS}); resample a label map with nearest-neighbour interpolation."
+            )
+    if s.size and s.min() < 0:
+        raise ValueError(f"seeds hold the negative label {s.min():g}: use 0 for unmarked voxels and k > 0 for class k.")
+    n_seed = int(s.max()) if s.size else 0
+    if n_seed == 0:
+        raise ValueError(f"The seeds mark no voxels: paint a few voxels of each class ({_SEED_LABELS}), "
+                         "or pass seeds=None.")
+    if n_seed > MAX_CLASSES:
+        raise ValueError(f"seeds hold the label {n_seed}, but at most {MAX_CLASSES} classes are possible.")
+    labels = s.astype(np.int64)
+    counts = np.bincount(labels.ravel(), minlength=n_seed + 1)
+    empty = [k for k in range(1, n_seed + 1) if counts[k] == 0]
+    if empty:
+        listed = ", ".join(str(k) for k in empty)
+        raise ValueError(
+            f"Seed label(s) {listed} mark no voxels, but labels up to {n_seed} are used: label k marks class k, so "
+            f"number the classes 1..L without gaps (renumber the labels, or paint class {empty[0]})."
+        )
+    return labels, n_seed
+
+
+def _seed_class_count(n_classes: Any, n_seed: int) -> int:
+    """n_classes of a seeded run: the number of seed labels when not given, never fewer."""
+    if n_classes is None:
+        if n_seed < 2:
+            raise ValueError("The seeds mark only one class (label 1): mark at least two classes, or give "
+                             "n_classes >= 2 (classes beyond the seed labels are free).")
+        return n_seed
+    _check_n_classes(n_classes)
+    if n_classes < n_seed:
+        raise ValueError(f"The seeds mark {n_seed} classes (labels 1..{n_seed}) but n_classes={n_classes}: use "
+                         f"n_classes >= {n_seed} (classes beyond the seed labels are free), or omit n_classes.")
+    return int(n_classes)
+
+
+def _seed_grid(labels: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """int16 class index (label - 1) of each marked voxel, FREE elsewhere; the seeds must lie in the mask."""
+    if labels.shape != m.shape:
+        raise ValueError(
+            f"The seeds have shape {labels.shape} but the channels have {m.shape}: give seeds on the channels' grid "
+            "(the command line and the Slicer module resample a label map onto it, nearest neighbour)."
+        )
+    outside = (labels > 0) & ~m
+    if outside.any():
+        raise ValueError(
+            f"{int(outside.sum())} seed voxel(s) lie outside the mask (label(s) "
+            f"{', '.join(str(k) for k in np.unique(labels[outside]))}): only voxels inside the mask are segmented; "
+            "erase those seeds or enlarge the mask."
+        )
+    return (labels - 1).clip(FREE).astype(np.int16)
+
+
+def validate_seeded_inputs(channels: Any, n_classes: Any, method: str, mask: Any, seeds: Any, *,
+                           prior_means: Any = None, model: Any = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """:func:`validate_inputs` with optional seeds: (data, mask, seed grid or None, n_classes). Raises ValueError.
+
+    seeds: label array on the channels' grid (label k > 0 marks class k, 0 = unmarked). The seed grid (int16) holds the class
+    index 0..L-1 of each marked voxel and FREE (-1) elsewhere; n_classes defaults to L.
+    """
+    if seeds is None:
+        data, m = validate_inputs(channels, n_classes, method, mask)
+        return data, m, None, int(n_classes)
+    if prior_means is not None:
+        raise ValueError("Give seeds or prior_means, not both: the seed classes' mean intensities are the prior means.")
+    if model is not None:
+        raise ValueError("seeds cannot be combined with a trained model (its classes are fixed by its training): "
+                         "drop the model for a per-image fit with seeds, or drop the seeds.")
+    labels, n_seed = _seed_values(seeds)
+    n_classes = _seed_class_count(n_classes, n_seed)
+    data, m = validate_inputs(channels, n_classes, method, mask)
+    return data, m, _seed_grid(labels, m), n_classes
 
 
 def _check_distinct(inside: np.ndarray, n_classes: int) -> None:
@@ -181,9 +274,16 @@ def resolve_device(device: Any) -> torch.device:
 
 
 def _channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(centre, scale) of each channel from its voxels inside the mask, (C, V): mean and standard deviation."""
+    """(centre, scale) of each channel from its voxels inside the mask, (C, V): mean and standard deviation.
+
+    Both are rounded to float32, the precision the z-scores are computed in, so that mapping the
+    mixture back to intensities (``means * scale + centre``) undoes exactly the normalisation the
+    fit saw: with a float64 centre, a channel of intensities around 3e4 varying by 0.01 came back
+    with its class means shifted by a third of the channel's standard deviation.
+    """
     inside = inside.astype(np.float64)
-    return inside.mean(1), inside.std(1)
+    return (inside.mean(1).astype(np.float32).astype(np.float64),
+            inside.std(1).astype(np.float32).astype(np.float64))
 
 
 def normalize_channels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

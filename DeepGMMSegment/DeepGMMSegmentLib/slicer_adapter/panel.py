@@ -114,6 +114,14 @@ def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType
     return options
 
 
+def biasFieldOption(correct: bool, order: int = 0):
+    """``process(biasField=...)`` from the panel: "none" unchecked, else "auto" (order 0, the
+    spin box's "automatic") or the chosen basis order."""
+    if not correct:
+        return "none"
+    return int(order) if order and order > 0 else "auto"
+
+
 #: Deep methods a trained model can be made for (engine names, in ``options.METHODS`` order).
 TRAINED_MODEL_METHODS = tuple(method for method in METHODS if method in DEEP_METHODS)
 #: Number of classes the panel's spin box allows (the parameter node's range).

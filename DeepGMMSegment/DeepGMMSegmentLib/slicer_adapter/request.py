@@ -14,15 +14,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..options import METHODS
+from ..options import METHODS, resolve_bias_field_order
 from . import geometry
 from .geometry import VolumeGeometry
+from .seeds import ReferenceSegments, referenceSegments, segmentCountProblem
 
 MAXIMUM_INPUTS = 4
 
 # Options the logic sets itself (or that cannot cross a process boundary).
 RESERVED_OPTIONS = ("channels", "n_classes", "method", "mask", "spacing", "device", "seed", "progress",
-                    "cancel_event")
+                    "cancel_event", "bias_field", "seeds")
+# The process() argument that replaces each reserved engine option a user may mean.
+_ARGUMENT_OF_OPTION = {"bias_field": "biasField", "seeds": "seedSegmentation"}
 
 
 @dataclass
@@ -41,10 +44,26 @@ class Request:
     geometry: VolumeGeometry
     region: tuple | None
     regionMask: np.ndarray | None
+    biasField: str | int = "none"  # the engine's bias_field: "none", "auto" or a basis order
+    reference: ReferenceSegments | None = None  # seeds from the reference segments, with names and colours
+
+    @property
+    def correctsBiasField(self) -> bool:
+        return resolve_bias_field_order(self.biasField) > 0
+
+    def regionSeeds(self) -> np.ndarray | None:
+        """The seed labels the engine gets: on the ROI's region when there is one, else the whole grid."""
+        if self.reference is None:
+            return None
+        return self.reference.labels[self.region] if self.region else self.reference.labels
+
+    def engineOptions(self) -> dict:
+        """What the worker passes to ``segment()`` besides the arrays: the options and the bias field."""
+        return {**self.options, "bias_field": self.biasField} if self.correctsBiasField else dict(self.options)
 
 
 def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, roi, mask, device, seed,
-                   options, probabilityMaps) -> Request:
+                   options, probabilityMaps, biasField="none", seedSegmentation=None) -> Request:
     """Check every argument (``ValueError`` naming the problem and the fix) and read the scene."""
     if inputVolumes is None:
         raise ValueError("No input volume given. Pass a list of 1-4 scalar volume nodes.")
@@ -77,6 +96,26 @@ def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, ro
     if not isinstance(device, str) or not device:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {device!r}).")
     options = checkedOptions(options)
+    biasField = checkedBiasField(biasField)
+    maskSegmentId = ""  # the mask segment, when the strokes were painted into the mask's segmentation
+    if seedSegmentation is not None:
+        if not (hasattr(seedSegmentation, "IsA") and seedSegmentation.IsA("vtkMRMLSegmentationNode")):
+            raise ValueError("seedSegmentation must be a segmentation node (painted in the Segment Editor) or None.")
+        if outputSegmentation is not None and outputSegmentation.GetID() == seedSegmentation.GetID():
+            raise ValueError("The reference segments cannot also be the output: choose another output segmentation "
+                             "(or Create new segmentation).")
+        if options.get("prior_means") is not None:
+            raise ValueError("Give either prior class means or reference segments, not both: the painted voxels "
+                             "give the class means. Clear one of them.")
+        if options.get("model") is not None:
+            raise ValueError("Reference segments cannot be combined with a trained model: the model's training fixed "
+                             "its classes. Clear Reference segments or uncheck Use trained model.")
+        maskNode = mask[0] if isinstance(mask, (list, tuple)) and mask else None
+        if hasattr(maskNode, "GetID") and maskNode.GetID() == seedSegmentation.GetID():
+            maskSegmentId = str(mask[1])
+        problem = segmentCountProblem(seedSegmentation, int(numberOfClasses), maskSegmentId)
+        if problem is not None:  # before the inputs are read
+            raise ValueError(problem)
 
     channels, covered, gridGeometry = geometry.channelsOnReferenceGrid(inputVolumes)
     validMask = covered
@@ -88,11 +127,31 @@ def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, ro
         where = " inside the ROI" if region is not None else ""
         raise ValueError(f"No voxel to segment{where}: the mask (and the area covered by every input) is empty "
                          "there. Choose another mask segment or move the ROI.")
+    reference = None
+    if seedSegmentation is not None:
+        reference = referenceSegments(seedSegmentation, gridGeometry, validMask, int(numberOfClasses), region,
+                                      maskSegmentId)
     return Request(
         inputVolumes=inputVolumes, outputSegmentation=outputSegmentation, numberOfClasses=int(numberOfClasses),
         method=method, device=device, seed=int(seed), options=options, probabilityMaps=bool(probabilityMaps),
         channels=channels, geometry=gridGeometry, region=region,
-        regionMask=None if regionMask.all() else regionMask)
+        regionMask=None if regionMask.all() else regionMask, biasField=biasField, reference=reference)
+
+
+def checkedBiasField(biasField):
+    """``process(biasField=...)`` as the engine's ``bias_field``: True = "auto", False/None = "none",
+    else "none", "auto" or a basis order (checked by ``options.resolve_bias_field_order``)."""
+    if biasField is None or biasField is False:
+        return "none"
+    if biasField is True:
+        return "auto"
+    try:
+        order = resolve_bias_field_order(biasField)
+    except ValueError as error:
+        raise ValueError(f"biasField: {error}") from None
+    if order == 0:
+        return "none"
+    return "auto" if isinstance(biasField, str) and biasField.strip().lower() == "auto" else order
 
 
 def maskArray(mask, gridGeometry: VolumeGeometry) -> np.ndarray:
@@ -131,8 +190,9 @@ def checkedOptions(options) -> dict:
         raise ValueError("options must be a dict of engine options (e.g. {'max_iter': 50}).")
     reserved = sorted(set(options) & set(RESERVED_OPTIONS))
     if reserved:
+        arguments = ", ".join(_ARGUMENT_OF_OPTION.get(name, name) for name in reserved)
         raise ValueError(f"options may not contain {', '.join(reserved)}: pass them as process() arguments "
-                         "(cancel with cancelProcessing()).")
+                         f"({arguments}; cancel with cancelProcessing()).")
     converted = {key: _plain(value) for key, value in options.items()}
     if converted.get("model") is not None:
         if not isinstance(converted["model"], str) or not converted["model"].strip():

@@ -349,9 +349,10 @@ class SegmentationJob:
     def __init__(self, channels: Sequence[np.ndarray], mask: np.ndarray | None, numberOfClasses: int,
                  method: str, device: str = "auto", seed: int = 0, spacing: Sequence[float] | None = None,
                  options: dict | None = None, pythonExecutable: str | None = None,
-                 environment: dict | None = None, keepFiles: bool = False):
+                 environment: dict | None = None, keepFiles: bool = False, seeds: np.ndarray | None = None):
         self.channels = channels
         self.mask = mask
+        self.seeds = seeds  # the engine's seeds: int labels on the channels' grid (0 = unmarked), or None
         self.parameters = {
             "numberOfClasses": int(numberOfClasses),
             "method": method,
@@ -379,6 +380,8 @@ class SegmentationJob:
             arrays = {"channels": np.stack([np.asarray(c, dtype=np.float32) for c in self.channels])}
             if self.mask is not None:
                 arrays["mask"] = np.asarray(self.mask, dtype=bool)
+            if self.seeds is not None:
+                arrays["seeds"] = np.asarray(self.seeds, dtype=np.uint8)
             np.savez(os.path.join(self.jobFolder, workerProtocol.INPUT_FILE), **arrays)
             command = [python, "-u", workerProtocol.__file__, self.jobFolder]
             self.worker = WorkerProcess(command, workerEnvironment(self.environment), self.jobFolder,

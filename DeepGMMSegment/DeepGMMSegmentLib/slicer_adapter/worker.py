@@ -7,12 +7,14 @@ and a cancel can end the whole process. It needs only numpy, torch and the core 
 
 Job folder (written by the runner, read here):
   ``job.json``   ``{"numberOfClasses", "method", "device", "seed", "spacing", "options"}``
-  ``input.npz``  ``channels`` (C, z, y, x) float32 and optionally ``mask`` (z, y, x) bool
+  ``input.npz``  ``channels`` (C, z, y, x) float32, optionally ``mask`` (z, y, x) bool and ``seeds``
+                 (z, y, x) uint8 (the engine's ``seeds``: k marks class k, 0 unmarked)
 Results (written here), the fields of :class:`DeepGMMSegmentLib.result.SegmentationResult` (the
 one result type of a run; the runner rebuilds it from these two files):
   ``result.npz`` ``labels``, ``probabilities``, ``means``, ``covariances``, ``weights``, ``nll_history``
                  (and ``bias_field``, ``corrected`` when the run estimated a bias field)
-  ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes"}``
+  ``result.json`` ``{"n_iter", "device", "seconds", "method", "converged", "n_classes", "options", "notes",
+                 "class_names"}`` (class_names: a trained model's class names, or null)
   ``error.json`` ``{"type", "message", "traceback"}`` when the engine failed
 
 Every stdout line starting with :data:`MESSAGE_PREFIX` is a JSON event:
@@ -139,6 +141,8 @@ def runJob(jobFolder: str) -> int:
         with np.load(os.path.join(jobFolder, INPUT_FILE)) as data:
             channels = [np.asarray(channel) for channel in data["channels"]]
             mask = np.asarray(data["mask"]) if "mask" in data.files else None
+            # Passed only when given, like every option the job does not set.
+            seeds = {"seeds": np.asarray(data["seeds"])} if "seeds" in data.files else {}
     except Exception as error:  # noqa: BLE001 - everything is reported to the parent
         return _reportError(jobFolder, error)
 
@@ -169,6 +173,7 @@ def runJob(jobFolder: str) -> int:
             device=job.get("device", "auto"),
             seed=int(job.get("seed", 0)),
             progress=progress,
+            **seeds,
             **options,
         )
     except SegmentationCancelled:
@@ -203,6 +208,7 @@ def runJob(jobFolder: str) -> int:
             "n_classes": int(result.n_classes),
             "options": result.options,
             "notes": [str(note) for note in result.notes],
+            "class_names": None if result.class_names is None else [str(name) for name in result.class_names],
         })
     except Exception as error:  # noqa: BLE001
         return _reportError(jobFolder, error)

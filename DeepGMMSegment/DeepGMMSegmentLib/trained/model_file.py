@@ -13,7 +13,8 @@ metadata is JSON text, parsed with ``json.loads``; nothing in it is evaluated.
 
 Metadata keys (see ``docs/training.md``): ``n_classes``, ``n_channels``, ``channel_names``,
 ``spatial_dims``, ``method``, ``covariance_type``, ``normalization``, ``network`` (the U-Net
-configuration), ``prior_means``, ``prior_weight``, ``package_version``, ``created``,
+configuration), ``prior_means``, ``prior_weight``, ``class_names`` (one per class, or None; older
+files lack it), ``package_version``, ``created``,
 ``training`` (summary: cases, epochs, best epoch, NLL curves, seconds, seed, world size).
 """
 
@@ -165,6 +166,7 @@ def format_description(info: Mapping[str, Any]) -> str:
         f"channels ({info.get('n_channels')}): {names}",
         f"image dimension: {info.get('spatial_dims')}D   normalisation: {(info.get('normalization') or {}).get('kind')}",
         f"prior means: {'yes (weight ' + str(info.get('prior_weight')) + ')' if info.get('prior_means') else 'no'}",
+        f"class names: {', '.join(info.get('class_names') or []) or 'none (class 1..K)'}",
         f"trained on {training.get('n_train', '?')} cases (+{training.get('n_val', '?')} held out), "
         f"best epoch {training.get('best_epoch', '?')} of {training.get('epochs', '?')}, "
         f"held-out NLL {training.get('best_val_nll', float('nan')):.4f}"

@@ -35,7 +35,8 @@ from ..core import em
 from ..core.deep import choose_network, deep_gmm_loss, smoothness_penalty
 from ..core.inputs import check_prior_means, crop_box, normalize_channels, resolve_device, validate_inputs
 from ..core.networks import UNet, resolve_precision
-from ..options import COVARIANCE_TYPES, DEEP_METHODS, DEFAULT_SMOOTHNESS, EMSettings, TrainingSettings, check_value
+from ..options import (COVARIANCE_TYPES, DEEP_METHODS, DEFAULT_SMOOTHNESS, EMSettings, TrainingSettings,
+                       check_class_names, check_value)
 from ..result import SegmentationCancelled
 from . import model_file
 from .distributed import Distributed, training_device
@@ -251,6 +252,7 @@ def train(
     *,
     settings: TrainingSettings | None = None,
     channel_names: Sequence[str] | None = None,
+    class_names: Sequence[str] | None = None,
     spatial_dims: int | None = None,
     spacing: Sequence[float] | None = None,
     output: str | os.PathLike | None = None,
@@ -282,6 +284,11 @@ def train(
         the best model so far) and at the end (always, even if early stopping never fires).
     channel_names, spatial_dims, spacing
         Names stored in the model (default channel1..N); how to read 3D arrays; voxel size (z, y, x).
+    class_names : sequence of str, optional
+        One name per class, in class order (e.g. blood, myocardium, edema, scar), stored in the
+        model; ``segment(..., model=...)`` returns them as ``result.class_names`` for the output
+        segments. Meaningful with ``prior_means`` (class k = prior row k); without them classes
+        are ordered per image by the first channel's mean.
     progress : callable, optional
         Receives a :class:`TrainingProgress` after every step; returning False cancels
         (:class:`TrainingCancelled`), as does ``cancel_event.is_set()``.
@@ -319,6 +326,7 @@ def train(
     config = _checked_settings((settings or TrainingSettings()).replace(**overrides))
     cases, n_channels, dims = _prepare_cases(images, masks, n_classes, config.method, spatial_dims)
     names = _channel_names(channel_names, n_channels)
+    classes = check_class_names(class_names, int(n_classes))
     if config.patch_size is not None and len(config.patch_size) != dims:
         raise ValueError(f"patch_size needs {dims} values for {dims}D images, got {tuple(config.patch_size)}.")
     prior = _check_prior(config.prior_means, int(n_classes), n_channels, cases, config.covariance_type, config.seed)
@@ -330,7 +338,7 @@ def train(
     dist = Distributed(dev)
     try:
         run = _TrainingRun(cases, config, prior, dist, dev, output, progress, cancel_event, log, start)
-        return run.fit(_ModelConfig(int(n_classes), n_channels, dims, names, spacing))
+        return run.fit(_ModelConfig(int(n_classes), n_channels, dims, names, spacing, classes))
     finally:
         dist.close()
 
@@ -369,6 +377,7 @@ class _ModelConfig:
     spatial_dims: int
     channel_names: list[str]
     spacing: Sequence[float] | None
+    class_names: list[str] | None = None
 
 
 @dataclass
@@ -590,7 +599,8 @@ class _TrainingRun:
         return dict(
             n_classes=data.n_classes, method=s.method, covariance_type=s.covariance_type, reg_covar=s.reg_covar,
             smoothness=float(s.smoothness), channel_names=data.channel_names, n_channels=data.n_channels,
-            spatial_dims=data.spatial_dims, format=model_file.FORMAT_NAME, format_version=model_file.FORMAT_VERSION,
+            spatial_dims=data.spatial_dims, class_names=data.class_names,
+            format=model_file.FORMAT_NAME, format_version=model_file.FORMAT_VERSION,
             package_version=model_file.package_version(), torch_version=torch.__version__,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             normalization=dict(NORMALIZATION), network={"class": "UNet", **self.net.config},

@@ -15,19 +15,20 @@ SHARED = ("--classes", "--device", "--seed", "--threads", "--quiet", "--channels
 
 CONTRACT = {
     "deepgmm-segment": {
-        "-k", "--classes", "-m", "--method", "-o", "--output", "-p", "--probabilities", "--mask", "--preview",
-        "--device", "--seed", "--max-iter", "--tol", "--covariance", "--prior-means", "--prior-weight", "--warm-start",
-        "--smoothness", "--precision", "--bias-field-order", "--bias-field", "--corrected", "--threads", "-q",
-        "--quiet"},
+        "-k", "--classes", "-m", "--method", "-o", "--output", "-p", "--probabilities", "--mask", "--seeds",
+        "--preview", "--device", "--seed", "--max-iter", "--tol", "--covariance", "--prior-means",
+        "--prior-weight", "--warm-start", "--smoothness", "--precision", "--bias-field-order", "--bias-field",
+        "--corrected", "--threads", "-q", "--quiet"},
     "deepgmm-segment --model": {
         "--model", "-o", "--output", "--mask", "-p", "--probabilities", "-k", "--classes", "--fine-tune",
-        "--channels", "--mask-name", "--overwrite", "--workers", "--device", "--seed", "--threads", "-q", "--quiet",
-        "--bias-field-order", "--bias-field", "--corrected"},
+        "--channels", "--mask-name", "--overwrite", "--workers", "--device", "--seed", "--threads", "-q",
+        "--quiet", "--bias-field-order", "--bias-field", "--corrected"},
     "deepgmm-train": {
         "-k", "--classes", "-o", "--output", "-m", "--method", "--channels", "--mask-name", "--prior-means",
-        "--prior-weight", "--epochs", "--min-epochs", "--patience", "--batch-size", "--lr", "--val-fraction",
-        "--no-augment", "--patch-size", "--warm-start", "--network", "--base-width", "--depth", "--covariance",
-        "--smoothness", "--precision", "--device", "--seed", "--threads", "--curve", "-q", "--quiet"},
+        "--class-names", "--prior-weight", "--epochs", "--min-epochs", "--patience", "--batch-size", "--lr",
+        "--val-fraction", "--no-augment", "--patch-size", "--warm-start", "--network", "--base-width",
+        "--depth", "--covariance", "--smoothness", "--precision", "--device", "--seed", "--threads", "--curve",
+        "-q", "--quiet"},
 }
 
 

@@ -6,6 +6,7 @@ import torch
 from sklearn.mixture import GaussianMixture
 
 from DeepGMMSegmentLib.core import em, gmm
+from DeepGMMSegmentLib.options import EMSettings
 
 
 def _data(n=6000, seed=0):
@@ -79,3 +80,48 @@ def test_single_channel_unique_path_matches_voxelwise_path():
     a = em.fit_gmm(xt, 3, compress=True, **kwargs)
     b = em.fit_gmm(xt, 3, compress=False, **kwargs)
     assert abs(a.nll_history[-1] - b.nll_history[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("covariance_type", ["full", "diag"])
+def test_fused_sweep_matches_the_reference_m_step(covariance_type, monkeypatch):
+    """e_step + m_step (whitened sums, small blocks) give gmm.weighted_mstep's parameters from the same posterior."""
+    x = torch.as_tensor(_data(3000), dtype=torch.float32)
+    counts = torch.as_tensor(np.random.default_rng(2).integers(1, 4, len(x)), dtype=torch.float32)
+    log_w, params = em.initial_parameters(x, 3, covariance_type, 1e-4, torch.Generator().manual_seed(4))
+    monkeypatch.setattr(em, "BLOCK_ELEMENTS", 2100)  # several blocks, the last one partial
+    monkeypatch.setattr(em, "MIN_BLOCK_VOXELS", 1)
+    log_resp = torch.empty(len(x), 3)
+    stats = em.e_step(x.T.contiguous(), log_w, params, counts, log_resp_out=log_resp)
+    mass, fused = em.m_step(stats, params, 1e-4, gmm.channel_variances(x, counts))
+    reference_log_resp, ll = gmm.posterior(log_w, gmm.log_gaussian(x, params))
+    nk, reference = gmm.weighted_mstep(x, reference_log_resp.exp(), covariance_type, 1e-4, counts)
+    torch.testing.assert_close(log_resp, reference_log_resp.float(), atol=1e-4, rtol=1e-5)
+    assert abs(float(stats.mean_nll) + float(gmm.weighted_mean(ll, counts))) < 1e-5
+    torch.testing.assert_close(mass, nk, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(fused.means, reference.means, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.covariances, reference.covariances, rtol=0, atol=1e-5)
+
+
+def test_starts_side_by_side_equal_starts_one_by_one():
+    x = torch.as_tensor(_data(2400), dtype=torch.float32)
+    centres = em.kmeans_starts(x, 3, torch.tensor([True, False, True]), torch.Generator().manual_seed(5))
+    log_w, params = em.hard_assignment_parameters(x, centres, "full", 1e-4)
+    settings = EMSettings(max_iter=60, tol=1e-6)
+    nll, race_log_w, race_params = em.race_starts(x, log_w, params, settings, None, None)
+    for s in range(3):
+        _, alone, alone_log_w, history, _, _ = em._iterate(x, log_w[s], params.select(s), settings, None, None)
+        assert abs(float(nll[s]) - history[-1]) < 1e-6
+        torch.testing.assert_close(race_params.means[s], alone.means, rtol=0, atol=1e-6)
+        torch.testing.assert_close(race_log_w[s], alone_log_w, rtol=0, atol=1e-6)
+
+
+def test_identical_channels_reach_scikit_learns_likelihood():
+    """reg_covar counts towards the eigenvalue floor: no extra variance in the degenerate direction."""
+    rng = np.random.default_rng(3)
+    a = np.concatenate([rng.normal(m, 0.4, 2000) for m in (-1.5, 0.0, 1.5)])
+    x = np.stack([a, a], 1)
+    x = (x - x.mean(0)) / x.std(0)
+    sk = GaussianMixture(3, covariance_type="full", reg_covar=1e-4, tol=1e-8, max_iter=500, random_state=0).fit(x)
+    fit = em.fit_gmm(torch.as_tensor(x, dtype=torch.float32), 3, generator=torch.Generator().manual_seed(0),
+                     n_init=4, tol=1e-8, max_iter=500)
+    assert fit.nll_history[-1] <= -sk.score(x) + 1e-4, (fit.nll_history[-1], -sk.score(x))

@@ -20,14 +20,15 @@ def phantom():
     return data[0], data[0] * true_field[...], true_field, mask, np.where(mask, truth, 0)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["em-gmm", "em-svgmm", "deepsvg"])
-def test_auto_recovers_the_field_and_the_clean_segmentation(phantom, method):
+def test_auto_recovers_the_field_and_the_clean_segmentation(phantom, method, compute_device):
     clean, biased, true_field, mask, reference = phantom
-    extra = FAST_DEEP if method == "deepsvg" else {}
-    without = segment(clean, 3, method=method, mask=mask, device="cpu", **extra)
+    extra = dict(FAST_DEEP if method == "deepsvg" else {}, device=compute_device)
+    without = segment(clean, 3, method=method, mask=mask, **extra)
     assert without.bias_field is None and without.corrected is None
-    plain = segment(biased, 3, method=method, mask=mask, device="cpu", **extra)
-    result = segment(biased, 3, method=method, mask=mask, device="cpu", bias_field="auto", **extra)
+    plain = segment(biased, 3, method=method, mask=mask, **extra)
+    result = segment(biased, 3, method=method, mask=mask, bias_field="auto", **extra)
 
     assert result.bias_field.shape == result.corrected.shape == (1,) + SHAPE
     assert result.bias_field.dtype == result.corrected.dtype == np.float32

@@ -1,4 +1,5 @@
-"""End-to-end behaviour of segment() on synthetic phantoms with known classes (CPU, real torch)."""
+"""End-to-end behaviour of segment() on synthetic phantoms with known classes (real torch; the tests marked
+cuda run on ``pytest --device``, the CPU by default)."""
 
 import numpy as np
 import pytest
@@ -13,10 +14,11 @@ def _fast(method):
     return FAST_DEEP if method.startswith("deep") else {}
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", METHODS)
-def test_2d_two_channel_phantom_is_recovered(method):
+def test_2d_two_channel_phantom_is_recovered(method, compute_device):
     channels, truth, _ = blob_phantom((40, 40), n_classes=3, n_channels=2, noise=0.25, seed=1)
-    result = segment(channels, 3, method=method, seed=0, **_fast(method))
+    result = segment(channels, 3, method=method, seed=0, device=compute_device, **_fast(method))
     assert matched_dice(result.labels, truth, 3) > 0.9
     assert result.labels.dtype == np.uint8
     assert result.probabilities.dtype == np.float32
@@ -25,15 +27,18 @@ def test_2d_two_channel_phantom_is_recovered(method):
     assert result.means.shape == (3, 2) and result.covariances.shape == (3, 2, 2)
     assert result.weights.shape == (3,) and abs(result.weights.sum() - 1) < 1e-4
     assert len(result.nll_history) == result.n_iter + 1
-    assert result.device == "cpu" and result.seconds > 0 and result.method == method
+    assert result.device.split(":")[0] == compute_device.split(":")[0]
+    assert result.seconds > 0 and result.method == method
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["em-gmm", "deepsvg"])
-def test_3d_phantom_with_mask(method):
+def test_3d_phantom_with_mask(method, compute_device):
     channels, truth, _ = blob_phantom((12, 24, 24), n_classes=3, n_channels=1, noise=0.12, seed=2)
     mask = np.zeros(truth.shape, bool)
     mask[2:10, 3:21, 3:21] = True
-    result = segment(channels[0], 3, method=method, mask=mask, spacing=(3.0, 1.0, 1.0), **_fast(method))
+    result = segment(channels[0], 3, method=method, mask=mask, spacing=(3.0, 1.0, 1.0), device=compute_device,
+                     **_fast(method))
     assert (result.labels[~mask] == 0).all() and (result.labels[mask] > 0).all()
     assert (result.probabilities[:, ~mask] == 0).all()
     np.testing.assert_allclose(result.probabilities[:, mask].sum(0), 1.0, atol=1e-5)
@@ -69,11 +74,12 @@ def test_means_and_covariances_are_in_input_units():
     np.testing.assert_array_equal(scaled.labels, base.labels)
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("method", ["em-gmm", "em-svgmm", "deepsvg"])
-def test_same_seed_gives_identical_results(method):
+def test_same_seed_gives_identical_results(method, compute_device):
     channels, _, _ = blob_phantom((24, 24), n_classes=3, n_channels=2, noise=0.3, seed=6)
-    a = segment(channels, 3, method=method, seed=7, **_fast(method))
-    b = segment(channels, 3, method=method, seed=7, **_fast(method))
+    a = segment(channels, 3, method=method, seed=7, device=compute_device, **_fast(method))
+    b = segment(channels, 3, method=method, seed=7, device=compute_device, **_fast(method))
     np.testing.assert_array_equal(a.labels, b.labels)
     np.testing.assert_array_equal(a.probabilities, b.probabilities)
     assert a.nll_history == b.nll_history
@@ -98,10 +104,11 @@ def test_variance_floor_prevents_collapse():
     assert np.all(result.covariances[:, 0, 0] > 0)
 
 
-def test_deep_fit_lowers_the_nll_and_3d_in_plane_network_runs():
+@pytest.mark.cuda
+def test_deep_fit_lowers_the_nll_and_3d_in_plane_network_runs(compute_device):
     channels, truth, _ = blob_phantom((6, 32, 32), n_classes=3, n_channels=1, noise=0.3, seed=9)
     result = segment(channels, 3, method="deepsvg", spacing=(5.0, 1.0, 1.0), network="3d", warm_start="none", max_iter=40,
-                     min_iter=40, base_width=4)
+                     min_iter=40, base_width=4, device=compute_device)
     assert result.n_iter == 40
     assert result.nll_history[-1] < result.nll_history[0]
 

@@ -205,3 +205,23 @@ def test_starts_are_bounded_when_the_final_run_is_not(method):
     channels, _, _ = blob_phantom((24, 24), n_classes=3, n_channels=1, seed=0)
     with pytest.raises(SegmentationCancelled):
         segment(channels, 3, method=method, max_iter=10**7, tol=0.0, progress=lambda *_: False)
+
+
+def test_returned_mixture_fits_offset_low_variance_channels():
+    """Means and covariances in input units reproduce the fit's own NLL, even for a channel around 2e4
+    that varies by 0.01 (float32 z-scores: the centre used must be the one returned)."""
+    from scipy.special import logsumexp
+    from scipy.stats import multivariate_normal
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (48, 48))
+    informative = np.array([0.0, 4.0, 8.0])[labels] + rng.normal(0, 1, labels.shape)
+    weak = np.array([0.0, 0.3, 0.6])[labels] + rng.normal(0, 1, labels.shape)
+    channels = [(informative * 20 + 1000).astype(np.float32), (weak * 2e-3 + 2.3e4).astype(np.float32)]
+    result = segment(channels, 3, method="em-gmm")
+    x = np.stack([c.ravel().astype(np.float64) for c in channels], 1)
+    scale = x.std(0)
+    log_terms = [np.log(w) + multivariate_normal(m, c, allow_singular=False).logpdf(x)
+                 for w, m, c in zip(result.weights, result.means, result.covariances)]
+    nll_z = -logsumexp(np.stack(log_terms), axis=0).mean() - np.log(scale).sum()  # in z-score units
+    assert abs(nll_z - result.nll) < 1e-3, (nll_z, result.nll)

@@ -40,9 +40,11 @@ def test_penalty_ignores_pairs_leaving_the_mask_and_weights_thick_axes_less():
     assert thick == pytest.approx(fine / 9, rel=1e-5)  # (1 mm / 3 mm)^2
 
 
-def test_smoothness_removes_speckle_under_heavy_noise():
+@pytest.mark.cuda
+def test_smoothness_removes_speckle_under_heavy_noise(compute_device):
     channels, truth, _ = blob_phantom((48, 48), n_classes=3, n_channels=1, noise=0.45, seed=5)
-    common = dict(method="deepsvg", seed=0, max_iter=60, depth=2, warm_start_iter=20, precision="float32")
+    common = dict(method="deepsvg", seed=0, max_iter=60, depth=2, warm_start_iter=20, precision="float32",
+                  device=compute_device)
     plain = segment(channels, 3, smoothness=0.0, **common)
     smooth = segment(channels, 3, smoothness=0.3, **common)
     accuracy = [(r.labels == truth).mean() for r in (plain, smooth)]
@@ -66,10 +68,11 @@ def test_precision_choices():
                 precision="half", max_iter=2)
 
 
-def test_bfloat16_network_gives_float32_logits_close_to_float32():
+@pytest.mark.cuda
+def test_bfloat16_network_gives_float32_logits_close_to_float32(compute_device):
     torch.manual_seed(0)
-    net = UNet(3, 1, 3, base_width=4, depth=2)
-    x = torch.randn(1, 1, 8, 20, 20)
+    net = UNet(3, 1, 3, base_width=4, depth=2).to(compute_device)
+    x = torch.randn(1, 1, 8, 20, 20).to(compute_device)
     reference = net(x)
     net.autocast_dtype = torch.bfloat16
     fast = net(x)

@@ -21,8 +21,6 @@ DEEP_SUBSET = [s.index for s in stress_cases.all_specs() if s.index % 32 == 0 an
 MAX_DICE_GAP = 0.02
 # Known gaps, listed in docs/robustness.md: strict, so a fix turns them into failures to remove here.
 KNOWN_GAPS = {
-    (150, "em-gmm"): "K=8 with a low-variance channel: 10 starts still end in a worse optimum than scikit-learn's",
-    (150, "em-svgmm"): "starts from the em-gmm optimum of case 150, which is already the worse one",
     (230, "em-svgmm"): "ML per-voxel weights (the paper's SVGMM without a prior) drift from the GMM optimum",
 }
 

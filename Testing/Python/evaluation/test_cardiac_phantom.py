@@ -171,3 +171,39 @@ def test_runner_scores_identity_and_myops_unions(cohort):
     scores = cardiac_run.score(invented, healthy, matched=False)
     assert scores.invented_scar == pytest.approx((healthy.labels == MYOCARDIUM).sum() / healthy.mask.sum())
     assert np.isnan(scores.scar) and np.isnan(scores.dice[SCAR - 1])
+
+
+def test_seed_rows_take_class_identity_and_count_from_the_strokes(cohort):
+    rows = [v.name for v in cardiac_run.variants(deep=True)]
+    assert {f"{m} + seeds" for m in cardiac_run.OUR_METHODS} <= set(rows)
+    seeded = cardiac_run.Variant("em-gmm + seeds", True)
+    infarct = next(c for c in cohort if c.has_infarct)
+    labels = cardiac_run.run_variant(seeded, infarct, seed=0)
+    strokes = cardiac_run.case_seeds(infarct)
+    np.testing.assert_array_equal(labels[strokes > 0], strokes[strokes > 0])  # painted voxels kept
+    scores = cardiac_run.score(labels, infarct, matched=False)
+    assert scores.identity_ok and scores.dice[BLOOD - 1] > 0.8  # MyoPS order with no matching
+    unseeded = cardiac_run.score(cardiac_run.run_variant(cardiac_run.Variant("em-gmm", False), infarct, 0),
+                                 infarct, matched=False)
+    assert scores.scar > unseeded.scar + 0.1  # LGE order puts scar and blood together
+    healthy = next(c for c in cohort if not c.has_infarct)
+    labels = cardiac_run.run_variant(seeded, healthy, seed=0)
+    assert labels.max() == MYOCARDIUM  # two tissues painted: K = 2, no scar invented
+    assert cardiac_run.score(labels, healthy, matched=False).invented_scar == 0.0
+
+
+def test_report_tables_add_seconds_per_case_only_when_asked(cohort):
+    case = cohort[0]
+    rows = {"oracle": [cardiac_run.score(case.labels, case, matched=False)] * 3}
+    plain = cardiac_run.table(rows, matched=False)
+    timed = cardiac_run.table(rows, matched=False, seconds={"oracle": [1.0, 5.0, 2.0]})
+    assert "s per case" not in plain
+    assert timed.splitlines()[0].endswith("s per case (median) |") and timed.splitlines()[2].endswith("| 2.0 |")
+
+
+def test_evaluation_page_carries_the_cardiac_section():
+    from evaluation import report
+    section = "\n".join(report._cardiac_section("| method | cases |\n|---|---|\n| oracle | 6 |"))
+    assert section.startswith("## Cardiac phantom (synthetic)") and "| oracle | 6 |" in section
+    assert "SYNTHETIC" in section and "seeds=" in section
+    assert "--cardiac-only" in "\n".join(report._cardiac_section(None))

@@ -334,3 +334,11 @@ def test_trained_model_options_are_what_the_logic_forwards(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert panel.trainedModelOptions("brain.pt", 20) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 20}
     assert panel.trainedModelOptions(tmp_path / "brain.pt", 0) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 0}
+
+
+def test_bias_field_option_from_the_check_box_and_the_order():
+    assert panel.biasFieldOption(False, 4) == "none"  # unchecked: no field, whatever the order
+    assert panel.biasFieldOption(True, 0) == "auto"  # the spin box's "automatic"
+    assert panel.biasFieldOption(True, 2) == 2
+    for value in ("none", "auto", 2):  # each is a value the engine accepts
+        options.resolve_bias_field_order(value)

@@ -87,7 +87,8 @@ def test_every_parameter_binding_is_a_parameter_node_field(moduleSource):
     bindings = set(checks.parameterBindings(tree).values())
     expected = {"inputVolume1", "inputVolume2", "inputVolume3", "inputVolume4", "numberOfClasses", "method",
                 "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "smoothness", "roi",
-                "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps"}
+                "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps", "seedSegmentation",
+                "correctBiasField", "biasFieldOrder"}
     assert bindings == expected
 
 
@@ -109,6 +110,9 @@ def test_parameter_node_fields_have_the_specified_types(moduleSource):
     assert annotations["trainedModelPath"] == "str"  # synced by hand with the ctkPathLineEdit
     # Bounded on both sides: Minimum alone makes the spin box connector set the maximum to 2**31-1.
     assert annotations["fineTuneSteps"] == "Annotated[int, WithinRange(0, 10000)]"
+    assert annotations["seedSegmentation"] == "Optional[vtkMRMLSegmentationNode]"
+    assert annotations["correctBiasField"] == "bool"
+    assert annotations["biasFieldOrder"] == "Annotated[int, WithinRange(0, options.MAX_BIAS_FIELD_ORDER)]"
     # No GUI-only annotation (Decimals) on fields with a default: it is logged as unused at every start.
     assert "Decimals" not in "".join(annotations.values())
 
@@ -119,7 +123,7 @@ def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
                 "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
                 "RemoveObserver", "Modified", "parameterNode"}
     fields = checks.parameterNodeFields(moduleSource, PARAMETER_NODE_CLASS)
-    assert len(fields) == 21 and not reserved & set(fields)
+    assert len(fields) == 24 and not reserved & set(fields)
 
 
 def test_combo_box_items_match_the_enum_labels(moduleSource):

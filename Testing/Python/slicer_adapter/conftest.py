@@ -143,8 +143,27 @@ def phantom(shape=(6, 20, 24), seed=0, classes=3):
     return channel1.astype(np.float32), channel2.astype(np.float32), labels
 
 
+def volumeState(volume):
+    """A volume's voxels, modification times and IJK->RAS matrix: any change to the input shows here."""
+    import slicer.util
+
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    return (slicer.util.arrayFromVolume(volume).copy(), volume.GetMTime(), volume.GetImageData().GetMTime(),
+            slicer.util.arrayFromVTKMatrix(matrix).copy())
+
+
+def assertVolumeUnchanged(volume, state):
+    """Fail unless ``volume`` is exactly as :func:`volumeState` saw it."""
+    array, nodeMTime, imageMTime, matrix = volumeState(volume)
+    np.testing.assert_array_equal(array, state[0])
+    assert (nodeMTime, imageMTime) == (state[1], state[2])
+    np.testing.assert_array_equal(matrix, state[3])
+
+
 @pytest.fixture
 def helpers():
     """The helper functions above, for tests (conftest modules cannot be imported by name)."""
     return types.SimpleNamespace(ijkToRasMatrix=ijkToRasMatrix, obliqueDirection=obliqueDirection,
-                                 addVolume=addVolume, phantom=phantom)
+                                 addVolume=addVolume, phantom=phantom, volumeState=volumeState,
+                                 assertVolumeUnchanged=assertVolumeUnchanged)

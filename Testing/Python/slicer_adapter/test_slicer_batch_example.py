@@ -110,3 +110,36 @@ def test_without_torch_and_without_a_window_it_fails_with_a_clear_message(mrmlSc
     error = capsys.readouterr().err
     assert "PyTorch is not installed" in error and "no main window" in error and "PyTorch Util" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_bias_field_and_reference_segments_from_the_command_line(mrmlScene, helpers, tmp_path, capsys):
+    from DeepGMMSegmentLib.slicer_adapter import geometry
+
+    channel1, _, truth = helpers.phantom((4, 12, 12))
+    _writeVolume(mrmlScene, helpers, channel1, tmp_path / "t1.nrrd")
+    # Strokes painted on the same grid, saved as Slicer saves a segmentation.
+    grid = helpers.addVolume(mrmlScene, channel1, helpers.ijkToRasMatrix((1.0, 1.0, 2.0), (5.0, 6.0, 7.0),
+                                                                         helpers.obliqueDirection()), "grid")
+    strokes = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "strokes")
+    for name, tissue, color in (("Bright", 3, (1.0, 0.0, 0.0)), ("Dark", 1, (0.0, 0.0, 1.0))):
+        marked = np.zeros(truth.shape, bool)
+        marked.flat[np.flatnonzero(truth == tissue)[::5]] = True
+        strokes.AddSegmentFromBinaryLabelmapRepresentation(geometry.volumeGeometry(grid).orientedImage(marked), name,
+                                                          color)
+    storage = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+    storage.SetFileName(str(tmp_path / "strokes.seg.nrrd"))
+    assert storage.WriteData(strokes)
+    mrmlScene.RemoveNode(strokes)
+    mrmlScene.RemoveNode(grid)
+
+    exitCode = _loadExample().main(["--input", str(tmp_path / "t1.nrrd"), "--output", str(tmp_path / "out"),
+                                    "--classes", "3", "--method", "em-gmm", "--bias-field",
+                                    "--reference-segments", str(tmp_path / "strokes.seg.nrrd")])
+    assert exitCode == 0, capsys.readouterr().err
+    with open(tmp_path / "out" / "summary.json", encoding="utf-8") as file:
+        summary = json.load(file)
+    assert [c["name"] for c in summary["classes"]] == ["Bright", "Dark", "Class 3"]
+    assert summary["biasField"] == "auto" and summary["referenceSegments"] == str(tmp_path / "strokes.seg.nrrd")
+    assert [os.path.basename(p) for p in summary["files"]["bias_field"] + summary["files"]["corrected"]] == [
+        "bias_field_channel1.nrrd", "corrected_channel1.nrrd"]
+    assert all(os.path.exists(p) for p in summary["files"]["bias_field"] + summary["files"]["corrected"])

@@ -29,20 +29,6 @@ def _sceneSnapshot(scene):
     return [(node.GetID(), node.GetName(), node.GetMTime()) for node in nodes]
 
 
-def _inputState(volume):
-    matrix = vtk.vtkMatrix4x4()
-    volume.GetIJKToRASMatrix(matrix)
-    return (slicer.util.arrayFromVolume(volume).copy(), volume.GetMTime(), volume.GetImageData().GetMTime(),
-            slicer.util.arrayFromVTKMatrix(matrix).copy())
-
-
-def _assertInputUnchanged(volume, state):
-    array, nodeMTime, imageMTime, matrix = _inputState(volume)
-    np.testing.assert_array_equal(array, state[0])
-    assert (nodeMTime, imageMTime) == (state[1], state[2])
-    np.testing.assert_array_equal(matrix, state[3])
-
-
 def _twoChannelInputs(scene, helpers, shape=(6, 20, 24)):
     ijkToRas = helpers.ijkToRasMatrix((1.0, 1.2, 2.0), (10.0, -20.0, 5.0), helpers.obliqueDirection())
     channel1, channel2, truth = helpers.phantom(shape)
@@ -57,7 +43,7 @@ def _labels(outputs, volume):
 
 def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, helpers):
     t1, t2, truth, ijkToRas = _twoChannelInputs(mrmlScene, helpers)
-    before = [_inputState(t1), _inputState(t2)]
+    before = [helpers.volumeState(t1), helpers.volumeState(t2)]
     outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="em-gmm", seed=3)
 
     segmentationNode = outputs.segmentationNode
@@ -123,8 +109,8 @@ def test_outputs_names_colours_geometry_probabilities_statistics(mrmlScene, help
 
     assert segmentationNode.GetAttribute("DeepGMMSegment.Version") == DeepGMMSegmentLib.__version__
 
-    _assertInputUnchanged(t1, before[0])
-    _assertInputUnchanged(t2, before[1])
+    helpers.assertVolumeUnchanged(t1, before[0])
+    helpers.assertVolumeUnchanged(t2, before[1])
 
 
 def test_mask_limits_labels_and_probabilities(mrmlScene, helpers):
@@ -529,3 +515,17 @@ def test_trained_model_segments_through_the_logic(mrmlScene, helpers, trainedMod
     assert (_labels(outputs, t1) == truth).mean() > 0.6
     stored = json.loads(outputs.segmentationNode.GetAttribute("DeepGMMSegment.Options"))
     assert stored == {"model": str(model)}  # absolute: a saved scene remembers which model file
+
+
+def test_a_trained_model_names_the_output_classes(mrmlScene, helpers, trainedModelFile):
+    ijkToRas = helpers.ijkToRasMatrix((1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    channel1, channel2, _ = helpers.phantom(shape=(4, 16, 18), seed=7)
+    t1 = helpers.addVolume(mrmlScene, channel1, ijkToRas, "T1")
+    t2 = helpers.addVolume(mrmlScene, channel2, ijkToRas, "T2")
+    model = trainedModelFile(("T1", "T2"), classNames=("CSF", "Grey matter", "White matter"))
+    outputs = DeepGMMSegmentLogic().process([t1, t2], numberOfClasses=3, method="deepsvg", options={"model": model})
+    segmentation = outputs.segmentationNode.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["CSF", "Grey matter", "White matter"]
+    assert [s.name for s in outputs.classStatistics] == ["CSF", "Grey matter", "White matter"]
+    np.testing.assert_allclose([segmentation.GetNthSegment(n).GetColor() for n in range(3)], class_colors(3),
+                               atol=1e-6)

@@ -541,7 +541,7 @@ def _runSelfTest(harness, names):
 
 def test_self_test_runs_logic_em_and_cancel_paths(harness, mrmlScene):
     result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
-                                    "test_PanelCancel"])
+                                    "test_PanelReferenceSegmentsAndBiasField", "test_PanelCancel"])
     assert result.wasSuccessful() and not result.skipped, result.errors + result.failures
     assert harness.slotErrors == [] and harness.errorMessages == []
 
@@ -558,10 +558,82 @@ def test_self_test_in_testing_mode_without_torch_skips_and_installs_nothing(monk
     monkeypatch.setitem(sys.modules, "PyTorchUtils", pyTorchUtils)
     try:
         result = _runSelfTest(harness, ["test_LogicBeforeAnyRun", "test_ParameterNode", "test_PanelEmGmm",
-                                        "test_PanelCancel"])
+                                        "test_PanelReferenceSegmentsAndBiasField", "test_PanelCancel"])
     finally:
         harness.cleanup()
     assert result.wasSuccessful(), result.errors + result.failures
-    assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm", "test_PanelCancel"]
+    assert [test._testMethodName for test, _ in result.skipped] == ["test_PanelEmGmm",
+                                                                    "test_PanelReferenceSegmentsAndBiasField",
+                                                                    "test_PanelCancel"]
     assert all("testing mode" in reason and "never installs" in reason for _, reason in result.skipped)
     assert mrmlScene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+def test_correct_bias_field_adds_the_field_and_corrected_volumes(harness, volumes, mrmlScene):
+    t1, _ = volumes
+    widget = harness.createWidget()
+    ui, parameters = widget.ui, widget._parameterNode
+    parameters.method = harness.module.SegmentationMethod.EM_GMM
+    assert (parameters.correctBiasField, parameters.biasFieldOrder) == (False, 0)  # off by default
+    assert not ui.biasFieldOrderSpinBox.enabled
+    parameters.correctBiasField = True
+    assert ui.biasFieldOrderSpinBox.enabled
+    inputBefore = t1.GetImageData().GetMTime()
+    ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    output = parameters.outputSegmentation
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "auto"  # order 0 = automatic
+    assert [node.GetName() for node in nodesOfClass(mrmlScene, "vtkMRMLScalarVolumeNode")
+            if "bias field" in node.GetName() or "corrected" in node.GetName()] == ["T1 bias field", "T1 corrected"]
+    assert t1.GetImageData().GetMTime() == inputBefore
+
+    widget.askReplaceOrNew = lambda name, withRoi: "replace"
+    parameters.biasFieldOrder = 1
+    ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "1"
+    assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+def test_bad_reference_segments_show_an_error_and_start_nothing(harness, volumes, mrmlScene):
+    widget = harness.createWidget()
+    reference = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+    reference.GetSegmentation().AddEmptySegment("Scar")
+    widget._parameterNode.seedSegmentation = reference
+    widget.ui.segmentButton.click()
+    assert not widget.isProcessing()
+    assert len(harness.errorMessages) == 1 and "paint at least two tissues" in harness.errorMessages[0]
+    assert segmentationCount(mrmlScene) == 1
+
+
+def nodesOfClass(scene, className):
+    return [scene.GetNthNodeByClass(index, className) for index in range(scene.GetNumberOfNodesByClass(className))]
+
+
+def test_reference_segments_name_the_classes_in_the_results_table(harness, volumes, mrmlScene, helpers):
+    import numpy as np
+
+    from DeepGMMSegmentLib.slicer_adapter import geometry
+
+    t1, _ = volumes
+    _, _, truth = helpers.phantom(shape=(4, 16, 18))
+    reference = mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Strokes")
+    for name, tissue in (("White matter", 3), ("CSF", 1)):
+        marked = np.zeros(truth.shape, bool)
+        marked.flat[np.flatnonzero(truth == tissue)[::9]] = True
+        reference.AddSegmentFromBinaryLabelmapRepresentation(geometry.volumeGeometry(t1).orientedImage(marked), name)
+    widget = harness.createWidget()
+    parameters = widget._parameterNode
+    parameters.method = harness.module.SegmentationMethod.EM_GMM
+    parameters.priorMeans = "1;2;3"  # typed before; the strokes give the class means instead
+    assert widget.ui.priorMeansLineEdit.enabled
+    parameters.seedSegmentation = reference
+    assert not widget.ui.priorMeansLineEdit.enabled and widget.ui.seedSegmentationSelector.enabled
+    widget.ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    assert [row[2] for row in widget.ui.resultsTableWidget.rowTexts()] == ["White matter", "CSF", "Class 3"]
+    assert "prior_means" not in json.loads(parameters.outputSegmentation.GetAttribute("DeepGMMSegment.Options"))
+    parameters.useTrainedModel = True  # a trained model fixes its classes: the strokes are not used
+    assert not widget.ui.seedSegmentationSelector.enabled

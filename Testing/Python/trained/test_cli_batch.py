@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from synthetic_cohort import accuracy, synthetic_case, write_case_folders
 
 TRAIN = ["-k", "3", "--epochs", "6", "--min-epochs", "6", "--base-width", "8", "--depth", "2",
-         "--device", "cpu", "--prior-means", "auto", "-q"]
+         "--device", "cpu", "--prior-means", "auto", "--class-names", "dark,middle,bright", "-q"]
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +32,7 @@ def test_deepgmm_train_writes_model_and_curve(cli_model):
 
     info = model_file.describe_model(cli_model)
     assert info["channel_names"] == ["T1", "T2"] and info["n_classes"] == 3
+    assert info["class_names"] == ["dark", "middle", "bright"]  # auto prior means: ascending T1
     assert info["training"]["n_train"] + info["training"]["n_val"] == 8
     curve = cli_model.with_name("model_curve.png")
     data = curve.read_bytes()
@@ -61,6 +62,7 @@ def test_batch_segments_a_folder_skips_done_cases_and_continues_past_a_bad_one(t
     assert segment_cli.main(["--model", str(cli_model), str(cohort), "-o", str(out), "--device", "cpu"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
     assert len(lines) == 3 and all(": done in " in line for line in lines)
+    assert all("dark " in line and "bright " in line for line in lines)  # shares named by the model
     for i, case_id in enumerate(ids):
         labels = sitk.ReadImage(str(out / f"{case_id}_labels.nii.gz"))
         _, mask, truth = synthetic_case(50 + i, n_channels=2)
@@ -167,4 +169,7 @@ def test_deepgmm_train_reports_bad_input(tmp_path, capsys):
     assert train_cli.main([str(tmp_path / "c"), "-k", "3", "-o", str(tmp_path / "m.pt"),
                            "--prior-means", "1;2"]) == 2
     assert "2 rows but there are 3 classes" in capsys.readouterr().err
+    assert train_cli.main([str(tmp_path / "c"), "-k", "3", "-o", str(tmp_path / "m.pt"),
+                           "--class-names", "blood,scar"]) == 2
+    assert "must be 3 non-empty names" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()

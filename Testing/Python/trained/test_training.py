@@ -19,18 +19,19 @@ def _normalised(seed: int, n_channels: int = 2):
     return torch.from_numpy(x), torch.from_numpy(mask), truth
 
 
-def test_trained_model_segments_new_cases_in_one_forward_pass(trained_model):
+@pytest.mark.cuda
+def test_trained_model_segments_new_cases_in_one_forward_pass(trained_model, compute_device):
     from DeepGMMSegmentLib import segment
 
     path, result = trained_model
     for seed in (100, 101, 102):  # cases never seen in training
         image, mask, truth = synthetic_case(seed, n_channels=2)
-        segmented = segment(list(image), 3, method="deepsvg", mask=mask, model=str(path), device="cpu")
+        segmented = segment(list(image), 3, method="deepsvg", mask=mask, model=str(path), device=compute_device)
         assert accuracy(segmented.labels, truth, mask) > 0.9
         assert (segmented.labels[~mask] == 0).all()
         # One forward pass: no per-image optimisation steps.
         assert segmented.n_iter == 1
-    tuned = segment(list(image), 3, method="deepsvg", mask=mask, model=str(path), fine_tune=4, device="cpu")
+    tuned = segment(list(image), 3, method="deepsvg", mask=mask, model=str(path), fine_tune=4, device=compute_device)
     assert tuned.n_iter == 4  # fine-tuning steps are the iterations, nothing more
     # The model beats its own first epoch on the held-out cases (it learnt something).
     history = result.metadata["training"]["val_loss_history"]
@@ -62,21 +63,24 @@ def test_model_file_round_trip_keeps_weights_and_metadata(trained_model):
     assert "channels (2): T1, T2" in text and "classes: 3" in text
 
 
-def test_fine_tuning_lowers_the_nll_of_the_one_pass_prediction(trained_model):
+@pytest.mark.cuda
+def test_fine_tuning_lowers_the_nll_of_the_one_pass_prediction(trained_model, compute_device):
     from DeepGMMSegmentLib.trained.training import predict_with_model
 
     path, _ = trained_model
     x, mask, _ = _normalised(103)
     seen = []
-    log_resp0, history0 = predict_with_model(x, mask, path, 0, torch.device("cpu"), 0)
-    log_resp, history = predict_with_model(x, mask, path, 15, torch.device("cpu"), 0,
+    device = torch.device(compute_device)
+    x, mask = x.to(device), mask.to(device)  # predict_with_model takes its inputs on the device
+    log_resp0, history0 = predict_with_model(x, mask, path, 0, device, 0)
+    log_resp, history = predict_with_model(x, mask, path, 15, device, 0,
                                            progress=lambda i, n, nll: seen.append((i, n)) or True)
     assert len(history0) == 1
     assert history[0] == pytest.approx(history0[0], rel=1e-4)  # starts from the trained weights
     assert history[-1] < history0[0] - 1e-3
     assert seen[-1] == (15, 15)
     assert log_resp.shape == (3, 32, 32)
-    probabilities = log_resp.exp()
+    probabilities = log_resp.cpu().exp()
     torch.testing.assert_close(probabilities.sum(0), torch.ones(32, 32))
 
 
@@ -280,3 +284,31 @@ def test_segment_keeps_the_class_order_of_a_model_trained_with_prior_means(tmp_p
     result = segment(image[0], 3, method="deepsvg", mask=mask, model=path)
     assert np.all(np.diff(result.means[:, 0]) < 0)  # brightest first, as trained
     assert (result.labels[mask].astype(int) - 1 == 2 - truth[mask]).mean() > 0.85
+
+
+def test_class_names_are_stored_in_the_model_and_returned_with_its_segmentation(tmp_path):
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.trained import model_file
+    from DeepGMMSegmentLib.trained.training import train
+
+    images, masks, _ = cohort(3)
+    path = tmp_path / "named.pt"
+    train(images, 3, masks=masks, spatial_dims=2, output=path, class_names=[" dark", "middle ", "bright"],
+          **dict(FAST, max_epochs=1, min_epochs=1))
+    info = model_file.describe_model(path)
+    assert info["class_names"] == ["dark", "middle", "bright"]
+    assert "class names: dark, middle, bright" in model_file.format_description(info)
+    image, mask, _ = synthetic_case(112)
+    assert segment(image[0], 3, method="deepsvg", mask=mask, model=path).class_names == ["dark", "middle", "bright"]
+    assert segment(image[0], 3, method="em-gmm", mask=mask).class_names is None
+
+
+@pytest.mark.parametrize("names, message", [(["a", "b"], "must be 3 non-empty names"),
+                                            (["a", "", "c"], "must be 3 non-empty names"),
+                                            (["a", "B", "b"], "repeat a name")])
+def test_bad_class_names_are_refused_before_training(names, message):
+    from DeepGMMSegmentLib.trained.training import train
+
+    images, masks, _ = cohort(2)
+    with pytest.raises(ValueError, match=message):
+        train(images, 3, masks=masks, spatial_dims=2, class_names=names, max_epochs=1)

@@ -1,9 +1,16 @@
-"""Helpers for the command-line and preview tests: phantoms with real geometry, a PNG decoder."""
+"""Helpers for the command-line and preview tests: phantoms with real geometry, a PNG decoder, and
+../trained_models.py (real model files and their phantom cases).
+
+Test modules import helpers from here, never from ``conftest``: every folder's conftest.py is the
+module ``conftest`` in turn, so ``from conftest import`` would depend on which folder was collected last."""
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 import zlib
+from pathlib import Path
+
 import numpy as np
 import SimpleITK as sitk
 
@@ -90,3 +97,12 @@ def decode_png(data: bytes) -> np.ndarray:
             current[i] = (line[i] + predictor) % 256
     shape = (height, width, 3) if channels == 3 else (height, width)
     return pixels.astype(np.uint8).reshape(shape)
+
+
+def trained_models():
+    """../trained_models.py, loaded by path (Testing/Python must stay off sys.path, see there)."""
+    spec = importlib.util.spec_from_file_location("_trained_models_loader_cli",
+                                                  Path(__file__).parents[1] / "trained_models.py")
+    loader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loader)
+    return loader.load()

@@ -3,21 +3,15 @@ and real trained-model files (``trainedModelFile``, see ../trained_models.py).""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cli_phantoms import decode_png, make_image, phantom_truth
+from cli_phantoms import decode_png, make_image, phantom_truth, trained_models
 
-_spec = importlib.util.spec_from_file_location("_trained_models_loader_cli",
-                                               Path(__file__).parents[1] / "trained_models.py")
-_loader = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_loader)
-trainedModelFile = _loader.load().trainedModelFile  # fixture
-phantomCase = _loader.load().phantomCase
+trainedModelFile = trained_models().trainedModelFile  # fixture
 
 
 @pytest.fixture

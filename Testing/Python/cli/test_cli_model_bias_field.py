@@ -16,10 +16,10 @@ import SimpleITK as sitk
 
 from DeepGMMSegmentLib.cli import segment as segment_cli
 
-from cli_phantoms import make_image
-from conftest import phantomCase
+from cli_phantoms import make_image, trained_models
 from test_cli_segment import assert_geometry, run_cli
 
+phantomCase = trained_models().phantomCase
 CLASS_MEANS = np.array([100.0, 200.0, 300.0])  # trained_models.phantomCase, channel 1
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import accuracy, synthetic_case, write_case_folders
+from synthetic_cohort import accuracy, synthetic_case, write_case_folders
 
 TRAIN = ["-k", "3", "--epochs", "6", "--min-epochs", "6", "--base-width", "8", "--depth", "2",
          "--device", "cpu", "--prior-means", "auto", "--class-names", "dark,middle,bright", "-q"]

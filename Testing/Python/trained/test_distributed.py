@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from conftest import synthetic_case, write_case_folders
+from synthetic_cohort import synthetic_case, write_case_folders
 
 TRAIN_ARGS = ["-k", "3", "--epochs", "3", "--min-epochs", "3", "--base-width", "4", "--depth", "2",
               "--batch-size", "3", "--device", "cpu", "--prior-means", "auto", "--seed", "7", "-q"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from conftest import synthetic_case
+from synthetic_cohort import synthetic_case
 
 DATA = Path(__file__).resolve().parent / "data"
 # Written by deepgmm-train at commit a001102 (before issue 13), with the labels `deepgmm-segment

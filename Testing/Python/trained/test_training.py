@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, accuracy, cohort, synthetic_case
+from synthetic_cohort import FAST, accuracy, cohort, synthetic_case
 
 
 def _normalised(seed: int, n_channels: int = 2):

@@ -157,8 +157,10 @@ class DeepSettings:
     # The network's input grid: the crop average-pooled by 2 per axis until it holds at most this
     # many voxels (0: full resolution); its logits are interpolated back to every voxel, where the
     # loss is computed. 2^20 keeps the 2 mm MNI crop (about 570,000 voxels) at full resolution and
-    # pools the 1 mm crop (4.5 M) by 2: on the 2 mm MNI, pooling by 2 with warm_start="em" cost
-    # 0.044 mean Dice on the clean T1 (0.835 vs 0.879) for a 3.4x cheaper step.
+    # pools the 1 mm crop (4.5 M) by 2. Pooling by 2 on the 2 mm MNI (warm_start="em", one thread)
+    # cost 0.044 mean Dice on the clean T1 (0.835 vs 0.879) and 0.008 on the phantom for about 3.7x
+    # less CPU per step. On the 1 mm MNI (docs/benchmarks.md, quiet machine) pooling by 2 took the
+    # fit from 630 s to 222 s for mean Dice 0.776 against 0.790 at full resolution.
     max_network_voxels: int = 2**20
     # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the

@@ -221,8 +221,8 @@ class _Guard:
     * A step whose gradient norm is non-finite or absurd is skipped (networks.guarded_step) and
       the network continues in float32; repeated bad steps in float32 raise gmm.FitError.
     * A class whose share of the mask falls below EMPTY_SHARE of its share in the EM start has
-      emptied: the network goes back to its state after distillation and continues at half the
-      learning rate (at most MAX_RECOVERIES times).
+      emptied: the network goes back to its state at the start (after distillation, if any) and
+      continues at half the learning rate (at most MAX_RECOVERIES times).
     * The objective of every healthy network output is tracked, so the fit never returns
       something worse than its EM start (the start itself is the last resort).
     Every event is written to ``notes``, logged and warned about.

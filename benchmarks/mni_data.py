@@ -97,11 +97,19 @@ def _block_average_2mm(image):
     return rounded
 
 
-def template_images(resolution_mm: int = 1, cache: Path | None = None) -> dict:
-    """SimpleITK uint8 images {'t1', 'gm', 'wm'} at 1 or 2 mm (geometry kept)."""
+def template_images(resolution_mm: int = 1, cache: Path | None = None, offset_mm: int = 0) -> dict:
+    """SimpleITK uint8 images {'t1', 'gm', 'wm'} at 1 or 2 mm (geometry kept).
+
+    ``offset_mm`` (2 mm only): drop that many 1 mm slices at the start of every axis before the block
+    average, so the 2 mm grid is shifted (offset 1: the same anatomy, resampled differently).
+    """
     if resolution_mm not in (1, 2):
         raise ValueError(f"resolution_mm must be 1 or 2, got {resolution_mm!r}.")
+    if offset_mm not in (0, 1) or (offset_mm and resolution_mm != 2):
+        raise ValueError(f"offset_mm must be 0, or 1 with resolution_mm=2; got {offset_mm!r}.")
     images = {tissue: _read_1mm(tissue, cache) for tissue in TISSUES}
+    if offset_mm:
+        images = {tissue: image[offset_mm:, offset_mm:, offset_mm:] for tissue, image in images.items()}
     if resolution_mm == 2:
         images = {tissue: _block_average_2mm(image) for tissue, image in images.items()}
     return images
@@ -136,10 +144,11 @@ def reference_from_maps(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray):
     return mask, tissue_maps.astype(np.float32), reference
 
 
-def load_mni(resolution_mm: int = 1, cache: Path | None = None) -> MniVolume:
-    """T1, brain mask and CSF/GM/WM reference of the MNI152 2009a template at 1 or 2 mm."""
+def load_mni(resolution_mm: int = 1, cache: Path | None = None, offset_mm: int = 0) -> MniVolume:
+    """T1, brain mask and CSF/GM/WM reference of the MNI152 2009a template at 1 or 2 mm (``offset_mm``: see
+    :func:`template_images`)."""
     import SimpleITK as sitk
-    images = template_images(resolution_mm, cache)
+    images = template_images(resolution_mm, cache, offset_mm)
     arrays = {tissue: sitk.GetArrayFromImage(image) for tissue, image in images.items()}
     mask, tissue_maps, reference = reference_from_maps(arrays["t1"], arrays["gm"], arrays["wm"])
     spacing = tuple(float(s) for s in reversed(images["t1"].GetSpacing()))

@@ -48,8 +48,14 @@ class MethodSpec:
 
 
 OURS = ("em-gmm", "em-svgmm", "deepg", "deepsvg", "deepsvg-paper")
+# Our methods with the joint bias field (issue 11): run where a field is, and on the clean image to
+# show what the field model costs where there is none.
+OURS_BIAS = ("em-gmm-bias", "deepsvg-bias")
 # evaluation name -> (segment() method, options that define it)
-_OUR_VARIANTS = {"deepsvg-paper": ("deepsvg", {"smoothness": 0.0})}
+_OUR_VARIANTS = {"deepsvg-paper": ("deepsvg", {"smoothness": 0.0}),
+                 "em-gmm-bias": ("em-gmm", {"bias_field": "auto"}),
+                 "deepsvg-bias": ("deepsvg", {"bias_field": "auto"})}
+ALL_OURS = OURS + OURS_BIAS
 
 SPECS = {spec.name: spec for spec in (
     MethodSpec("em-gmm", "ours: em-gmm", True, ("torch", "DeepGMMSegmentLib"),
@@ -64,6 +70,12 @@ SPECS = {spec.name: spec for spec in (
                            "(explicit spatial prior smoothness = 0.3)"),
     MethodSpec("deepsvg-paper", "ours: deepsvg, β = 0", True, ("torch", "DeepGMMSegmentLib"),
                description="the same with smoothness = 0: the paper's loss, the deep image prior alone"),
+    MethodSpec("em-gmm-bias", "ours: em-gmm + bias field", True, ("torch", "DeepGMMSegmentLib"),
+               description="em-gmm with bias_field='auto': a smooth multiplicative field estimated "
+                           "jointly with the mixture (core/bias_field.py)"),
+    MethodSpec("deepsvg-bias", "ours: deepsvg + bias field", True, ("torch", "DeepGMMSegmentLib"),
+               description="deepsvg with bias_field='auto' (the joint em-gmm field, then the deep fit "
+                           "on the corrected image)"),
     MethodSpec("sklearn-gmm", "scikit-learn GMM", False, ("sklearn.mixture",),
                description="sklearn GaussianMixture(covariance_type='full', random_state=seed), "
                            "k-means init, on the brain voxels"),
@@ -75,6 +87,10 @@ SPECS = {spec.name: spec for spec in (
                needs_bias_condition=True,
                description="ants.n4_bias_field_correction(mask=brain) on channel 1, then the "
                            "scikit-learn GMM above"),
+    MethodSpec("n4-atropos-mrf", "N4 + Atropos + MRF", True, ("ants",),
+               needs_bias_condition=True,
+               description="ants.n4_bias_field_correction(mask=brain) on channel 1, then Atropos + MRF "
+                           "above (the ANTs pipeline)"),
     MethodSpec("sitk-kmeans", "SimpleITK k-means", True, ("SimpleITK",), multichannel=False,
                description="sitk.ScalarImageKmeans on the brain voxels, initial means at the "
                            "1/6, 3/6, 5/6 intensity quantiles (for K=3)"),
@@ -83,10 +99,15 @@ SPECS = {spec.name: spec for spec in (
 )}
 
 
-def prepare(name: str) -> None:
-    """Import what method ``name`` needs (so its cost is not counted as the method's)."""
+def engine_on_path() -> None:
+    """Put this tree's engine first on the import path (not whatever copy is installed)."""
     if str(ENGINE_DIR) not in sys.path:
         sys.path.insert(0, str(ENGINE_DIR))
+
+
+def prepare(name: str) -> None:
+    """Import what method ``name`` needs (so its cost is not counted as the method's)."""
+    engine_on_path()
     for module in SPECS[name].modules:
         importlib.import_module(module)
 
@@ -144,13 +165,22 @@ def _atropos(name, channels, mask, spacing, n_classes, seed, **options):
     return MethodOutput(labels)
 
 
-def _n4_gmm(name, channels, mask, spacing, n_classes, seed, **options):
+def _n4_corrected(channels, mask, spacing) -> np.ndarray:
+    """The channels with channel 1 corrected by N4 inside the mask (the others as they are)."""
     import ants
     corrected = ants.n4_bias_field_correction(_to_ants(channels[0].astype(np.float32), spacing),
                                               mask=_to_ants(mask.astype(np.float32), spacing))
     fixed = channels.copy()
     fixed[0] = np.ascontiguousarray(corrected.numpy().T)
-    x = _voxels(fixed, mask)
+    return fixed
+
+
+def _n4_atropos(name, channels, mask, spacing, n_classes, seed, **options):
+    return _atropos("atropos-mrf", _n4_corrected(channels, mask, spacing), mask, spacing, n_classes, seed)
+
+
+def _n4_gmm(name, channels, mask, spacing, n_classes, seed, **options):
+    x = _voxels(_n4_corrected(channels, mask, spacing), mask)
     values, nll, n_iter, converged = _sklearn_gmm(x, n_classes, seed)
     return MethodOutput(_labels_from_voxels(values, mask), nll,
                         "on the N4-corrected image (not comparable)", n_iter, converged)
@@ -182,7 +212,9 @@ def _sitk_otsu(name, channels, mask, spacing, n_classes, seed, **options):
 
 _RUNNERS = {
     "em-gmm": _ours, "em-svgmm": _ours, "deepg": _ours, "deepsvg": _ours, "deepsvg-paper": _ours,
+    "em-gmm-bias": _ours, "deepsvg-bias": _ours,
     "sklearn-gmm": _sklearn, "atropos": _atropos, "atropos-mrf": _atropos, "n4-gmm": _n4_gmm,
+    "n4-atropos-mrf": _n4_atropos,
     "sitk-kmeans": _sitk_kmeans, "sitk-otsu": _sitk_otsu,
 }
 
@@ -193,7 +225,7 @@ def run(name: str, channels: np.ndarray, mask: np.ndarray, spacing, n_classes: i
 
     ``options`` go to ``DeepGMMSegmentLib.segment`` for our methods (peers take none).
     """
-    if options and name not in OURS:
+    if options and name not in ALL_OURS:
         raise ValueError(f"{name} takes no options, got {sorted(options)}.")
     if name not in _RUNNERS:
         raise ValueError(f"Unknown method {name!r}: use one of {', '.join(_RUNNERS)}.")

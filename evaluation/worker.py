@@ -76,7 +76,7 @@ def main(argv=None) -> int:
         spacing = tuple(float(s) for s in stored["spacing"])
     methods.prepare(args.method)
     engine = None
-    if args.method in methods.OURS:
+    if args.method in methods.ALL_OURS:
         from evaluation.run import engine_revision  # the engine may change between jobs
         engine = engine_revision()
     baseline_mb, peak_source = _start_memory_baseline()

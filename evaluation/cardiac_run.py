@@ -330,7 +330,7 @@ def evaluate_trained(train_cases: list, test_cases: list, seed: int = 0, log=pri
         f"### Trained on {len(train_cases)} patients, tested on {len(test_cases)} (mean regularisation, no matching)",
         "", _trained_paragraph(train_seeds, test_seeds, settings, training, train_seconds if times else None), "",
         table(rows, matched=False, seconds=spent), ""])
-    return TrainedEvaluation(markdown, results, training, prior, train_seeds, test_seeds)
+    return TrainedEvaluation(markdown, results, training, np.asarray(settings.prior_means), train_seeds, test_seeds)
 
 
 def _seed_range(seeds: tuple) -> str:

@@ -114,3 +114,25 @@ def test_training_and_evaluated_patients_never_overlap():
         cardiac_run.evaluate_trained([case], [case], training_options=SMOKE)
     with pytest.raises(SystemExit):
         cardiac_run.main(["--cases", "6", "--train-cases", "20", "--train-first-seed", "4"])
+
+
+def test_make_evaluate_asks_for_the_trained_rows():
+    import json
+
+    from DeepGMMSegmentLib.options import TrainingSettings
+    from evaluation import run
+
+    def option(arguments, name):
+        return arguments[arguments.index(name) + 1]
+
+    full, quick = run.cardiac_arguments(quick=False), run.cardiac_arguments(quick=True)
+    assert option(full, "--train-cases") == "20" and option(full, "--test-cases") == "5"
+    assert "--training-options" not in full  # the full run trains with cardiac_run.TRAINING_OPTIONS
+    assert option(quick, "--train-cases") == "3" and option(quick, "--test-cases") == "1"
+    smoke = json.loads(option(quick, "--training-options"))
+    assert TrainingSettings().replace(**smoke).max_epochs == 2
+    for arguments in (full, quick):
+        cases = int(option(arguments, "--cases"))
+        train, test = cardiac_run.training_split(int(option(arguments, "--train-cases")), cardiac_run.TRAIN_FIRST_SEED,
+                                                 int(option(arguments, "--test-cases")), 0, cases)
+        assert test == tuple(range(len(test))) and len(test) <= cases  # the per-image rows' first patients

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -140,9 +141,8 @@ def run_cardiac(work: Path, quick: bool, timeout: float) -> Path:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"cardiac: failed ({tail[0][:300]}); the page keeps the last cardiac section", flush=True)
         return path
-    shown = " ".join(a if a.startswith("-") else repr(a) if "{" in a else a for a in arguments)
     header = (f"Run started {started}, engine at commit {engine_revision()}, {os.cpu_count()} CPU cores, "
-              f"one process (`python -m evaluation.cardiac_run {shown}`"
+              f"one process (`python -m evaluation.cardiac_run {shlex.join(arguments)}`"
               + (", deep fits and training cut short: a smoke run" if quick else "") + ").")
     path.write_text(header + "\n\n" + partial.read_text())
     partial.unlink()

@@ -289,10 +289,11 @@ class TrainedEvaluation:
     test_seeds: tuple
 
 
-def trained_variants(n_train: int, models: dict) -> list:
+def trained_variants(n_train: int, prior_weight: float, models: dict) -> list:
     """The rows of the trained table: oracle, oracle + smoothing, em-gmm + μ_data, then each trained network."""
     return [Variant("oracle", True), Variant("oracle + smoothing", True), Variant("em-gmm + μ_data", True),
-            *(Variant(f"{method} trained on {n_train}, λ = 1", True, str(path)) for method, path in models.items())]
+            *(Variant(f"{method} trained on {n_train}, λ = {prior_weight:g}", True, str(path))
+              for method, path in models.items())]
 
 
 def evaluate_trained(train_cases: list, test_cases: list, seed: int = 0, log=print, times: bool = False,
@@ -322,7 +323,7 @@ def evaluate_trained(train_cases: list, test_cases: list, seed: int = 0, log=pri
                            log=lambda line, m=method: log(f"  train {m}: {line}", file=sys.stderr))
             train_seconds[method] = time.perf_counter() - start
             models[method], training[method] = result.path, result.metadata["training"]
-        plan = {v: test_cases for v in trained_variants(len(train_cases), models)}
+        plan = {v: test_cases for v in trained_variants(len(train_cases), settings.prior_weight, models)}
         results, seconds = run_rows(plan, seed, log=log)
     # class k = μ_data row k in every row here: scored as given, never matched
     rows = {v.name: [score(labels, case, matched=False) for case, labels in runs] for v, runs in results.items()}
@@ -355,7 +356,7 @@ def _trained_paragraph(train_seeds, test_seeds, settings, training: dict, train_
         f"(`training_prior_means`). Warm start from each patient's EM posterior started at that prior "
         f"({record['warm_start_steps']} steps), then at most {settings.max_epochs} NLL epochs (patience "
         f"{settings.patience}, batch {settings.batch_size}): {runs}. Tested on patients {_seed_range(test_seeds)} "
-        f"(the first rows' patients, none seen in training) with one forward pass each (`segment(..., model=...)`); "
+        f"(the first {len(test_seeds)} patients of the rows above, none seen in training) with one forward pass each (`segment(..., model=...)`); "
         f"class k is μ_data row k (blood, myocardium, edema, scar), so nothing here is matched to the truth. "
         f"Beside them, on the same patients: the oracle and em-gmm started from μ_data (per image)."
         + (" Times: per test case (inference, or the per-image fit); training time above." if train_seconds else ""))

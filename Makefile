@@ -77,7 +77,7 @@ $(EVAL_STAMP): pyproject.toml | $(PY)
 
 # Every method on every condition, each in a fresh process, then the cardiac phantom section
 # (evaluation/cardiac_run.py); regenerates docs/evaluation.md and docs/images/evaluation-*.png.
-# QUICK=1: 2 mm, two conditions, 2 cardiac cases, into out/evaluation-quick/.
+# QUICK=1: 2 mm, two conditions, 2 cardiac cases (trained rows: 3 patients, 1 test, 2 epochs), into out/evaluation-quick/.
 evaluate: $(EVAL_STAMP)
 	$(PY) -m evaluation.run $(if $(QUICK),--quick)
 

@@ -136,3 +136,31 @@ def test_make_evaluate_asks_for_the_trained_rows():
         train, test = cardiac_run.training_split(int(option(arguments, "--train-cases")), cardiac_run.TRAIN_FIRST_SEED,
                                                  int(option(arguments, "--test-cases")), 0, cases)
         assert test == tuple(range(len(test))) and len(test) <= cases  # the per-image rows' first patients
+
+
+def test_goals_table_scores_the_default_method_against_the_oracle():
+    """The issue-12 goals table compares the deepsvg rows with the oracle rows and with each other."""
+    from evaluation import cardiac_phantom, cardiac_run
+    case = cardiac_phantom.generate_case(0)
+    assert case.has_infarct
+    oracle = cardiac_run.run_variant(cardiac_run.Variant("oracle", True), case, 0)
+    smooth = cardiac_run.run_variant(cardiac_run.Variant("oracle + smoothing", True), case, 0)
+    truth = case.labels.copy()
+    no_scar = np.where(truth == 4, 2, truth).astype(np.uint8)  # the scar lost to the myocardium
+    swapped = truth.copy()
+    swapped[truth == 1], swapped[truth == 4] = 4, 1  # seeds that named blood "scar"
+
+    def table(free, seeded):
+        rows = {"oracle": oracle, "oracle + smoothing": smooth, "deepsvg": free, "em-gmm": oracle,
+                "sklearn GaussianMixture (n_init=10)": oracle, "deepsvg + seeds": seeded}
+        return "\n".join(cardiac_run.goals_table({cardiac_run.Variant(n, True): [(case, lab)]
+                                                  for n, lab in rows.items()}, 1))
+
+    perfect = table(truth, truth).splitlines()
+    assert [line.rsplit("|", 2)[1].strip() for line in perfect if line.startswith("| ")][1:] == \
+        ["met", "met", "met", "missed by 0.100"]  # the seeds cannot add scar Dice to a perfect free run
+    gained = table(no_scar, truth)
+    assert "| seeds: scar Dice at least 0.1 above no seeds (0.000) | 1.000 | met |" in gained
+    wrong = table(truth, swapped)
+    assert "seeds: at least the oracle without smoothing" in wrong
+    assert wrong.count("missed by") == 2

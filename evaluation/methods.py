@@ -48,13 +48,13 @@ class MethodSpec:
 
 
 OURS = ("em-gmm", "em-svgmm", "deepg", "deepsvg", "deepsvg-paper")
-# Our methods with the joint bias field (issue 11): run where a field is, and on the clean image to
-# show what the field model costs where there is none.
-OURS_BIAS = ("em-gmm-bias", "deepsvg-bias")
+# Our methods with the joint bias field (issue 11), {method: its evaluation name with the field}: run
+# where a field is, and on the clean image to show what the field model costs where there is none.
+BIAS_VARIANTS = {"em-gmm": "em-gmm-bias", "deepsvg": "deepsvg-bias"}
+OURS_BIAS = tuple(BIAS_VARIANTS.values())
 # evaluation name -> (segment() method, options that define it)
 _OUR_VARIANTS = {"deepsvg-paper": ("deepsvg", {"smoothness": 0.0}),
-                 "em-gmm-bias": ("em-gmm", {"bias_field": "auto"}),
-                 "deepsvg-bias": ("deepsvg", {"bias_field": "auto"})}
+                 **{name: (method, {"bias_field": "auto"}) for method, name in BIAS_VARIANTS.items()}}
 ALL_OURS = OURS + OURS_BIAS
 
 SPECS = {spec.name: spec for spec in (

@@ -1,0 +1,24 @@
+"""The issue-11 goals table of docs/evaluation.md: our default against the floors and the best peer."""
+
+from evaluation import report
+
+
+def _case(resolution, name, **dice):
+    return {"group": "T1", "resolution": resolution, "name": name,
+            "results": [{"method": m.replace("_", "-"), "mean_dice": d} for m, d in dice.items()]}
+
+
+def test_issue11_goals_name_the_larger_shortfall_and_the_best_peer():
+    assert report.default_method_name() == "deepsvg"  # the table below reads the default's rows
+    data = {"cases": [
+        _case("2 mm", "clean", deepsvg=0.92, sklearn_gmm=0.90, em_gmm_bias=0.99),   # ahead, but under 0.93
+        _case("2 mm", "noise 0.05", deepsvg=0.88, atropos_mrf=0.87),               # no floor: ahead is met
+        _case("2 mm", "bias 40%", deepsvg=0.80, n4_gmm=0.85, n4_atropos_mrf=0.84),  # behind the N4 pipelines
+        _case("1 mm", "clean", sitk_otsu=0.87),                                    # the default did not run
+    ]}
+    rows = {line.split(" | ")[1]: line for line in report._issue11_goals(data) if line.startswith("| 2 mm")}
+    assert rows["clean"].endswith("| ≥ 0.930 and > best peer | missed by 0.010 |")
+    assert "scikit-learn GMM 0.900" in rows["clean"]  # our own bias variant is not a peer
+    assert rows["noise 0.05"].endswith("| > best peer | met |")
+    assert "N4 + scikit-learn GMM 0.850" in rows["bias 40%"] and rows["bias 40%"].endswith("missed by 0.050 |")
+    assert len([r for r in report._issue11_goals(data) if r.endswith("not measured |")]) == 1

@@ -63,32 +63,49 @@ def deep_gmm_loss(
     prior_weight * mean_b ||mu_b - prior_means||^2 when prior means are given; (L, C) prior means
     with L < K constrain the first L classes only (the rest are free).
     """
-    if method not in DEEP_METHODS:
-        raise ValueError(f"Unknown deep method {method!r}: use one of {DEEP_METHODS}.")
     nlls, penalties, fitted = [], [], []
     for b in range(x.shape[0]):
         m = mask[b]
-        xv = x[b][:, m].T  # (V, C)
-        lr = log_resp[b][:, m].T  # (V, K)
-        resp = lr.exp()
-        nk, params = gmm.weighted_mstep(xv, resp, covariance_type, reg_covar)
-        log_dens = gmm.log_gaussian(xv, params)
-        if method == "deepg":
-            log_w = torch.log(nk / nk.sum())
-            ll = torch.logsumexp(log_w + log_dens, dim=1)
-            weights = nk / nk.sum()
-        else:
-            ll = torch.logsumexp(lr + log_dens, dim=1)
-            weights = resp.mean(0)
-        nlls.append(-ll.mean())
-        if prior_means is not None:
-            penalties.append(((params.means[: prior_means.shape[0]] - prior_means) ** 2).sum())
+        nll, penalty, weights, params = voxel_nll(x[b][:, m].T, log_resp[b][:, m].T, method, covariance_type,
+                                                  reg_covar, prior_means)
+        nlls.append(nll)
+        penalties.append(penalty)
         fitted.append((weights, params))
     nll = torch.stack(nlls).mean()
     loss = nll
-    if penalties and prior_weight > 0:
+    if prior_means is not None and prior_weight > 0:
         loss = nll + prior_weight * torch.stack(penalties).mean()
     return loss, nll, fitted
+
+
+def voxel_nll(
+    xv: torch.Tensor,
+    log_resp: torch.Tensor,
+    method: str,
+    covariance_type: str = "full",
+    reg_covar: float = 1e-4,
+    prior_means: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, gmm.GaussianParameters]:
+    """(mean NLL, squared distance of the means to ``prior_means`` or None, weights, params) of one image.
+
+    xv: (V, C) voxels; log_resp: (V, K). The M-step implied by the responsibilities, then the
+    mixture's NLL: deepg with the global weights n_k / V, deepsvg with the per-voxel weights.
+    """
+    if method not in DEEP_METHODS:
+        raise ValueError(f"Unknown deep method {method!r}: use one of {DEEP_METHODS}.")
+    resp = log_resp.exp()
+    nk, params = gmm.weighted_mstep(xv, resp, covariance_type, reg_covar)
+    log_dens = gmm.log_gaussian(xv, params)
+    if method == "deepg":
+        weights = nk / nk.sum()
+        ll = torch.logsumexp(torch.log(weights) + log_dens, dim=1)
+    else:
+        ll = torch.logsumexp(log_resp + log_dens, dim=1)
+        weights = resp.mean(0)
+    penalty = None
+    if prior_means is not None:
+        penalty = ((params.means[: prior_means.shape[0]] - prior_means) ** 2).sum()
+    return -ll.mean(), penalty, weights, params
 
 
 def smoothness_penalty(
@@ -102,21 +119,59 @@ def smoothness_penalty(
     ||y_i - y_j||^2 (a quadratic MRF on the probabilities) that the method note suggests adding to
     the deep image prior; it is 0 for piecewise-constant label maps.
     """
-    prob = log_resp.exp()
-    n_spatial = prob.ndim - 2
+    n_spatial = log_resp.ndim - 2
     steps = spacing if spacing is not None and len(spacing) == n_spatial else (1.0,) * n_spatial
     finest = min(steps)
-    total = prob.new_zeros(())
+    pairs, weights = [], []
     for axis in range(n_spatial):
-        size = prob.shape[2 + axis]
-        if size < 2:
-            continue
-        diff = (prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)).pow(2).sum(1)
-        both = mask.narrow(1 + axis, 1, size - 1) & mask.narrow(1 + axis, 0, size - 1)
-        pairs = both.sum()
-        if pairs > 0:
-            total = total + (finest / steps[axis]) ** 2 * diff[both].sum() / pairs
-    return total
+        size = mask.shape[1 + axis]
+        both = (mask.narrow(1 + axis, 1, size - 1) & mask.narrow(1 + axis, 0, size - 1)) if size > 1 else None
+        count = 0 if both is None else int(both.sum())
+        pairs.append(both.unsqueeze(1) if count else None)
+        weights.append((finest / steps[axis]) ** 2 / count if count else 0.0)
+    return _NeighbourSquares.apply(log_resp, pairs, weights)
+
+
+class _NeighbourSquares(torch.autograd.Function):
+    """sum over axes of weight * sum ||p_i - p_j||^2 over the axis's masked neighbour pairs, p = exp(log_resp).
+
+    Written out with its gradient because autograd's version of the same sums makes a zeroed
+    full-grid tensor per slice in the backward pass: at 1 mm (a 4.5 M-voxel crop) the spatial
+    prior then cost more than the network.
+    """
+
+    @staticmethod
+    def forward(ctx, log_resp, pairs, weights):
+        prob = log_resp.exp()
+        total = prob.new_zeros((), dtype=torch.float64)
+        diffs = []
+        for axis, (both, weight) in enumerate(zip(pairs, weights)):
+            if both is None:
+                diffs.append(None)
+                continue
+            size = prob.shape[2 + axis]
+            diff = prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)
+            diff.mul_(both)
+            total += weight * torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2
+            diffs.append(diff)
+        ctx.weights = weights
+        ctx.save_for_backward(prob, *[d for d in diffs if d is not None])
+        ctx.present = [d is not None for d in diffs]
+        return total.to(prob.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        prob, *saved = ctx.saved_tensors
+        grad = torch.zeros_like(prob)
+        stored = iter(saved)
+        for axis, (present, weight) in enumerate(zip(ctx.present, ctx.weights)):
+            if not present:
+                continue
+            size = prob.shape[2 + axis]
+            step = next(stored) * (2 * weight * grad_total)
+            grad.narrow(2 + axis, 1, size - 1).add_(step)
+            grad.narrow(2 + axis, 0, size - 1).sub_(step)
+        return grad.mul_(prob), None, None
 
 
 def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str,
@@ -344,15 +399,26 @@ def fit_deep(
         return fix_responsibilities(F.log_softmax(logits, dim=1), fixed_crop, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
-    xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)
+    mb = mc.unsqueeze(0)
+    # The mask's voxels as flat indices, found once: boolean indexing would search the mask every step.
+    inside = mc.flatten().nonzero().squeeze(1)
+    xv = xc.flatten(1).index_select(1, inside).T.contiguous()  # (V, C)
 
-    def objective(log_resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss the fit minimises, mixture NLL) of log responsibilities on the cropped grid."""
-        loss, nll, _ = deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, prior_means,
-                                     settings.prior_weight, settings.reg_covar)
+    def voxels_of(log_resp: torch.Tensor) -> torch.Tensor:
+        """(K, V) values of the mask voxels of a (1, K, *spatial) grid."""
+        return log_resp.flatten(2)[0].index_select(1, inside)
+
+    def objective(log_resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss the fit minimises, mixture NLL, (K, V) log responsibilities) on the cropped grid."""
+        voxels = voxels_of(log_resp)
+        nll, penalty, _, _ = voxel_nll(xv, voxels.T, method, settings.covariance_type, settings.reg_covar,
+                                       prior_means)
+        loss = nll
+        if penalty is not None and settings.prior_weight > 0:
+            loss = loss + settings.prior_weight * penalty
         if smoothness > 0:
             loss = loss + smoothness * smoothness_penalty(log_resp, mb, spacing)
-        return loss, nll
+        return loss, nll, voxels
 
     def new_optimiser(lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(network.parameters(), lr=lr)
@@ -369,14 +435,14 @@ def fit_deep(
                                 device=xc.device)
         start_grid[0][:, mc] = warm_start_log_resp.T.to(xc.dtype)
         with torch.no_grad():
-            start_loss, start_nll = objective(start_grid)
+            start_loss, start_nll, _ = objective(start_grid)
         start = (start_loss.item(), start_nll.item())
         guard.start_shares = warm_start_log_resp.exp().mean(0).cpu()
         guard.consider(start[0], start[1], warm_start_log_resp.T)
     if warm_iter > 0:
-        n_iter = _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
-                         lambda log_resp: deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, None,
-                                                        0.0, settings.reg_covar)[1],
+        n_iter = _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, optimiser,
+                         lambda voxels: voxel_nll(xv, voxels.T, method, settings.covariance_type,
+                                                  settings.reg_covar)[0],
                          history, report, total)
     restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
     warm_done = n_iter
@@ -389,8 +455,7 @@ def fit_deep(
         n_iter = warm_done + step
         optimiser.zero_grad(set_to_none=True)
         log_resp = forward()
-        loss, nll = objective(log_resp)
-        voxels = log_resp[0][:, mc]
+        loss, nll, voxels = objective(log_resp)
         if start is not None:
             lost = guard.emptied(voxels)
             if bool(lost.any()) and recoveries < MAX_RECOVERIES:
@@ -413,11 +478,8 @@ def fit_deep(
             converged = True
             break
     with torch.no_grad():
-        log_resp = forward()
-        final_loss, final_nll = objective(log_resp)
-        _, _, fitted = deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, None, 0.0, settings.reg_covar)
-    weights, params = fitted[0]
-    log_resp_voxels = log_resp[0][:, mc]
+        final_loss, final_nll, log_resp_voxels = objective(forward())
+        _, _, weights, params = voxel_nll(xv, log_resp_voxels.T, method, settings.covariance_type, settings.reg_covar)
     if start is not None:
         guard.consider(final_loss.item(), final_nll.item(), log_resp_voxels)
         final_ok = not bool(guard.emptied(log_resp_voxels).any()) and final_loss.item() <= start[0]
@@ -430,8 +492,8 @@ def fit_deep(
             guard.say(f"The {method} network {why}; returning {what} (objective {best_loss:.4f}).")
             log_resp_voxels = best
             with torch.no_grad():
-                _, final_nll, fitted = voxel_objective(xb[0][:, mc].T, best.T, method, settings)
-            weights, params = fitted
+                final_nll, _, weights, params = voxel_nll(xv, best.T, method, settings.covariance_type,
+                                                          settings.reg_covar)
     history.append(float(final_nll))
     fit = MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
     return fit, network
@@ -469,7 +531,8 @@ def _stalled(objectives: list[float], tol: float, window: int = STOP_WINDOW) -> 
     return objectives[-window - 1] - min(objectives[-window:]) < tol * window
 
 
-def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser, nll_of, history, report, total) -> int:
+def _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, optimiser, nll_of, history, report,
+            total) -> int:
     """Teach the network the start's posterior (``warm_start="em"``); returns the steps taken."""
     target = warm_start_log_resp.exp().T  # (K, V)
     target_labels = target.argmax(0)
@@ -477,15 +540,15 @@ def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
     reached, n_iter, agreement = False, 0, 0.0
     for n_iter in range(1, warm_iter + 1):
         optimiser.zero_grad(set_to_none=True)
-        log_resp = forward()
-        loss = -(target * log_resp[0][:, mc]).sum(0).mean()
+        voxels = voxels_of(forward())
+        loss = -(target * voxels).sum(0).mean()
         guard.step(loss, optimiser)
         with torch.no_grad():
-            nll = nll_of(log_resp.detach())
+            nll = nll_of(voxels.detach())
         history.append(nll.item())
         if report is not None:
             report(n_iter, total, history[-1])
-        agreement = (log_resp[0][:, mc].argmax(0) == target_labels).float().mean().item()
+        agreement = (voxels.detach().argmax(0) == target_labels).float().mean().item()
         if history[-1] <= start[1] + settings.warm_start_gap or agreement >= settings.warm_start_agreement:
             reached = True
             break
@@ -496,12 +559,3 @@ def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
                   f"(NLL {history[-1]:.3f} against {start[1]:.3f}, labels agree on {100 * agreement:.1f} %); "
                   "the fit continued from there.")
     return n_iter
-
-
-def voxel_objective(xv: torch.Tensor, log_resp: torch.Tensor, method: str, settings: DeepSettings):
-    """(loss, nll, (weights, params)) of (V, K) log responsibilities over voxels, without priors."""
-    x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the voxels
-    lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
-    m = torch.ones((1, xv.shape[0], 1), dtype=torch.bool, device=xv.device)
-    loss, nll, fitted = deep_gmm_loss(x, lr, m, method, settings.covariance_type, None, 0.0, settings.reg_covar)
-    return loss, nll, fitted[0]

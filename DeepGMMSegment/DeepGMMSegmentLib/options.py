@@ -167,6 +167,9 @@ class DeepSettings:
     # less CPU per step. On the 1 mm MNI (docs/benchmarks.md, quiet machine) pooling by 2 took the
     # fit from 630 s to 222 s for mean Dice 0.776 against 0.790 at full resolution.
     max_network_voxels: int = 2**20
+    # A crop pooled for the network (above) is fitted coarse to fine (core.deep.fit_deep): the whole
+    # fit on the pooled grid first, then at most this many steps with the loss at full resolution.
+    full_resolution_iter: int = 30
     # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
@@ -315,6 +318,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "warm_start": [Choices(WARM_STARTS)],
     "warm_start_iter": [Interval(numbers.Integral, 0, None)],
     "max_network_voxels": [Interval(numbers.Integral, 0, None)],
+    "full_resolution_iter": [Interval(numbers.Integral, 0, None)],
     "warm_start_gap": [_NON_NEGATIVE],
     "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
     "n_init": [_COUNT],
@@ -361,7 +365,7 @@ _COMMON = {
     "bias_field": DEFAULT_BIAS_FIELD,
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter", "max_network_voxels",
-              "warm_start_gap", "warm_start_agreement", "smoothness", "precision")
+              "full_resolution_iter",              "warm_start_gap", "warm_start_agreement", "smoothness", "precision")
 
 
 def _known_options(method: str) -> dict[str, Any]:

@@ -14,6 +14,7 @@ which network output is which class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -26,7 +27,7 @@ from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSetti
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
-from .seeds import fix_responsibilities
+from .seeds import FREE, fix_responsibilities
 
 logger = logging.getLogger(__name__)
 
@@ -353,50 +354,134 @@ def fit_deep(
       :func:`start_logits`) and its output layer starts at zero, so there is no distillation and
       step 0 is the (smoothed) start.
 
-    A fresh network runs on the crop average-pooled to at most ``settings.max_network_voxels``
-    voxels (:func:`network_grid_factors`); its logits are interpolated back to every voxel, where
-    the loss is computed. With a start the fit never returns a result whose objective (NLL plus
-    priors) is worse than the start's, and a class that empties is recovered (see :class:`_Guard`);
-    ``fit.notes`` says what happened. ``fixed_labels`` (*spatial) long: class index of each seeded
-    voxel, -1 elsewhere; the network's output there is replaced by the seed class after every
-    forward pass (core/seeds.py). Returns the fit over the mask voxels and the trained network.
+    Coarse to fine: a fresh network whose crop holds more than ``settings.max_network_voxels``
+    voxels runs on the crop averaged over blocks (:func:`network_grid_factors`,
+    :func:`pool_in_mask`). The fit first runs entirely on that coarse grid (start, NLL and spatial
+    prior of the block means), then continues for at most ``settings.full_resolution_iter`` steps
+    with the network's logits interpolated to every voxel, where the loss is computed.
+
+    With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
+    start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what
+    happened. ``fixed_labels`` (*spatial) long: class index of each seeded voxel, -1 elsewhere; the
+    network's output there is replaced by the seed class after every forward pass (core/seeds.py).
+    Returns the fit over the mask voxels and the trained network.
     """
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]
+    fixed_crop = None if fixed_labels is None else fixed_labels[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     fresh = network is None
-    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only,
-                                   settings.max_network_voxels if fresh else 0)
-    net_in = _network_input(xc, dims, factors)
+    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
     network.autocast_dtype = resolve_precision(settings.precision, x.device)
-    guard = _Guard(network)
-    fixed_crop = None if fixed_labels is None else fixed_labels[box].unsqueeze(0)
     mode = "none" if warm_start_log_resp is None else settings.warm_start
     if mode == "em-head" and not fresh:
         mode = "em"  # a trained network's output layer must not be reset: distil instead
-    offset = None
-    if mode == "em-head":
-        offset = start_logits(warm_start_log_resp, mc, spacing).to(xc.dtype)
-        with torch.no_grad():
-            network.head.weight.zero_()
-            network.head.bias.zero_()
+    full = _Grid(xc, mc, spacing, fixed_crop)
+    pooled = any(f > 1 for f in factors)
+    fine_iter = settings.full_resolution_iter if pooled else 0
+    total = (settings.warm_start_iter if mode == "em" else 0) + settings.max_iter + fine_iter
+    if not pooled:
+        net_in = _batch(xc, dims)
+        offset = _em_head_offset(network, mode, warm_start_log_resp, mc, spacing)
+        return _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
+                      mode, settings.max_iter, settings.min_iter, report, total), network
+    coarse_x, coarse_mask = pool_in_mask(xc, mc, factors)
+    coarse = _Grid(coarse_x, coarse_mask, None if spacing is None else tuple(s * f for s, f in zip(spacing, factors)),
+                   None if fixed_crop is None else _pool_labels(fixed_crop, n_classes, factors))
+    coarse_start = None if warm_start_log_resp is None else _pool_start(warm_start_log_resp, mc, factors, coarse_mask)
+    net_in = _batch(coarse_x, dims)
+    offset = _em_head_offset(network, mode, coarse_start, coarse_mask, coarse.spacing)
+    first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
+                   settings.max_iter, settings.min_iter, report, total)
+    fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
+                 "continue", fine_iter, 2, report, total, first_iter=first.n_iter)
+    fit.nll_history[:0] = first.nll_history
+    fit.notes[:0] = first.notes
+    return fit, network
+
+
+@dataclasses.dataclass
+class _Grid:
+    """The grid a loss is computed on: a crop (C, *spatial), its mask, voxel spacing and seeds (-1: free)."""
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    spacing: tuple[float, ...] | None
+    fixed: torch.Tensor | None
+
+
+def _batch(xc: torch.Tensor, dims: int) -> torch.Tensor:
+    """The crop (C, *spatial) as the network's input batch; the 2D network takes a volume's slices as a batch."""
+    return xc.permute(1, 0, 2, 3) if dims == 2 and xc.ndim == 4 else xc.unsqueeze(0)
+
+
+def _em_head_offset(network, mode, start_log_resp, mask, spacing) -> torch.Tensor | None:
+    """For warm_start="em-head": the start's logits on ``mask``'s grid, and the output layer set to zero."""
+    if mode != "em-head":
+        return None
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.zero_()
+    return start_logits(start_log_resp, mask, spacing)
+
+
+def pool_in_mask(values: torch.Tensor, mask: torch.Tensor, factors: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, *spatial) ``values`` averaged over the mask voxels of each block of ``factors``; (pooled, coarse mask).
+
+    A block with any mask voxel is inside the coarse mask (blocks at the edge may be partial); the
+    pooled values are zero outside it.
+    """
+    pool = F.avg_pool3d if mask.ndim == 3 else F.avg_pool2d
+    weight = mask.to(values.dtype)
+    share = pool(weight[None, None], factors, ceil_mode=True)[0]
+    total = pool((values * weight)[None], factors, ceil_mode=True)[0]
+    return total / share.clamp_min(1e-12), share[0] > 0
+
+
+def _pool_start(log_resp: torch.Tensor, mask: torch.Tensor, factors: tuple[int, ...], coarse_mask: torch.Tensor):
+    """(V, K) log responsibilities over ``mask`` -> (V', K) over ``coarse_mask``: probabilities averaged per block."""
+    prob = torch.zeros((log_resp.shape[1],) + tuple(mask.shape), dtype=torch.float32, device=mask.device)
+    prob[:, mask] = log_resp.T.float().exp()
+    pooled, _ = pool_in_mask(prob, mask, factors)
+    return torch.log_softmax(pooled[:, coarse_mask].T.clamp_min(1e-30).log(), dim=1).to(log_resp.dtype)
+
+
+def _pool_labels(fixed: torch.Tensor, n_classes: int, factors: tuple[int, ...]) -> torch.Tensor:
+    """Seed labels per block: the most frequent seed class of the block's marked voxels, FREE if none."""
+    marked = torch.stack([fixed == k for k in range(n_classes)]).float()
+    counts, _ = pool_in_mask(marked, torch.ones_like(fixed, dtype=torch.bool), factors)
+    return torch.where(counts.sum(0) > 0, counts.argmax(0), torch.full(counts.shape[1:], FREE, device=fixed.device))
+
+
+def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, prior_means, start_log_resp, mode,
+           max_iter, min_iter, report, total, first_iter: int = 0) -> MixtureFit:
+    """Train ``network`` on the loss over ``grid`` (see :func:`fit_deep`); returns the fit over its mask voxels.
+
+    The network's logits are interpolated to the grid when they are coarser. ``mode``: "em"
+    (distil the start first), "em-head", "none", or "continue" (a network already fitted on a
+    coarser grid: no distillation, the start only guards the result). Iterations are reported from
+    ``first_iter`` + 1 on, out of ``total``.
+    """
+    xc, mc = grid.x, grid.mask
+    guard = _Guard(network)
+    fixed = None if grid.fixed is None else grid.fixed.unsqueeze(0)
+    size = tuple(mc.shape)
 
     def forward() -> torch.Tensor:
-        """Log responsibilities on the cropped grid, as (1, K, *spatial)."""
+        """Log responsibilities on the grid, as (1, K, *spatial)."""
         logits = network(net_in)
-        if any(f > 1 for f in factors):
-            size = tuple(mc.shape[-(net_in.ndim - 2):])
-            logits = F.interpolate(logits, size=size, mode="bilinear" if net_in.ndim == 4 else "trilinear",
-                                   align_corners=False)
-        if dims == 2 and mc.ndim == 3:
+        if logits.ndim == 4 and mc.ndim == 3:  # the 2D network's slices back into a volume
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
         if offset is not None:
             logits = logits + offset
-        return fix_responsibilities(F.log_softmax(logits, dim=1), fixed_crop, class_dim=1)
+        if tuple(logits.shape[2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="trilinear" if mc.ndim == 3 else "bilinear",
+                                   align_corners=False)
+        return fix_responsibilities(F.log_softmax(logits, dim=1), fixed, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
     mb = mc.unsqueeze(0)
@@ -409,7 +494,7 @@ def fit_deep(
         return log_resp.flatten(2)[0].index_select(1, inside)
 
     def objective(log_resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss the fit minimises, mixture NLL, (K, V) log responsibilities) on the cropped grid."""
+        """(loss the fit minimises, mixture NLL, (K, V) log responsibilities) on the grid."""
         voxels = voxels_of(log_resp)
         nll, penalty, _, _ = voxel_nll(xv, voxels.T, method, settings.covariance_type, settings.reg_covar,
                                        prior_means)
@@ -417,33 +502,30 @@ def fit_deep(
         if penalty is not None and settings.prior_weight > 0:
             loss = loss + settings.prior_weight * penalty
         if smoothness > 0:
-            loss = loss + smoothness * smoothness_penalty(log_resp, mb, spacing)
+            loss = loss + smoothness * smoothness_penalty(log_resp, mb, grid.spacing)
         return loss, nll, voxels
 
     def new_optimiser(lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(network.parameters(), lr=lr)
 
     optimiser = new_optimiser(settings.learning_rate)
-    warm_iter = settings.warm_start_iter if mode == "em" else 0
-    total = warm_iter + settings.max_iter
     # Distillation steps count as iterations (and report their NLL) so progress moves from the start.
     history: list[float] = []
-    n_iter = 0
+    n_iter = first_iter
     start = None
-    if warm_start_log_resp is not None:
-        start_grid = torch.full((1, n_classes) + tuple(mc.shape), -math.log(n_classes), dtype=xc.dtype,
-                                device=xc.device)
-        start_grid[0][:, mc] = warm_start_log_resp.T.to(xc.dtype)
+    if start_log_resp is not None:
+        start_grid = torch.full((1, n_classes) + size, -math.log(n_classes), dtype=xc.dtype, device=xc.device)
+        start_grid[0][:, mc] = start_log_resp.T.to(xc.dtype)
         with torch.no_grad():
             start_loss, start_nll, _ = objective(start_grid)
         start = (start_loss.item(), start_nll.item())
-        guard.start_shares = warm_start_log_resp.exp().mean(0).cpu()
-        guard.consider(start[0], start[1], warm_start_log_resp.T)
-    if warm_iter > 0:
-        n_iter = _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, optimiser,
-                         lambda voxels: voxel_nll(xv, voxels.T, method, settings.covariance_type,
-                                                  settings.reg_covar)[0],
-                         history, report, total)
+        guard.start_shares = start_log_resp.exp().mean(0).cpu()
+        guard.consider(start[0], start[1], start_log_resp.T)
+    if mode == "em" and settings.warm_start_iter > 0:
+        n_iter += _distil(forward, voxels_of, start_log_resp, start, settings, guard, optimiser,
+                          lambda voxels: voxel_nll(xv, voxels.T, method, settings.covariance_type,
+                                                   settings.reg_covar)[0],
+                          history, report, total, first_iter)
     restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
     warm_done = n_iter
 
@@ -451,7 +533,7 @@ def fit_deep(
     objectives: list[float] = []
     learning_rate = settings.learning_rate
     recoveries = 0
-    for step in range(1, settings.max_iter + 1):
+    for step in range(1, max_iter + 1):
         n_iter = warm_done + step
         optimiser.zero_grad(set_to_none=True)
         log_resp = forward()
@@ -474,7 +556,7 @@ def fit_deep(
         objectives.append(loss.item())
         if report is not None:
             report(n_iter, total, history[-1])
-        if step >= max(2, settings.min_iter) and _converged(mode, history, objectives, settings.tol):
+        if step >= max(2, min_iter) and _converged(mode, history, objectives, settings.tol):
             converged = True
             break
     with torch.no_grad():
@@ -495,20 +577,7 @@ def fit_deep(
                 final_nll, _, weights, params = voxel_nll(xv, best.T, method, settings.covariance_type,
                                                           settings.reg_covar)
     history.append(float(final_nll))
-    fit = MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
-    return fit, network
-
-
-def _network_input(xc: torch.Tensor, dims: int, factors: tuple[int, ...]) -> torch.Tensor:
-    """The crop (C, *spatial) as the network's batch, average-pooled by ``factors`` (z, y, x) or (y, x)."""
-    if dims == 2 and xc.ndim == 4:
-        net_in, kernel = xc.permute(1, 0, 2, 3), factors[1:]  # slices as a batch: (Z, C, Y, X)
-    else:
-        net_in, kernel = xc.unsqueeze(0), factors
-    if all(f == 1 for f in kernel):
-        return net_in
-    pool = F.avg_pool2d if net_in.ndim == 4 else F.avg_pool3d
-    return pool(net_in, tuple(kernel), ceil_mode=True)
+    return MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
 
 
 def _converged(mode: str, history: list[float], objectives: list[float], tol: float) -> bool:
@@ -532,7 +601,7 @@ def _stalled(objectives: list[float], tol: float, window: int = STOP_WINDOW) -> 
 
 
 def _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, optimiser, nll_of, history, report,
-            total) -> int:
+            total, first_iter=0) -> int:
     """Teach the network the start's posterior (``warm_start="em"``); returns the steps taken."""
     target = warm_start_log_resp.exp().T  # (K, V)
     target_labels = target.argmax(0)
@@ -547,7 +616,7 @@ def _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, opt
             nll = nll_of(voxels.detach())
         history.append(nll.item())
         if report is not None:
-            report(n_iter, total, history[-1])
+            report(first_iter + n_iter, total, history[-1])
         agreement = (voxels.detach().argmax(0) == target_labels).float().mean().item()
         if history[-1] <= start[1] + settings.warm_start_gap or agreement >= settings.warm_start_agreement:
             reached = True

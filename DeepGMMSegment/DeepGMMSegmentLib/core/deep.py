@@ -357,8 +357,8 @@ def fit_deep(
     Coarse to fine: a fresh network whose crop holds more than ``settings.max_network_voxels``
     voxels runs on the crop averaged over blocks (:func:`network_grid_factors`,
     :func:`pool_in_mask`). The fit first runs entirely on that coarse grid (start, NLL and spatial
-    prior of the block means), then continues for at most ``settings.full_resolution_iter`` steps
-    with the network's logits interpolated to every voxel, where the loss is computed.
+    prior of the block means), then continues for ``settings.full_resolution_iter`` steps with the
+    network's logits interpolated to every voxel, where the loss is computed.
 
     With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
     start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what
@@ -398,7 +398,7 @@ def fit_deep(
     first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
                    settings.max_iter, settings.min_iter, report, total)
     fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
-                 "continue", fine_iter, 2, report, total, first_iter=first.n_iter)
+                 "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history
     fit.notes[:0] = first.notes
     return fit, network

@@ -82,7 +82,8 @@ def segment(
         the EM fit, default 10; every method starts from its winner), ``bias_field`` ("none" /
         "auto" / a basis order 0..6: a smooth multiplicative field estimated with the mixture,
         returned as ``result.bias_field`` with ``result.corrected``; docs/bias-field.md); deep methods also ``network``,
-        ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"), ``max_network_voxels``,
+        ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"), ``max_network_voxels`` and
+        ``full_resolution_iter`` (coarse-to-fine fits of large crops),
         ``warm_start_iter``, ``smoothness`` (weight of the spatial prior; default 0.3 for deepsvg,
         0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 

@@ -14,6 +14,7 @@ which network output is which class.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -26,7 +27,7 @@ from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSetti
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
-from .seeds import fix_responsibilities
+from .seeds import FREE, fix_responsibilities
 
 logger = logging.getLogger(__name__)
 
@@ -63,32 +64,49 @@ def deep_gmm_loss(
     prior_weight * mean_b ||mu_b - prior_means||^2 when prior means are given; (L, C) prior means
     with L < K constrain the first L classes only (the rest are free).
     """
-    if method not in DEEP_METHODS:
-        raise ValueError(f"Unknown deep method {method!r}: use one of {DEEP_METHODS}.")
     nlls, penalties, fitted = [], [], []
     for b in range(x.shape[0]):
         m = mask[b]
-        xv = x[b][:, m].T  # (V, C)
-        lr = log_resp[b][:, m].T  # (V, K)
-        resp = lr.exp()
-        nk, params = gmm.weighted_mstep(xv, resp, covariance_type, reg_covar)
-        log_dens = gmm.log_gaussian(xv, params)
-        if method == "deepg":
-            log_w = torch.log(nk / nk.sum())
-            ll = torch.logsumexp(log_w + log_dens, dim=1)
-            weights = nk / nk.sum()
-        else:
-            ll = torch.logsumexp(lr + log_dens, dim=1)
-            weights = resp.mean(0)
-        nlls.append(-ll.mean())
-        if prior_means is not None:
-            penalties.append(((params.means[: prior_means.shape[0]] - prior_means) ** 2).sum())
+        nll, penalty, weights, params = voxel_nll(x[b][:, m].T, log_resp[b][:, m].T, method, covariance_type,
+                                                  reg_covar, prior_means)
+        nlls.append(nll)
+        penalties.append(penalty)
         fitted.append((weights, params))
     nll = torch.stack(nlls).mean()
     loss = nll
-    if penalties and prior_weight > 0:
+    if prior_means is not None and prior_weight > 0:
         loss = nll + prior_weight * torch.stack(penalties).mean()
     return loss, nll, fitted
+
+
+def voxel_nll(
+    xv: torch.Tensor,
+    log_resp: torch.Tensor,
+    method: str,
+    covariance_type: str = "full",
+    reg_covar: float = 1e-4,
+    prior_means: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, gmm.GaussianParameters]:
+    """(mean NLL, squared distance of the means to ``prior_means`` or None, weights, params) of one image.
+
+    xv: (V, C) voxels; log_resp: (V, K). The M-step implied by the responsibilities, then the
+    mixture's NLL: deepg with the global weights n_k / V, deepsvg with the per-voxel weights.
+    """
+    if method not in DEEP_METHODS:
+        raise ValueError(f"Unknown deep method {method!r}: use one of {DEEP_METHODS}.")
+    resp = log_resp.exp()
+    nk, params = gmm.weighted_mstep(xv, resp, covariance_type, reg_covar)
+    log_dens = gmm.log_gaussian(xv, params)
+    if method == "deepg":
+        weights = nk / nk.sum()
+        ll = torch.logsumexp(torch.log(weights) + log_dens, dim=1)
+    else:
+        ll = torch.logsumexp(log_resp + log_dens, dim=1)
+        weights = resp.mean(0)
+    penalty = None
+    if prior_means is not None:
+        penalty = ((params.means[: prior_means.shape[0]] - prior_means) ** 2).sum()
+    return -ll.mean(), penalty, weights, params
 
 
 def smoothness_penalty(
@@ -102,21 +120,59 @@ def smoothness_penalty(
     ||y_i - y_j||^2 (a quadratic MRF on the probabilities) that the method note suggests adding to
     the deep image prior; it is 0 for piecewise-constant label maps.
     """
-    prob = log_resp.exp()
-    n_spatial = prob.ndim - 2
+    n_spatial = log_resp.ndim - 2
     steps = spacing if spacing is not None and len(spacing) == n_spatial else (1.0,) * n_spatial
     finest = min(steps)
-    total = prob.new_zeros(())
+    pairs, weights = [], []
     for axis in range(n_spatial):
-        size = prob.shape[2 + axis]
-        if size < 2:
-            continue
-        diff = (prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)).pow(2).sum(1)
-        both = mask.narrow(1 + axis, 1, size - 1) & mask.narrow(1 + axis, 0, size - 1)
-        pairs = both.sum()
-        if pairs > 0:
-            total = total + (finest / steps[axis]) ** 2 * diff[both].sum() / pairs
-    return total
+        size = mask.shape[1 + axis]
+        both = (mask.narrow(1 + axis, 1, size - 1) & mask.narrow(1 + axis, 0, size - 1)) if size > 1 else None
+        count = 0 if both is None else int(both.sum())
+        pairs.append(both.unsqueeze(1) if count else None)
+        weights.append((finest / steps[axis]) ** 2 / count if count else 0.0)
+    return _NeighbourSquares.apply(log_resp, pairs, weights)
+
+
+class _NeighbourSquares(torch.autograd.Function):
+    """sum over axes of weight * sum ||p_i - p_j||^2 over the axis's masked neighbour pairs, p = exp(log_resp).
+
+    Written out with its gradient because autograd's version of the same sums makes a zeroed
+    full-grid tensor per slice in the backward pass: at 1 mm (a 4.5 M-voxel crop) the spatial
+    prior then cost more than the network.
+    """
+
+    @staticmethod
+    def forward(ctx, log_resp, pairs, weights):
+        prob = log_resp.exp()
+        total = prob.new_zeros((), dtype=torch.float64)
+        diffs = []
+        for axis, (both, weight) in enumerate(zip(pairs, weights)):
+            if both is None:
+                diffs.append(None)
+                continue
+            size = prob.shape[2 + axis]
+            diff = prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)
+            diff.mul_(both)
+            total += weight * torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2
+            diffs.append(diff)
+        ctx.weights = weights
+        ctx.save_for_backward(prob, *[d for d in diffs if d is not None])
+        ctx.present = [d is not None for d in diffs]
+        return total.to(prob.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        prob, *saved = ctx.saved_tensors
+        grad = torch.zeros_like(prob)
+        stored = iter(saved)
+        for axis, (present, weight) in enumerate(zip(ctx.present, ctx.weights)):
+            if not present:
+                continue
+            size = prob.shape[2 + axis]
+            step = next(stored) * (2 * weight * grad_total)
+            grad.narrow(2 + axis, 1, size - 1).add_(step)
+            grad.narrow(2 + axis, 0, size - 1).sub_(step)
+        return grad.mul_(prob), None, None
 
 
 def choose_network(shape: tuple[int, ...], spacing: tuple[float, ...] | None, network: str,
@@ -298,86 +354,178 @@ def fit_deep(
       :func:`start_logits`) and its output layer starts at zero, so there is no distillation and
       step 0 is the (smoothed) start.
 
-    A fresh network runs on the crop average-pooled to at most ``settings.max_network_voxels``
-    voxels (:func:`network_grid_factors`); its logits are interpolated back to every voxel, where
-    the loss is computed. With a start the fit never returns a result whose objective (NLL plus
-    priors) is worse than the start's, and a class that empties is recovered (see :class:`_Guard`);
-    ``fit.notes`` says what happened. ``fixed_labels`` (*spatial) long: class index of each seeded
-    voxel, -1 elsewhere; the network's output there is replaced by the seed class after every
-    forward pass (core/seeds.py). Returns the fit over the mask voxels and the trained network.
+    Coarse to fine: a fresh network whose crop holds more than ``settings.max_network_voxels``
+    voxels runs on the crop averaged over blocks (:func:`network_grid_factors`,
+    :func:`pool_in_mask`). The fit first runs entirely on that coarse grid (start, NLL and spatial
+    prior of the block means), then continues for ``settings.full_resolution_iter`` steps with the
+    network's logits interpolated to every voxel, where the loss is computed.
+
+    With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
+    start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what
+    happened. ``fixed_labels`` (*spatial) long: class index of each seeded voxel, -1 elsewhere; the
+    network's output there is replaced by the seed class after every forward pass (core/seeds.py).
+    Returns the fit over the mask voxels and the trained network.
     """
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]
+    fixed_crop = None if fixed_labels is None else fixed_labels[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     fresh = network is None
-    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only,
-                                   settings.max_network_voxels if fresh else 0)
-    net_in = _network_input(xc, dims, factors)
+    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
     network.autocast_dtype = resolve_precision(settings.precision, x.device)
-    guard = _Guard(network)
-    fixed_crop = None if fixed_labels is None else fixed_labels[box].unsqueeze(0)
     mode = "none" if warm_start_log_resp is None else settings.warm_start
     if mode == "em-head" and not fresh:
         mode = "em"  # a trained network's output layer must not be reset: distil instead
-    offset = None
-    if mode == "em-head":
-        offset = start_logits(warm_start_log_resp, mc, spacing).to(xc.dtype)
-        with torch.no_grad():
-            network.head.weight.zero_()
-            network.head.bias.zero_()
+    full = _Grid(xc, mc, spacing, fixed_crop)
+    pooled = any(f > 1 for f in factors)
+    fine_iter = settings.full_resolution_iter if pooled else 0
+    total = (settings.warm_start_iter if mode == "em" else 0) + settings.max_iter + fine_iter
+    if not pooled:
+        net_in = _batch(xc, dims)
+        offset = _em_head_offset(network, mode, warm_start_log_resp, mc, spacing)
+        return _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
+                      mode, settings.max_iter, settings.min_iter, report, total), network
+    coarse_x, coarse_mask = pool_in_mask(xc, mc, factors)
+    coarse = _Grid(coarse_x, coarse_mask, None if spacing is None else tuple(s * f for s, f in zip(spacing, factors)),
+                   None if fixed_crop is None else _pool_labels(fixed_crop, n_classes, factors))
+    coarse_start = None if warm_start_log_resp is None else _pool_start(warm_start_log_resp, mc, factors, coarse_mask)
+    net_in = _batch(coarse_x, dims)
+    offset = _em_head_offset(network, mode, coarse_start, coarse_mask, coarse.spacing)
+    first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
+                   settings.max_iter, settings.min_iter, report, total)
+    fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
+                 "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
+    fit.nll_history[:0] = first.nll_history
+    fit.notes[:0] = first.notes
+    return fit, network
+
+
+@dataclasses.dataclass
+class _Grid:
+    """The grid a loss is computed on: a crop (C, *spatial), its mask, voxel spacing and seeds (-1: free)."""
+
+    x: torch.Tensor
+    mask: torch.Tensor
+    spacing: tuple[float, ...] | None
+    fixed: torch.Tensor | None
+
+
+def _batch(xc: torch.Tensor, dims: int) -> torch.Tensor:
+    """The crop (C, *spatial) as the network's input batch; the 2D network takes a volume's slices as a batch."""
+    return xc.permute(1, 0, 2, 3) if dims == 2 and xc.ndim == 4 else xc.unsqueeze(0)
+
+
+def _em_head_offset(network, mode, start_log_resp, mask, spacing) -> torch.Tensor | None:
+    """For warm_start="em-head": the start's logits on ``mask``'s grid, and the output layer set to zero."""
+    if mode != "em-head":
+        return None
+    with torch.no_grad():
+        network.head.weight.zero_()
+        network.head.bias.zero_()
+    return start_logits(start_log_resp, mask, spacing)
+
+
+def pool_in_mask(values: torch.Tensor, mask: torch.Tensor, factors: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, *spatial) ``values`` averaged over the mask voxels of each block of ``factors``; (pooled, coarse mask).
+
+    A block with any mask voxel is inside the coarse mask (blocks at the edge may be partial); the
+    pooled values are zero outside it.
+    """
+    pool = F.avg_pool3d if mask.ndim == 3 else F.avg_pool2d
+    weight = mask.to(values.dtype)
+    share = pool(weight[None, None], factors, ceil_mode=True)[0]
+    total = pool((values * weight)[None], factors, ceil_mode=True)[0]
+    return total / share.clamp_min(1e-12), share[0] > 0
+
+
+def _pool_start(log_resp: torch.Tensor, mask: torch.Tensor, factors: tuple[int, ...], coarse_mask: torch.Tensor):
+    """(V, K) log responsibilities over ``mask`` -> (V', K) over ``coarse_mask``: probabilities averaged per block."""
+    prob = torch.zeros((log_resp.shape[1],) + tuple(mask.shape), dtype=torch.float32, device=mask.device)
+    prob[:, mask] = log_resp.T.float().exp()
+    pooled, _ = pool_in_mask(prob, mask, factors)
+    return torch.log_softmax(pooled[:, coarse_mask].T.clamp_min(1e-30).log(), dim=1).to(log_resp.dtype)
+
+
+def _pool_labels(fixed: torch.Tensor, n_classes: int, factors: tuple[int, ...]) -> torch.Tensor:
+    """Seed labels per block: the most frequent seed class of the block's marked voxels, FREE if none."""
+    marked = torch.stack([fixed == k for k in range(n_classes)]).float()
+    counts, _ = pool_in_mask(marked, torch.ones_like(fixed, dtype=torch.bool), factors)
+    return torch.where(counts.sum(0) > 0, counts.argmax(0), torch.full(counts.shape[1:], FREE, device=fixed.device))
+
+
+def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, prior_means, start_log_resp, mode,
+           max_iter, min_iter, report, total, first_iter: int = 0) -> MixtureFit:
+    """Train ``network`` on the loss over ``grid`` (see :func:`fit_deep`); returns the fit over its mask voxels.
+
+    The network's logits are interpolated to the grid when they are coarser. ``mode``: "em"
+    (distil the start first), "em-head", "none", or "continue" (a network already fitted on a
+    coarser grid: no distillation, the start only guards the result). Iterations are reported from
+    ``first_iter`` + 1 on, out of ``total``.
+    """
+    xc, mc = grid.x, grid.mask
+    guard = _Guard(network)
+    fixed = None if grid.fixed is None else grid.fixed.unsqueeze(0)
+    size = tuple(mc.shape)
 
     def forward() -> torch.Tensor:
-        """Log responsibilities on the cropped grid, as (1, K, *spatial)."""
+        """Log responsibilities on the grid, as (1, K, *spatial)."""
         logits = network(net_in)
-        if any(f > 1 for f in factors):
-            size = tuple(mc.shape[-(net_in.ndim - 2):])
-            logits = F.interpolate(logits, size=size, mode="bilinear" if net_in.ndim == 4 else "trilinear",
-                                   align_corners=False)
-        if dims == 2 and mc.ndim == 3:
+        if logits.ndim == 4 and mc.ndim == 3:  # the 2D network's slices back into a volume
             logits = logits.permute(1, 0, 2, 3).unsqueeze(0)
         if offset is not None:
             logits = logits + offset
-        return fix_responsibilities(F.log_softmax(logits, dim=1), fixed_crop, class_dim=1)
+        if tuple(logits.shape[2:]) != size:
+            logits = F.interpolate(logits, size=size, mode="trilinear" if mc.ndim == 3 else "bilinear",
+                                   align_corners=False)
+        return fix_responsibilities(F.log_softmax(logits, dim=1), fixed, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
-    xb, mb = xc.unsqueeze(0), mc.unsqueeze(0)
+    mb = mc.unsqueeze(0)
+    # The mask's voxels as flat indices, found once: boolean indexing would search the mask every step.
+    inside = mc.flatten().nonzero().squeeze(1)
+    xv = xc.flatten(1).index_select(1, inside).T.contiguous()  # (V, C)
 
-    def objective(log_resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss the fit minimises, mixture NLL) of log responsibilities on the cropped grid."""
-        loss, nll, _ = deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, prior_means,
-                                     settings.prior_weight, settings.reg_covar)
+    def voxels_of(log_resp: torch.Tensor) -> torch.Tensor:
+        """(K, V) values of the mask voxels of a (1, K, *spatial) grid."""
+        return log_resp.flatten(2)[0].index_select(1, inside)
+
+    def objective(log_resp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss the fit minimises, mixture NLL, (K, V) log responsibilities) on the grid."""
+        voxels = voxels_of(log_resp)
+        nll, penalty, _, _ = voxel_nll(xv, voxels.T, method, settings.covariance_type, settings.reg_covar,
+                                       prior_means)
+        loss = nll
+        if penalty is not None and settings.prior_weight > 0:
+            loss = loss + settings.prior_weight * penalty
         if smoothness > 0:
-            loss = loss + smoothness * smoothness_penalty(log_resp, mb, spacing)
-        return loss, nll
+            loss = loss + smoothness * smoothness_penalty(log_resp, mb, grid.spacing)
+        return loss, nll, voxels
 
     def new_optimiser(lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(network.parameters(), lr=lr)
 
     optimiser = new_optimiser(settings.learning_rate)
-    warm_iter = settings.warm_start_iter if mode == "em" else 0
-    total = warm_iter + settings.max_iter
     # Distillation steps count as iterations (and report their NLL) so progress moves from the start.
     history: list[float] = []
-    n_iter = 0
+    n_iter = first_iter
     start = None
-    if warm_start_log_resp is not None:
-        start_grid = torch.full((1, n_classes) + tuple(mc.shape), -math.log(n_classes), dtype=xc.dtype,
-                                device=xc.device)
-        start_grid[0][:, mc] = warm_start_log_resp.T.to(xc.dtype)
+    if start_log_resp is not None:
+        start_grid = torch.full((1, n_classes) + size, -math.log(n_classes), dtype=xc.dtype, device=xc.device)
+        start_grid[0][:, mc] = start_log_resp.T.to(xc.dtype)
         with torch.no_grad():
-            start_loss, start_nll = objective(start_grid)
+            start_loss, start_nll, _ = objective(start_grid)
         start = (start_loss.item(), start_nll.item())
-        guard.start_shares = warm_start_log_resp.exp().mean(0).cpu()
-        guard.consider(start[0], start[1], warm_start_log_resp.T)
-    if warm_iter > 0:
-        n_iter = _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
-                         lambda log_resp: deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, None,
-                                                        0.0, settings.reg_covar)[1],
-                         history, report, total)
+        guard.start_shares = start_log_resp.exp().mean(0).cpu()
+        guard.consider(start[0], start[1], start_log_resp.T)
+    if mode == "em" and settings.warm_start_iter > 0:
+        n_iter += _distil(forward, voxels_of, start_log_resp, start, settings, guard, optimiser,
+                          lambda voxels: voxel_nll(xv, voxels.T, method, settings.covariance_type,
+                                                   settings.reg_covar)[0],
+                          history, report, total, first_iter)
     restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
     warm_done = n_iter
 
@@ -385,12 +533,11 @@ def fit_deep(
     objectives: list[float] = []
     learning_rate = settings.learning_rate
     recoveries = 0
-    for step in range(1, settings.max_iter + 1):
+    for step in range(1, max_iter + 1):
         n_iter = warm_done + step
         optimiser.zero_grad(set_to_none=True)
         log_resp = forward()
-        loss, nll = objective(log_resp)
-        voxels = log_resp[0][:, mc]
+        loss, nll, voxels = objective(log_resp)
         if start is not None:
             lost = guard.emptied(voxels)
             if bool(lost.any()) and recoveries < MAX_RECOVERIES:
@@ -409,15 +556,12 @@ def fit_deep(
         objectives.append(loss.item())
         if report is not None:
             report(n_iter, total, history[-1])
-        if step >= max(2, settings.min_iter) and _converged(mode, history, objectives, settings.tol):
+        if step >= max(2, min_iter) and _converged(mode, history, objectives, settings.tol):
             converged = True
             break
     with torch.no_grad():
-        log_resp = forward()
-        final_loss, final_nll = objective(log_resp)
-        _, _, fitted = deep_gmm_loss(xb, log_resp, mb, method, settings.covariance_type, None, 0.0, settings.reg_covar)
-    weights, params = fitted[0]
-    log_resp_voxels = log_resp[0][:, mc]
+        final_loss, final_nll, log_resp_voxels = objective(forward())
+        _, _, weights, params = voxel_nll(xv, log_resp_voxels.T, method, settings.covariance_type, settings.reg_covar)
     if start is not None:
         guard.consider(final_loss.item(), final_nll.item(), log_resp_voxels)
         final_ok = not bool(guard.emptied(log_resp_voxels).any()) and final_loss.item() <= start[0]
@@ -430,23 +574,10 @@ def fit_deep(
             guard.say(f"The {method} network {why}; returning {what} (objective {best_loss:.4f}).")
             log_resp_voxels = best
             with torch.no_grad():
-                _, final_nll, fitted = voxel_objective(xb[0][:, mc].T, best.T, method, settings)
-            weights, params = fitted
+                final_nll, _, weights, params = voxel_nll(xv, best.T, method, settings.covariance_type,
+                                                          settings.reg_covar)
     history.append(float(final_nll))
-    fit = MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
-    return fit, network
-
-
-def _network_input(xc: torch.Tensor, dims: int, factors: tuple[int, ...]) -> torch.Tensor:
-    """The crop (C, *spatial) as the network's batch, average-pooled by ``factors`` (z, y, x) or (y, x)."""
-    if dims == 2 and xc.ndim == 4:
-        net_in, kernel = xc.permute(1, 0, 2, 3), factors[1:]  # slices as a batch: (Z, C, Y, X)
-    else:
-        net_in, kernel = xc.unsqueeze(0), factors
-    if all(f == 1 for f in kernel):
-        return net_in
-    pool = F.avg_pool2d if net_in.ndim == 4 else F.avg_pool3d
-    return pool(net_in, tuple(kernel), ceil_mode=True)
+    return MixtureFit(log_resp_voxels.T.contiguous(), params, weights, history, n_iter, converged, guard.notes)
 
 
 def _converged(mode: str, history: list[float], objectives: list[float], tol: float) -> bool:
@@ -469,7 +600,8 @@ def _stalled(objectives: list[float], tol: float, window: int = STOP_WINDOW) -> 
     return objectives[-window - 1] - min(objectives[-window:]) < tol * window
 
 
-def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser, nll_of, history, report, total) -> int:
+def _distil(forward, voxels_of, warm_start_log_resp, start, settings, guard, optimiser, nll_of, history, report,
+            total, first_iter=0) -> int:
     """Teach the network the start's posterior (``warm_start="em"``); returns the steps taken."""
     target = warm_start_log_resp.exp().T  # (K, V)
     target_labels = target.argmax(0)
@@ -477,15 +609,15 @@ def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
     reached, n_iter, agreement = False, 0, 0.0
     for n_iter in range(1, warm_iter + 1):
         optimiser.zero_grad(set_to_none=True)
-        log_resp = forward()
-        loss = -(target * log_resp[0][:, mc]).sum(0).mean()
+        voxels = voxels_of(forward())
+        loss = -(target * voxels).sum(0).mean()
         guard.step(loss, optimiser)
         with torch.no_grad():
-            nll = nll_of(log_resp.detach())
+            nll = nll_of(voxels.detach())
         history.append(nll.item())
         if report is not None:
-            report(n_iter, total, history[-1])
-        agreement = (log_resp[0][:, mc].argmax(0) == target_labels).float().mean().item()
+            report(first_iter + n_iter, total, history[-1])
+        agreement = (voxels.detach().argmax(0) == target_labels).float().mean().item()
         if history[-1] <= start[1] + settings.warm_start_gap or agreement >= settings.warm_start_agreement:
             reached = True
             break
@@ -496,12 +628,3 @@ def _distil(forward, warm_start_log_resp, mc, start, settings, guard, optimiser,
                   f"(NLL {history[-1]:.3f} against {start[1]:.3f}, labels agree on {100 * agreement:.1f} %); "
                   "the fit continued from there.")
     return n_iter
-
-
-def voxel_objective(xv: torch.Tensor, log_resp: torch.Tensor, method: str, settings: DeepSettings):
-    """(loss, nll, (weights, params)) of (V, K) log responsibilities over voxels, without priors."""
-    x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the voxels
-    lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
-    m = torch.ones((1, xv.shape[0], 1), dtype=torch.bool, device=xv.device)
-    loss, nll, fitted = deep_gmm_loss(x, lr, m, method, settings.covariance_type, None, 0.0, settings.reg_covar)
-    return loss, nll, fitted[0]

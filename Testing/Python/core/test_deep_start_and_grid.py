@@ -6,7 +6,8 @@ import torch
 from phantoms import blob_phantom, matched_dice
 
 from DeepGMMSegmentLib import segment
-from DeepGMMSegmentLib.core.deep import _stalled, network_grid_factors, smooth_in_mask, start_logits
+from DeepGMMSegmentLib.core import deep
+from DeepGMMSegmentLib.core.deep import _stalled, network_grid_factors, pool_in_mask, smooth_in_mask, start_logits
 from DeepGMMSegmentLib.options import DeepSettings, TrainingSettings
 
 FAST = dict(depth=2, base_width=4, precision="float32", max_iter=25, min_iter=25)
@@ -70,6 +71,48 @@ def test_pooled_network_grid_still_labels_every_voxel():
     result = segment(channels, 3, method="deepsvg", seed=0, warm_start="em-head", max_network_voxels=2**12, **FAST)
     assert result.labels.shape == truth.shape and result.labels.min() >= 1
     assert matched_dice(result.labels, truth, 3) > 0.85
+
+
+def test_pooling_in_the_mask_averages_only_mask_voxels_and_keeps_partial_blocks():
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    mask[:3, :3] = True
+    values = torch.arange(30, dtype=torch.float32).reshape(1, 5, 6)
+    values[0, ~mask] = 1000.0  # outside the mask: must not enter any block mean
+    pooled, coarse = pool_in_mask(values, mask, (2, 2))
+    assert pooled.shape == (1, 3, 3) and coarse.tolist() == [[True, True, False], [True, True, False],
+                                                             [False, False, False]]
+    assert pooled[0, 0, 0].item() == pytest.approx((0 + 1 + 6 + 7) / 4)
+    assert pooled[0, 1, 1].item() == pytest.approx(14.0)  # a partial block: its one mask voxel
+    assert pooled[0, 0, 1].item() == pytest.approx((2 + 8) / 2)
+    assert float(pooled[0][~coarse].abs().max()) == 0.0
+
+
+def test_pooled_start_keeps_probabilities_and_seeds_keep_their_class():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    labels = torch.zeros(4, 4, dtype=torch.long)
+    labels[:, 2:] = 1
+    start = torch.log(torch.nn.functional.one_hot(labels[mask], 2).float() * 0.98 + 0.01)
+    pooled = deep._pool_start(start, mask, (2, 2), torch.ones(2, 2, dtype=torch.bool))
+    assert torch.allclose(pooled.exp().sum(1), torch.ones(4)) and pooled.argmax(1).tolist() == [0, 1, 0, 1]
+    seeds = torch.full((4, 4), -1)
+    seeds[0, 0], seeds[3, 3], seeds[2, 2], seeds[3, 2] = 1, 0, 1, 1
+    assert deep._pool_labels(seeds, 2, (2, 2)).tolist() == [[1, -1], [-1, 1]]  # the block's majority
+
+
+def test_coarse_to_fine_fit_runs_on_the_pooled_grid_then_steps_at_full_resolution():
+    channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    steps = []
+    common = dict(method="deepsvg", seed=0, max_network_voxels=2**13, **FAST)
+    result = segment(channels, 3, warm_start_iter=10, full_resolution_iter=5,
+                     progress=lambda i, n, *_: steps.append((i, n)), **common)
+    assert steps[-1] == (result.n_iter, 10 + 25 + 5) and result.n_iter >= 25 + 5
+    assert result.labels.shape == truth.shape and result.labels.min() >= 1
+    assert matched_dice(result.labels, truth, 3) > 0.85
+    # cold starts, so that no guard hands back the EM start in place of either fit
+    cold = segment(channels, 3, warm_start="none", full_resolution_iter=5, **common)
+    coarse_only = segment(channels, 3, warm_start="none", full_resolution_iter=0, **common)
+    assert cold.n_iter == coarse_only.n_iter + 5 == 25 + 5  # FAST's min_iter: the coarse fit runs all its steps
+    assert not np.allclose(cold.probabilities, coarse_only.probabilities, atol=1e-3)
 
 
 def test_training_refuses_the_per_image_head_start():

@@ -77,8 +77,8 @@ def build_plan(quick: bool):
     # 1 mm: every peer, our em-gmm and deepsvg (the default) on the three conditions of the issue's
     # reference figures, deepg on the clean image; the bias rows where a field is. Everything
     # everywhere would not fit the budget of `make evaluate`: a deepsvg fit of the 1 mm volume
-    # takes about 4 minutes on 2 cores (its network runs on the 2 mm grid, max_network_voxels),
-    # Atropos minutes per image.
+    # takes over 2 minutes on 2 cores (coarse to fine: the 2 mm grid first, then 60 steps at 1 mm;
+    # docs/benchmarks.md), Atropos minutes per image.
     for case in conditions.t1_cases(volume_1mm, [c for c in conditions.T1_CONDITIONS
                                                   if c[0] in ONE_MM_CONDITIONS]):
         names = list(PEERS_1D) + ["em-gmm", "deepsvg"] + (["deepg"] if case.name == "clean" else [])

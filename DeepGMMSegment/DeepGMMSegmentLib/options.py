@@ -172,8 +172,8 @@ class DeepSettings:
     # step's loss at full resolution): pooling by 2 on the 2 mm MNI (one thread) cost 0.044 mean Dice
     # on the clean T1 (0.835 vs 0.879) and 0.008 on the phantom for about 3.7x less CPU per step; on
     # the 1 mm MNI (quiet machine) it took the fit from 630 s to 222 s for mean Dice 0.776 against
-    # 0.790. Coarse to fine with 2^17 (the 2 mm MNI fitted on a 4 mm grid first, then up to 30 steps at 2 mm)
-    # took 0.2x the CPU time and cost 0.004..0.014 (clean 0.872, the EM start, vs 0.876; noise 0.10
+    # 0.790. Coarse to fine with 2^17 (the 2 mm MNI fitted on a 4 mm grid first, then up to 30
+    # steps at 2 mm) took 0.2x the CPU time and cost 0.004..0.014 (clean 0.872, the EM start, vs 0.876; noise 0.10
     # 0.857 vs 0.861; phantom 0.852 vs 0.862; shifted grid 0.869 vs 0.879 and 0.847 vs 0.861).
     max_network_voxels: int = 2**20
     # A crop pooled for the network (above) is fitted coarse to fine (core.deep.fit_deep): the whole
@@ -182,7 +182,9 @@ class DeepSettings:
     # previous fit (network on the pooled grid, every step's loss at full resolution) 0.759 / 0.856,
     # 265 / 318 s; coarse to fine with 30 steps 0.758 / 0.852, 156 / 168 s; with 60 steps 0.776 /
     # 0.859, 214 / 222 s; stopping the 30 on the NLL rule instead ended after a few steps, 0.836
-    # under noise. 60: better than before on both, about 0.75x its CPU time.
+    # under noise. 60: better than before on both, about 0.75x its CPU time. Checked on the other
+    # 1 mm inputs of docs/evaluation.md (engine 7237b87 against 6a205eb): bias 40 % 0.507 -> 0.510,
+    # with bias_field="auto" 0.747 -> 0.751.
     full_resolution_iter: int = 60
     # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the

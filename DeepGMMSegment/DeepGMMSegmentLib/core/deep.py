@@ -120,7 +120,17 @@ def smoothness_penalty(
     ||y_i - y_j||^2 (a quadratic MRF on the probabilities) that the method note suggests adding to
     the deep image prior; it is 0 for piecewise-constant label maps.
     """
-    n_spatial = log_resp.ndim - 2
+    return _NeighbourSquares.apply(log_resp, *neighbour_pairs(mask, spacing))
+
+
+def neighbour_pairs(mask: torch.Tensor, spacing: tuple[float, ...] | None = None):
+    """(pair mask per axis, weight per axis) of :func:`smoothness_penalty` for an (N, *spatial) ``mask``.
+
+    A pair mask is (N, 1, *spatial shortened by 1 along its axis), True where both neighbours are in
+    the mask (None for an axis without such pairs); its weight is (finest spacing / the axis's)^2
+    over the number of pairs. A fit computes them once for its grid.
+    """
+    n_spatial = mask.ndim - 1
     steps = spacing if spacing is not None and len(spacing) == n_spatial else (1.0,) * n_spatial
     finest = min(steps)
     pairs, weights = [], []
@@ -130,7 +140,7 @@ def smoothness_penalty(
         count = 0 if both is None else int(both.sum())
         pairs.append(both.unsqueeze(1) if count else None)
         weights.append((finest / steps[axis]) ** 2 / count if count else 0.0)
-    return _NeighbourSquares.apply(log_resp, pairs, weights)
+    return pairs, weights
 
 
 class _NeighbourSquares(torch.autograd.Function):
@@ -396,7 +406,7 @@ def fit_deep(
     net_in = _batch(coarse_x, dims)
     offset = _em_head_offset(network, mode, coarse_start, coarse_mask, coarse.spacing)
     first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
-                   settings.max_iter, settings.min_iter, report, total)
+                   settings.max_iter, settings.min_iter, report, total, choose_result=False)
     fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
                  "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history
@@ -429,7 +439,8 @@ def _em_head_offset(network, mode, start_log_resp, mask, spacing) -> torch.Tenso
     return start_logits(start_log_resp, mask, spacing)
 
 
-def pool_in_mask(values: torch.Tensor, mask: torch.Tensor, factors: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_in_mask(values: torch.Tensor, mask: torch.Tensor,
+                 factors: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(C, *spatial) ``values`` averaged over the mask voxels of each block of ``factors``; (pooled, coarse mask).
 
     A block with any mask voxel is inside the coarse mask (blocks at the edge may be partial); the
@@ -458,13 +469,14 @@ def _pool_labels(fixed: torch.Tensor, n_classes: int, factors: tuple[int, ...]) 
 
 
 def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, prior_means, start_log_resp, mode,
-           max_iter, min_iter, report, total, first_iter: int = 0) -> MixtureFit:
+           max_iter, min_iter, report, total, first_iter: int = 0, choose_result: bool = True) -> MixtureFit:
     """Train ``network`` on the loss over ``grid`` (see :func:`fit_deep`); returns the fit over its mask voxels.
 
     The network's logits are interpolated to the grid when they are coarser. ``mode``: "em"
     (distil the start first), "em-head", "none", or "continue" (a network already fitted on a
     coarser grid: no distillation, the start only guards the result). Iterations are reported from
-    ``first_iter`` + 1 on, out of ``total``.
+    ``first_iter`` + 1 on, out of ``total``. ``choose_result=False`` (the coarse phase, whose network
+    the next phase continues) skips the guard's final choice between the fit, its best state and the start.
     """
     xc, mc = grid.x, grid.mask
     guard = _Guard(network)
@@ -484,7 +496,7 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
         return fix_responsibilities(F.log_softmax(logits, dim=1), fixed, class_dim=1)
 
     smoothness = DEFAULT_SMOOTHNESS[method] if settings.smoothness is None else float(settings.smoothness)
-    mb = mc.unsqueeze(0)
+    pairs = neighbour_pairs(mc.unsqueeze(0), grid.spacing) if smoothness > 0 else None
     # The mask's voxels as flat indices, found once: boolean indexing would search the mask every step.
     inside = mc.flatten().nonzero().squeeze(1)
     xv = xc.flatten(1).index_select(1, inside).T.contiguous()  # (V, C)
@@ -502,7 +514,7 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
         if penalty is not None and settings.prior_weight > 0:
             loss = loss + settings.prior_weight * penalty
         if smoothness > 0:
-            loss = loss + smoothness * smoothness_penalty(log_resp, mb, grid.spacing)
+            loss = loss + smoothness * _NeighbourSquares.apply(log_resp, *pairs)
         return loss, nll, voxels
 
     def new_optimiser(lr: float) -> torch.optim.Adam:
@@ -527,6 +539,7 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
                                                    settings.reg_covar)[0],
                           history, report, total, first_iter)
     restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    where = "the coarse fit" if mode == "continue" else "the EM start"
     warm_done = n_iter
 
     converged = False
@@ -546,7 +559,7 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
                 network.load_state_dict(restart)
                 optimiser = new_optimiser(learning_rate)
                 guard.say(f"Class(es) {', '.join(str(int(k) + 1) for k in lost.nonzero()[:, 0])} emptied at step "
-                          f"{step}; went back to the EM start at learning rate {learning_rate:g}.")
+                          f"{step}; went back to {where} at learning rate {learning_rate:g}.")
             else:
                 guard.consider(loss.item(), nll.item(), voxels)
                 guard.step(loss, optimiser)
@@ -562,7 +575,7 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
     with torch.no_grad():
         final_loss, final_nll, log_resp_voxels = objective(forward())
         _, _, weights, params = voxel_nll(xv, log_resp_voxels.T, method, settings.covariance_type, settings.reg_covar)
-    if start is not None:
+    if start is not None and choose_result:
         guard.consider(final_loss.item(), final_nll.item(), log_resp_voxels)
         final_ok = not bool(guard.emptied(log_resp_voxels).any()) and final_loss.item() <= start[0]
         if not final_ok:

@@ -115,6 +115,15 @@ def test_coarse_to_fine_fit_runs_on_the_pooled_grid_then_steps_at_full_resolutio
     assert not np.allclose(cold.probabilities, coarse_only.probabilities, atol=1e-3)
 
 
+def test_only_the_full_resolution_phase_chooses_and_reports_the_result():
+    # a coarse phase too short to beat its start: its result is discarded, so it must not say it
+    # returned the start; only the full-resolution phase chooses (and notes) what is returned
+    channels, _, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    result = segment(channels, 3, method="deepsvg", seed=0, max_network_voxels=2**13, warm_start_iter=2,
+                     full_resolution_iter=2, depth=2, base_width=4, precision="float32", max_iter=1, min_iter=1)
+    assert sum("returning" in note for note in result.notes) <= 1, result.notes
+
+
 def test_training_refuses_the_per_image_head_start():
     from DeepGMMSegmentLib.trained import training
     with pytest.raises(ValueError, match="em-head"):

@@ -20,8 +20,8 @@ import torch
 from .core import bias_field, em, gmm, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
-from .core.inputs import (check_prior_means, check_spacing, normalize_channels, normalize_voxels, resolve_device,
-                          validate_seeded_inputs)
+from .core.inputs import (check_prior_means, check_spacing, mask_values, normalize_channels, normalize_voxels,
+                          resolve_device, validate_seeded_inputs)
 from .options import DEEP_METHODS, DeepSettings, EMSettings, resolve_bias_field_order, resolve_options
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
@@ -132,8 +132,9 @@ def segment(
         notes.append(msg)
         dev = torch.device("cpu")
         fit, centre, scale, bias = run(dev)
-    notes += fit.notes + _class_share_notes(fit, n_classes, mask is None)  # fit notes were warned about already
+    notes += fit.notes  # warned about already
     result = _build_result(fit, m, centre, scale, n_classes, method, opts, n_fixed, dev, start, notes)
+    result.notes += _class_share_notes(result.labels, n_classes, mask is None)
     if bias is not None:
         result.bias_field, result.corrected = bias.field, bias.corrected
     result.class_names = class_names
@@ -153,9 +154,9 @@ def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, 
         ) from None
 
 
-def _class_share_notes(fit: em.MixtureFit, n_classes: int, no_mask: bool) -> list[str]:
+def _class_share_notes(labels: np.ndarray, n_classes: int, no_mask: bool) -> list[str]:
     """Warnings for classes that hold almost none or almost all of the mask voxels (K is probably wrong)."""
-    counts = torch.bincount(fit.log_resp.argmax(1), minlength=n_classes).cpu().numpy()
+    counts = np.array([np.count_nonzero(labels == k) for k in range(1, n_classes + 1)])  # no int64 copy of labels
     shares = counts / max(counts.sum(), 1)
     hint = (" Without a mask the background is a class too: count it in n_classes or give a mask."
             if no_mask else "")
@@ -187,7 +188,7 @@ class BiasEstimate:
 
 def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report) -> BiasEstimate:
     """GMM + smooth bias field (core/bias_field.py) on the mask voxels, in the corrected image's units."""
-    inside = data[:, m]
+    inside = mask_values(data, m)
     bias_field.check_positive_channels(inside)
     voxels, centre, scale = normalize_voxels(data, m)
     basis = torch.from_numpy(bias_field.bias_basis(m, order, spacing)).to(dev)
@@ -297,22 +298,42 @@ def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: 
     means_n = params.means.detach().double().cpu().numpy()
     covs_n = params.covariance_matrices().detach().double().cpu().numpy()
     weights = fit.weights.detach().double().cpu().numpy()
-    resp = fit.log_resp.detach().float().exp().cpu().numpy()  # (V, K)
     order = np.concatenate([np.arange(n_fixed), n_fixed + np.argsort(means_n[n_fixed:, 0], kind="stable")])
-    means = means_n[order] * scale + centre
-    covs = covs_n[order] * np.outer(scale, scale)
-    resp = resp[:, order]
-    resp /= resp.sum(1, keepdims=True)
-    probabilities = np.zeros((n_classes,) + m.shape, dtype=np.float32)
-    probabilities[:, m] = resp.T
-    labels = np.zeros(m.shape, dtype=np.uint8)
-    labels[m] = (resp.argmax(1) + 1).astype(np.uint8)
+    probabilities, labels = _probability_maps(fit.log_resp.detach(), order, m)
     public_opts = {k: v for k, v in opts.items() if k != "cancel_event"}
     return SegmentationResult(
-        labels=labels, probabilities=probabilities, means=means, covariances=covs, weights=weights[order],
+        labels=labels, probabilities=probabilities, means=means_n[order] * scale + centre,
+        covariances=covs_n[order] * np.outer(scale, scale), weights=weights[order],
         nll_history=list(fit.nll_history), n_iter=fit.n_iter, device=str(dev), seconds=time.perf_counter() - start,
         method=method, converged=fit.converged, n_classes=n_classes, options=public_opts, notes=notes,
     )
+
+
+def _probability_maps(log_resp: torch.Tensor, order: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (K, *spatial) float32, labels uint8) of log responsibilities (V, K) in class ``order``.
+
+    One class at a time, so that nothing of size (V, K) is made beside the maps themselves (the
+    result's largest part: 104 MB for K = 3 on a 1 mm head). Each voxel's probabilities are
+    renormalised to sum to 1 in float32; its label is the first class of largest probability.
+    """
+    def column(k: int) -> np.ndarray:
+        return log_resp[:, k].float().exp().cpu().numpy()
+
+    total = column(0)
+    for k in range(1, log_resp.shape[1]):
+        total += column(k)
+    probabilities = np.zeros((len(order),) + m.shape, dtype=np.float32)
+    best = np.full(total.shape, -1.0, dtype=np.float32)
+    label = np.zeros(total.shape, dtype=np.uint8)
+    for j, k in enumerate(order):
+        p = column(int(k))
+        p /= total
+        probabilities[j][m] = p
+        larger = p > best
+        best[larger], label[larger] = p[larger], j + 1
+    labels = np.zeros(m.shape, dtype=np.uint8)
+    labels[m] = label
+    return probabilities, labels
 
 
 __all__ = ["SegmentationCancelled", "SegmentationResult", "segment"]

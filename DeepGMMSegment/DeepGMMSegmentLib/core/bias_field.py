@@ -45,6 +45,7 @@ import torch
 
 from ..options import DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order
 from . import em, gmm
+from .inputs import mask_values, set_mask_values
 
 # The option's default order ("auto", with its measurement), maximum and validation live in options.
 _CHUNK = 1 << 18  # voxels per float64 accumulation block (bounds the temporary memory)
@@ -221,14 +222,14 @@ def field_image(mask: np.ndarray, log_bias: np.ndarray) -> np.ndarray:
     inside = np.exp(np.asarray(log_bias, dtype=np.float64).T)
     inside /= inside.mean(1, keepdims=True)
     out = np.ones((inside.shape[0],) + mask.shape, dtype=np.float32)
-    out[:, mask] = inside
+    set_mask_values(out, mask, inside)
     return out
 
 
 def apply_bias(data: np.ndarray, mask: np.ndarray, field: np.ndarray) -> np.ndarray:
     """The corrected image ``data / field``: (C, *spatial) float32; voxels outside the mask unchanged."""
     corrected = np.array(data, dtype=np.float32, copy=True)
-    corrected[:, mask] /= field[:, mask]
+    set_mask_values(corrected, mask, mask_values(corrected, mask) / mask_values(field, mask))
     return corrected
 
 
@@ -366,7 +367,7 @@ def fit_gmm_with_bias(
     """
     order = resolve_bias_field_order(order)
     data, m = _as_channels(channels, mask)
-    inside = data[:, m]  # (C, V)
+    inside = mask_values(data, m)  # (C, V)
     check_positive_channels(inside)
     dev = torch.device(device)
     centre = torch.as_tensor(inside.mean(1, dtype=np.float64), device=dev)

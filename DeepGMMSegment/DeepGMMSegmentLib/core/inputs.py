@@ -16,7 +16,7 @@ from ..options import METHODS
 from .seeds import FREE
 
 __all__ = [
-    "check_prior_means", "check_spacing", "crop_box", "normalize_channels", "normalize_voxels", "resolve_device",
+    "check_prior_means", "check_spacing", "crop_box", "mask_values", "set_mask_values", "normalize_channels", "normalize_voxels", "resolve_device",
     "validate_inputs", "validate_seeded_inputs",
 ]
 
@@ -34,6 +34,24 @@ def _as_channel_list(channels: Any) -> list[np.ndarray]:
         f"channels must be an array or a sequence of arrays, got {type(channels).__name__}: "
         "pass e.g. segment(t1_array, 3) or segment([t1_array, t2_array], 3)."
     )
+
+
+def mask_values(data: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``data[:, mask]`` (C, V), one channel at a time.
+
+    numpy turns a mask that indexes all but the first axis into int64 coordinates (V x ndim: 45 MB
+    for a 1 mm head) before it gathers; a mask of the channel's own shape takes a direct path.
+    """
+    out = np.empty((data.shape[0], int(np.count_nonzero(mask))), dtype=data.dtype)
+    for c in range(data.shape[0]):
+        out[c] = data[c][mask]
+    return out
+
+
+def set_mask_values(out: np.ndarray, mask: np.ndarray, values: np.ndarray) -> None:
+    """``out[:, mask] = values`` for values (C, V), one channel at a time (see :func:`mask_values`)."""
+    for c in range(out.shape[0]):
+        out[c][mask] = values[c]
 
 
 def _check_shapes(arrays: list[np.ndarray]) -> tuple[int, ...]:
@@ -101,8 +119,10 @@ def validate_inputs(channels: Any, n_classes: Any, method: str, mask: Any) -> tu
     arrays = _as_channel_list(channels)
     shape = _check_shapes(arrays)
     m = _checked_mask(mask, shape)
-    data = np.stack([np.asarray(a, dtype=np.float32) for a in arrays])
-    inside = data[:, m]
+    data = np.empty((len(arrays),) + shape, dtype=np.float32)
+    for c, a in enumerate(arrays):
+        data[c] = a  # one float32 copy, whatever the input's type
+    inside = mask_values(data, m)
     _check_informative(inside)
     _check_n_classes(n_classes)
     _check_distinct(inside, int(n_classes))
@@ -292,12 +312,12 @@ def normalize_channels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     Returns (normalised data (C, *spatial) float32 with 0 outside the mask, centre (C,), scale (C,)).
     One float32 copy of the volume, normalised in place (the input is never modified).
     """
-    centre, scale = _channel_statistics(data[:, mask])
+    centre, scale = _channel_statistics(mask_values(data, mask))
     shape = (-1,) + (1,) * (data.ndim - 1)
     out = np.array(data, dtype=np.float32, copy=True)
     out -= centre.reshape(shape).astype(np.float32)
     out /= scale.reshape(shape).astype(np.float32)
-    out[:, ~mask] = 0
+    np.copyto(out, 0.0, where=~mask)  # 0 outside the mask (also where the input is NaN there)
     return out, centre, scale
 
 
@@ -306,7 +326,7 @@ def normalize_voxels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np
 
     EM needs no image grid, so it never holds a normalised copy of the whole volume.
     """
-    inside = data[:, mask]
+    inside = mask_values(data, mask)
     centre, scale = _channel_statistics(inside)
     voxels = (inside.T - centre.astype(np.float32)) / scale.astype(np.float32)
     return np.ascontiguousarray(voxels, dtype=np.float32), centre, scale

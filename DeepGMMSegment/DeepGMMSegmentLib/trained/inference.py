@@ -20,7 +20,7 @@ import torch
 from torch.nn import functional as F
 
 from . import model_file
-from ..core.deep import DeepSettings, deep_gmm_loss, fit_deep
+from ..core.deep import DeepSettings, fit_deep, voxel_nll
 from ..core.em import MixtureFit
 from ..core.inputs import crop_box
 from ..core.networks import UNet, resolve_precision
@@ -29,6 +29,7 @@ from ..result import SegmentationCancelled
 
 __all__ = [
     "FINE_TUNE_LEARNING_RATE", "build_network", "check_model_request", "fit_with_model", "forward_log_resp",
+    "forward_logits",
     "load_trained_model", "mixture_from_log_resp", "predict_with_model",
 ]
 
@@ -69,13 +70,16 @@ def build_network(metadata: dict, state_dict: dict | None = None) -> UNet:
     return network
 
 
+def forward_logits(network: torch.nn.Module, x: torch.Tensor, network_dims: int) -> torch.Tensor:
+    """Class logits (K, *spatial) of a (C, *spatial) image; 2D networks see 3D volumes slice by slice."""
+    if network_dims == 2 and x.ndim == 4:
+        return network(x.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as a batch
+    return network(x.unsqueeze(0))[0]
+
+
 def forward_log_resp(network: torch.nn.Module, x: torch.Tensor, network_dims: int) -> torch.Tensor:
     """Log class probabilities (K, *spatial) of a (C, *spatial) image; 2D networks see 3D volumes slice by slice."""
-    if network_dims == 2 and x.ndim == 4:
-        logits = network(x.permute(1, 0, 2, 3)).permute(1, 0, 2, 3)  # slices as a batch
-    else:
-        logits = network(x.unsqueeze(0))[0]
-    return F.log_softmax(logits, dim=0)
+    return F.log_softmax(forward_logits(network, x, network_dims), dim=0)
 
 
 def _check_fine_tune(fine_tune: Any) -> int:
@@ -97,18 +101,22 @@ def _reporter(progress: Reporter | None, cancel: Any) -> Reporter:
     return report
 
 
-def _forward_once(x, mask, network, meta, report: Reporter) -> tuple[torch.Tensor, list[float]]:
-    """Log responsibilities on the mask's bounding box after one forward pass, and the NLL there."""
+def _mask_voxels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(V, C) view of the mask's voxels of a (C, *spatial) image (flat indexing: no (V, ndim) coordinates)."""
+    return x.reshape(x.shape[0], -1)[:, mask.reshape(-1)].T
+
+
+def _forward_once(x, mask, network, meta) -> torch.Tensor:
+    """Log responsibilities (V, K) of the mask's voxels after one forward pass on the mask's bounding box."""
     box = crop_box(mask)
     xc, mc = x[(slice(None),) + box] * mask[box], mask[box]
     network.eval()
     with torch.inference_mode():
-        log_resp = forward_log_resp(network, xc, int(meta["network"]["spatial_dims"]))
-        _, nll, _ = deep_gmm_loss(xc[None], log_resp[None], mc[None], meta["method"],
-                                  meta.get("covariance_type", "full"), None, 0.0, meta.get("reg_covar", REG_COVAR))
-    history = [nll.item()]
-    report(1, 1, history[0])
-    return log_resp, history, box
+        logits = forward_logits(network, xc, int(meta["network"]["spatial_dims"]))
+        # (voxels, K) is a view of the network's channels-last output; only the mask's voxels are
+        # gathered and normalised
+        per_voxel = logits.movedim(0, -1).reshape(-1, logits.shape[0])
+        return F.log_softmax(per_voxel.index_select(0, mc.reshape(-1).nonzero().squeeze(1)), dim=1)
 
 
 def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
@@ -123,25 +131,24 @@ def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
 
 
 def _predict(x, mask, state, meta, fine_tune: int, device, seed: int, report: Reporter):
-    """(log_resp (K, *spatial), nll_history) of a loaded model; uniform outside the mask."""
-    n_classes = int(meta["n_classes"])
+    """(log_resp (V, K) of the mask's voxels, NLL after each fine-tuning step) of a loaded model.
+
+    A single forward pass (``fine_tune`` = 0) reports nothing and returns no history: its one NLL
+    is the mixture's, which the caller fits next (:func:`mixture_from_log_resp`).
+    """
     network = build_network(meta, state).to(device)
     network.autocast_dtype = resolve_precision("auto", device)
-    full = torch.full((n_classes,) + tuple(mask.shape), -math.log(n_classes), dtype=x.dtype, device=x.device)
     if fine_tune == 0:
-        log_resp, history, box = _forward_once(x, mask, network, meta, report)
-        full[(slice(None),) + box] = log_resp
-        return full, history
+        return _forward_once(x, mask, network, meta), []
     prior = meta.get("prior_means")
     torch.manual_seed(int(seed))
     network.train()
     fit, _ = fit_deep(
-        x, mask, n_classes, meta["method"], _fine_tune_settings(meta, fine_tune),
+        x, mask, int(meta["n_classes"]), meta["method"], _fine_tune_settings(meta, fine_tune),
         prior_means=None if prior is None else torch.as_tensor(prior, dtype=x.dtype, device=x.device),
         report=report, network=network,
     )
-    full[:, mask] = fit.log_resp.T.to(full.dtype)
-    return full, list(fit.nll_history)
+    return fit.log_resp, list(fit.nll_history)
 
 
 def predict_with_model(
@@ -165,19 +172,23 @@ def predict_with_model(
     fine_tune = _check_fine_tune(fine_tune)
     state, meta = load_trained_model(model_path)
     model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
-    return _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(progress, cancel))
+    report = _reporter(progress, cancel)
+    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, report)
+    if fine_tune == 0:
+        history = mixture_from_log_resp(_mask_voxels(x, mask), voxel_log_resp, meta, [], 1).nll_history
+        report(1, 1, history[0])
+    n_classes = int(meta["n_classes"])
+    full = torch.full((n_classes,) + tuple(mask.shape), -math.log(n_classes), dtype=x.dtype, device=x.device)
+    full[:, mask] = voxel_log_resp.T.to(full.dtype)
+    return full, history
 
 
 def mixture_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, meta: dict, history: list[float],
                           n_iter: int) -> MixtureFit:
     """Closed-form M-step and NLL of the model's mixture for responsibilities (V, K) of voxels (V, C)."""
     with torch.no_grad():
-        x = xv.T.unsqueeze(0).unsqueeze(-1)  # (1, C, V, 1): a 2D "image" of the mask voxels
-        lr = log_resp.T.unsqueeze(0).unsqueeze(-1)
-        m = torch.ones((1, xv.shape[0], 1), dtype=torch.bool, device=xv.device)
-        _, nll, fitted = deep_gmm_loss(x, lr, m, meta["method"], meta.get("covariance_type") or "full", None, 0.0,
-                                       meta.get("reg_covar", REG_COVAR))
-    weights, params = fitted[0]
+        nll, _, weights, params = voxel_nll(xv, log_resp, meta["method"], meta.get("covariance_type") or "full",
+                                            meta.get("reg_covar", REG_COVAR))
     return MixtureFit(log_resp, params, weights, list(history) + [nll.item()], n_iter, True)
 
 
@@ -193,5 +204,9 @@ def fit_with_model(x: torch.Tensor, mask: torch.Tensor, model: str | os.PathLike
     fine_tune = _check_fine_tune(fine_tune)
     state, meta = load_trained_model(model)
     model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
-    log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, _reporter(report, None))
-    return mixture_from_log_resp(x[:, mask].T.contiguous(), log_resp[:, mask].T, meta, history, max(fine_tune, 1))
+    reporter = _reporter(report, None)
+    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, reporter)
+    fit = mixture_from_log_resp(_mask_voxels(x, mask), voxel_log_resp, meta, history, max(fine_tune, 1))
+    if fine_tune == 0:
+        reporter(1, 1, fit.nll_history[-1])
+    return fit

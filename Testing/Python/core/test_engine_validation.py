@@ -99,3 +99,37 @@ def test_cuda_out_of_memory_under_auto_retries_on_cpu(img, monkeypatch):
     assert any("out of memory" in note for note in result.notes)
     with pytest.raises(torch.OutOfMemoryError):
         segment(img, 2, method="em-gmm", device="cuda")
+
+
+def test_mask_values_gather_and_scatter_like_boolean_indexing():
+    from DeepGMMSegmentLib.core.inputs import mask_values, set_mask_values
+
+    rng = np.random.default_rng(3)
+    data = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)
+    mask = rng.random((6, 7, 5)) > 0.4
+    np.testing.assert_array_equal(mask_values(data, mask), data[:, mask])
+    out = np.zeros_like(data)
+    set_mask_values(out, mask, data[:, mask] * 2)
+    expected = np.zeros_like(data)
+    expected[:, mask] = data[:, mask] * 2
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_probability_maps_follow_the_class_order_and_sum_to_one():
+    import torch
+
+    from DeepGMMSegmentLib.engine import _probability_maps
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((5, 6, 4)) > 0.3
+    logits = torch.from_numpy(rng.normal(size=(int(mask.sum()), 4)).astype(np.float32))
+    logits[:7, 1] = logits[:7, 3] = 9.0  # ties: the first class of the new order wins
+    log_resp = torch.log_softmax(logits, dim=1)
+    order = np.array([2, 0, 3, 1])
+    probabilities, labels = _probability_maps(log_resp, order, mask)
+    resp = log_resp.exp().numpy()[:, order]
+    resp /= resp.sum(1, keepdims=True)
+    np.testing.assert_allclose(probabilities[:, mask].T, resp, rtol=1e-6, atol=1e-7)
+    assert (probabilities[:, ~mask] == 0).all() and (labels[~mask] == 0).all()
+    np.testing.assert_array_equal(labels[mask], resp.argmax(1) + 1)
+    assert (labels[mask][:7] == 3).all()  # tied old classes 3 and 1 are labels 3 and 4: the first wins

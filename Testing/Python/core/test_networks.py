@@ -47,3 +47,31 @@ def test_deep_loss_gradients_reach_the_responsibilities_and_prior_adds_penalty()
     prior = torch.tensor([[-1.0], [0.0], [1.0]])
     loss, nll, _ = deep_gmm_loss(x, logits.log_softmax(1), mask, "deepsvg", prior_means=prior, prior_weight=2.0)
     assert loss > nll
+
+
+@pytest.mark.parametrize("dims, shape", [(2, (1, 4, 23, 19)), (3, (1, 4, 7, 13, 11)), (3, (2, 4, 7, 13, 11))])
+def test_instance_norm_of_one_image_in_inference_mode_is_instance_norm(dims, shape):
+    """The batch-norm shortcut of inference gives instance norm's output, per image (never batch statistics)."""
+    from DeepGMMSegmentLib.core.networks import InstanceNorm2d, InstanceNorm3d
+
+    torch.manual_seed(0)
+    ours = (InstanceNorm2d if dims == 2 else InstanceNorm3d)(shape[1], affine=True)
+    reference = (torch.nn.InstanceNorm2d if dims == 2 else torch.nn.InstanceNorm3d)(shape[1], affine=True)
+    with torch.no_grad():
+        for module in (ours, reference):
+            module.weight.copy_(torch.linspace(0.5, 2.0, shape[1]))
+            module.bias.copy_(torch.linspace(-1.0, 1.0, shape[1]))
+    x = (torch.randn(shape) * torch.arange(1, shape[0] + 1).view(-1, *[1] * (len(shape) - 1)) + 3.0)
+    x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
+    with torch.inference_mode():
+        torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)  # outside inference: the same code
+
+
+def test_unet_forward_in_inference_mode_matches_the_training_path():
+    net = UNet(3, 2, 3, base_width=4, depth=2)
+    x = torch.randn(1, 2, 9, 17, 16)
+    with torch.no_grad():
+        expected = net(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), expected, rtol=1e-4, atol=1e-4)

@@ -115,7 +115,8 @@ def test_mask_values_gather_and_scatter_like_boolean_indexing():
     np.testing.assert_array_equal(out, expected)
 
 
-def test_probability_maps_follow_the_class_order_and_sum_to_one():
+@pytest.mark.parametrize("chunk", [1 << 18, 7])  # one block; blocks of 7 grid voxels, some outside the mask
+def test_probability_maps_follow_the_class_order_and_sum_to_one(chunk):
     import torch
 
     from DeepGMMSegmentLib.engine import _probability_maps
@@ -126,10 +127,10 @@ def test_probability_maps_follow_the_class_order_and_sum_to_one():
     logits[:7, 1] = logits[:7, 3] = 9.0  # ties: the first class of the new order wins
     log_resp = torch.log_softmax(logits, dim=1)
     order = np.array([2, 0, 3, 1])
-    probabilities, labels = _probability_maps(log_resp, order, mask)
+    probabilities, labels = _probability_maps(log_resp, order, mask, chunk)
     resp = log_resp.exp().numpy()[:, order]
     resp /= resp.sum(1, keepdims=True)
-    np.testing.assert_allclose(probabilities[:, mask].T, resp, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(probabilities[:, mask].T, resp)
     assert (probabilities[:, ~mask] == 0).all() and (labels[~mask] == 0).all()
     np.testing.assert_array_equal(labels[mask], resp.argmax(1) + 1)
     assert (labels[mask][:7] == 3).all()  # tied old classes 3 and 1 are labels 3 and 4: the first wins

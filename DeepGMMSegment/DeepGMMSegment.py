@@ -121,7 +121,7 @@ class DeepGMMSegmentParameterNode:
     """The panel's settings, saved with the scene. Channel 1 defines the output grid and class
     order; maxIterations/tolerance 0 = method default; priorMeans "10,20;30,40" = one row per
     class, one value per channel; outputSegmentation None = create a new segmentation;
-    smoothness: deepSVG's spatial prior (0 = the published loss);
+    smoothness: deepSVG's spatial prior (0 = the published loss; AUTOMATIC_SMOOTHNESS = from the image's noise);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
     fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
     (biasFieldOrder 0 = automatic); seedSegmentation: reference segments painted per tissue, which
@@ -141,7 +141,7 @@ class DeepGMMSegmentParameterNode:
     tolerance: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     covarianceType: CovarianceType = CovarianceType.FULL
     priorMeans: str = ""
-    smoothness: Annotated[float, WithinRange(0.0, 10.0)] = options.DEFAULT_SMOOTHNESS["deepsvg"]
+    smoothness: Annotated[float, WithinRange(panel.AUTOMATIC_SMOOTHNESS, 10.0)] = panel.AUTOMATIC_SMOOTHNESS
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""

@@ -67,7 +67,7 @@ SPECS = {spec.name: spec for spec in (
                            "(smoothness = 0, no explicit spatial prior)"),
     MethodSpec("deepsvg", "ours: deepsvg", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, deep SVGMM (per-voxel weights), defaults "
-                           "(explicit spatial prior smoothness = 0.3)"),
+                           "(explicit spatial prior, smoothness chosen from the image's noise: 0.3 to 0.8)"),
     MethodSpec("deepsvg-paper", "ours: deepsvg, β = 0", True, ("torch", "DeepGMMSegmentLib"),
                description="the same with smoothness = 0: the paper's loss, the deep image prior alone"),
     MethodSpec("em-gmm-bias", "ours: em-gmm + bias field", True, ("torch", "DeepGMMSegmentLib"),

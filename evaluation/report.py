@@ -695,7 +695,7 @@ def _observations(data) -> list[str]:
     pairs = (("atropos-mrf", "atropos", "Atropos' MRF prior"),
              ("em-svgmm", "em-gmm", "spatially variant weights in EM (em-svgmm vs em-gmm)"),
              ("deepsvg-paper", "em-gmm", "the deep image prior alone (deepsvg with β = 0, the paper's loss, vs em-gmm)"),
-             ("deepsvg", "deepsvg-paper", "our explicit spatial prior on top (deepsvg β = 0.3 vs β = 0)"),
+             ("deepsvg", "deepsvg-paper", "our explicit spatial prior on top (deepsvg, β from the noise, vs β = 0)"),
              ("deepsvg", "em-gmm", "both together (deepsvg vs em-gmm)"),
              ("deepg", "em-gmm", "the deep image prior with global weights (deepg vs em-gmm)"))
     for condition in ("noise 0.10", "clean"):

@@ -20,9 +20,10 @@ import torch
 from .core import bias_field, em, gmm, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
-from .core.inputs import (check_prior_means, check_spacing, mask_values, normalize_channels, normalize_voxels,
-                          resolve_device, validate_seeded_inputs)
-from .options import DEEP_METHODS, DeepSettings, EMSettings, resolve_bias_field_order, resolve_options
+from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
+                          normalize_voxels, resolve_device, validate_seeded_inputs)
+from .options import (DEEP_METHODS, DeepSettings, EMSettings, adaptive_smoothness, resolve_bias_field_order,
+                      resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)
@@ -238,6 +239,10 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         data = bias.corrected
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
+        if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default: from the image's noise
+            noise = noise_level(norm, m, spacing)
+            opts["smoothness"] = adaptive_smoothness(noise)
+            logger.info("Noise level %.3f (least noisy channel, z-units): smoothness %.3f.", noise, opts["smoothness"])
         x_all = torch.from_numpy(norm).to(dev)
         mask_t = torch.from_numpy(m).to(dev)
         xv = x_all[:, mask_t].T.contiguous()  # (V, C)

@@ -107,8 +107,9 @@ SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "smoothness": (("--smoothness",), dict(
         type=non_negative_float, metavar="BETA",
         help="deep methods: weight of the spatial prior that makes neighbouring voxels agree (default: "
-             f"{options.DEFAULT_SMOOTHNESS['deepsvg']:g} for deepsvg, {options.DEFAULT_SMOOTHNESS['deepg']:g} for "
-             "deepg; 0 = the paper's loss, noisier labels; a trained model keeps its own for fine-tuning)")),
+             f"for deepsvg chosen from the image's noise, {options.DEFAULT_SMOOTHNESS['deepsvg']:g} on clean images "
+             f"and up to {options.MAX_ADAPTIVE_SMOOTHNESS:g} on noisy ones; {options.DEFAULT_SMOOTHNESS['deepg']:g} "
+             "for deepg; 0 = the paper's loss, noisier labels; a trained model keeps its own for fine-tuning)")),
     "precision": (("--precision",), dict(
         choices=options.PRECISIONS, help="deep methods: the network's arithmetic ('auto': bfloat16 where the "
                                          "hardware computes it natively, about 2x faster; default: "

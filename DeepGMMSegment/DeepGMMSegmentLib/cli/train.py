@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "row k)")
     _add_schedule_options(parser, default)
     _add_network_options(parser, default)
-    add_shared_options(parser, "smoothness", prior_weight=dict(default=default.prior_weight),
+    add_shared_options(parser, prior_weight=dict(default=default.prior_weight),
+                       smoothness=dict(help="weight of the spatial prior that makes neighbouring voxels agree "
+                                            f"(default: {options.DEFAULT_SMOOTHNESS['deepsvg']:g} for deepsvg, "
+                                            f"{options.DEFAULT_SMOOTHNESS['deepg']:g} for deepg; 0 = the paper's loss)"),
                        covariance=dict(default=default.covariance_type),
                        warm_start=dict(default=default.warm_start), precision=dict(default=default.precision),
                        device=dict(default=default.device), seed=dict(default=default.seed))

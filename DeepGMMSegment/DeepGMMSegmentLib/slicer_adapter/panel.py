@@ -93,9 +93,17 @@ def chosenChannels(volumes: Sequence[Any]) -> list[Any]:
     return [volume for volume in volumes if volume is not None]
 
 
+# The smoothness spin box's lowest value, shown as "automatic": deepSVG chooses the weight from the
+# image's noise (options.adaptive_smoothness). 0 stays a choice of its own (the published loss).
+AUTOMATIC_SMOOTHNESS = -0.1
+
+
 def smoothnessFor(method: str, smoothness: float) -> Optional[float]:
-    """The panel's spatial smoothness for ``method``: deepSVG only (deepG and EM use none), else None."""
-    return float(smoothness) if method == "deepsvg" else None
+    """The panel's spatial smoothness for ``method``: deepSVG only (deepG and EM use none), else None.
+
+    ``AUTOMATIC_SMOOTHNESS`` (any negative value) is None too: the engine then chooses it from the noise.
+    """
+    return float(smoothness) if method == "deepsvg" and smoothness >= 0 else None
 
 
 def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType: str = "full",

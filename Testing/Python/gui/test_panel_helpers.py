@@ -110,6 +110,7 @@ def test_engine_options_leave_defaults_to_the_engine():
 def test_smoothness_goes_to_deepsvg_only():
     assert panel.smoothnessFor("deepsvg", 0.5) == 0.5
     assert panel.smoothnessFor("deepsvg", 0.0) == 0.0
+    assert panel.smoothnessFor("deepsvg", panel.AUTOMATIC_SMOOTHNESS) is None  # the engine's choice from the noise
     assert [panel.smoothnessFor(m, 0.5) for m in ("deepg", "em-gmm", "em-svgmm")] == [None] * 3
     assert "smoothness" in options.resolve_options("deepsvg")  # the name the engine takes
 

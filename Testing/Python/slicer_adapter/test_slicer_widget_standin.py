@@ -78,7 +78,7 @@ def test_method_enum_and_defaults_come_from_options(harness, volumes):
     assert [member.name for member in methods] == ["DEEP_SVG", "DEEP_G", "EM_GMM", "EM_SVGMM"]  # saved in scenes
     parameters = harness.createWidget()._parameterNode
     assert parameters.method.value == options.DEFAULT_METHOD
-    assert parameters.smoothness == options.DEFAULT_SMOOTHNESS["deepsvg"]
+    assert parameters.smoothness == harness.module.panel.AUTOMATIC_SMOOTHNESS  # "automatic": from the noise
     assert [methods.EM_GMM.label(), methods.EM_GMM.shortName()] == ["EM-GMM (classic, fast)", "EM-GMM"]
 
 
@@ -159,7 +159,7 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     assert "smoothness" not in json.loads(first.GetAttribute("DeepGMMSegment.Options"))  # deepSVG only
     assert not ui.smoothnessSpinBox.enabled
     parameters.method = harness.module.SegmentationMethod.DEEP_SVG
-    assert ui.smoothnessSpinBox.enabled and parameters.smoothness == 0.3
+    assert ui.smoothnessSpinBox.enabled and parameters.smoothness == harness.module.panel.AUTOMATIC_SMOOTHNESS
 
     # Another method, "Create new (keep both)": a second output and a second block of rows.
     questions = []

@@ -53,11 +53,17 @@ def test_deepsvg_takes_its_smoothness_from_the_noise_unless_given():
         clean = segment(clean_image, 3, **quick)
         noisy = segment(noisy_image, 3, **quick)
         given = segment(noisy_image, 3, smoothness=0.1, **quick)
+        anchored = segment(noisy_image, 3, prior_means=[[0.0], [1.0], [2.0]], **quick)
+        seeds = np.zeros(noisy_image.shape, np.int64)
+        seeds[5, 2], seeds[5, 18], seeds[5, 30] = 1, 2, 3
+        seeded = segment(noisy_image, 3, seeds=seeds, **quick)
     assert clean.options["smoothness"] == options.DEFAULT_SMOOTHNESS["deepsvg"]
     norm, _, _ = normalize_channels(noisy_image[None].astype(np.float32), np.ones(noisy_image.shape, bool))
     expected = options.adaptive_smoothness(noise_level(norm, np.ones(noisy_image.shape, bool)))
     assert expected > options.DEFAULT_SMOOTHNESS["deepsvg"]
     assert noisy.options["smoothness"] == pytest.approx(expected)
     assert given.options["smoothness"] == 0.1
+    # prior means or seeds anchor the classes: the constant default (measured better there)
+    assert anchored.options["smoothness"] == seeded.options["smoothness"] == options.DEFAULT_SMOOTHNESS["deepsvg"]
     assert options.resolve_options("deepg")["smoothness"] == 0.0
     assert options.resolve_options("deepsvg")["smoothness"] is None

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 # A class holding less than this share of the mask voxels is "almost none", more than
 # 1 - this share "almost all": K is probably wrong for what the image holds.
 CLASS_SHARE_WARNING = 0.001
+# Voxels per block where the result's maps are built or counted: nothing of the volume's size is copied.
+CHUNK = 1 << 18
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -158,7 +160,9 @@ def _run_explained(data, m, n_classes, method, opts, spacing, prior, dev, seed, 
 
 def _class_share_notes(labels: np.ndarray, n_classes: int, no_mask: bool) -> list[str]:
     """Warnings for classes that hold almost none or almost all of the mask voxels (K is probably wrong)."""
-    counts = np.array([np.count_nonzero(labels == k) for k in range(1, n_classes + 1)])  # no int64 copy of labels
+    flat = labels.reshape(-1)
+    counts = sum(np.bincount(flat[start:start + CHUNK], minlength=n_classes + 1)  # in blocks: no int64 copy
+                 for start in range(0, flat.size, CHUNK))[1:n_classes + 1]  # label 0: outside the mask
     shares = counts / max(counts.sum(), 1)
     hint = (" Without a mask the background is a class too: count it in n_classes or give a mask."
             if no_mask else "")
@@ -330,7 +334,7 @@ def _build_result(fit: em.MixtureFit, m: np.ndarray, centre: np.ndarray, scale: 
 
 
 def _probability_maps(log_resp: torch.Tensor, order: np.ndarray, m: np.ndarray,
-                      chunk: int = 1 << 18) -> tuple[np.ndarray, np.ndarray]:
+                      chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities (K, *spatial) float32, labels uint8) of log responsibilities (V, K) in class ``order``.
 
     Built a block of the grid at a time (``chunk`` voxels, C order, as the mask's voxels are), so

@@ -80,7 +80,7 @@ def _checked_mask(mask: Any, shape: tuple[int, ...]) -> np.ndarray:
     m = np.asarray(mask)
     if m.shape != shape:
         raise ValueError(f"The mask has shape {m.shape} but the channels have {shape}: give a mask on the same grid.")
-    m = m.astype(bool)
+    m = np.asarray(m, dtype=bool)  # a bool mask is used as given (only read, never written)
     if not m.any():
         raise ValueError("The mask is empty: it must contain the voxels to segment (nonzero = inside).")
     return m

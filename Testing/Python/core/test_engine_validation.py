@@ -62,9 +62,10 @@ def test_more_classes_than_distinct_values(img):
 def test_inputs_are_not_modified(img):
     mask = img > -1
     before, mask_before = img.copy(), mask.copy()
-    segment(img, 3, method="em-gmm", mask=mask)
-    np.testing.assert_array_equal(img, before)
-    np.testing.assert_array_equal(mask, mask_before)
+    for method, options in (("em-gmm", {}), ("deepsvg", dict(max_iter=2, min_iter=2, warm_start_iter=1))):
+        segment(img, 3, method=method, mask=mask, **options)  # the bool mask is used without a copy
+        np.testing.assert_array_equal(img, before)
+        np.testing.assert_array_equal(mask, mask_before)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")

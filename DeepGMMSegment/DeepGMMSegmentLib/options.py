@@ -26,7 +26,8 @@ import numpy as np
 __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
-    "adaptive_smoothness", "check_class_names", "check_value", "parse_prior_means", "resolve_bias_field_order", "resolve_options",
+    "adaptive_smoothness", "check_class_names", "check_value", "parse_prior_means", "resolve_bias_field_order",
+    "resolve_options",
 ]
 
 # ----------------------------------------------------------------------------- names
@@ -188,8 +189,10 @@ class DeepSettings:
     # on the clean T1 (0.835 vs 0.879) and 0.008 on the phantom for about 3.7x less CPU per step; on
     # the 1 mm MNI (quiet machine) it took the fit from 630 s to 222 s for mean Dice 0.776 against
     # 0.790. Coarse to fine with 2^17 (the 2 mm MNI fitted on a 4 mm grid first, then up to 30
-    # steps at 2 mm) took 0.2x the CPU time and cost 0.004..0.014 (clean 0.872, the EM start, vs 0.876; noise 0.10
-    # 0.857 vs 0.861; phantom 0.852 vs 0.862; shifted grid 0.869 vs 0.879 and 0.847 vs 0.861).
+    # steps at 2 mm) took 0.2x the CPU time and cost 0.004..0.028 (clean 0.872, the EM start, vs 0.876;
+    # noise 0.05 0.863 vs 0.891; noise 0.10 0.857 vs 0.861; phantom 0.852 vs 0.862; shifted grid 0.869 vs
+    # 0.879 and 0.847 vs 0.861); with 60 full-resolution steps always run, 0.25x and 0.017..0.047
+    # (docs/speed.md).
     max_network_voxels: int = 2**20
     # A crop pooled for the network (above) is fitted coarse to fine (core.deep.fit_deep): the whole
     # fit on the pooled grid, then this many steps with the loss at full resolution. Measured on the

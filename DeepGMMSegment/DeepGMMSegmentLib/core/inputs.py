@@ -17,8 +17,8 @@ from ..options import METHODS
 from .seeds import FREE
 
 __all__ = [
-    "check_prior_means", "check_spacing", "crop_box", "mask_values", "noise_level", "set_mask_values", "normalize_channels", "normalize_voxels", "resolve_device",
-    "validate_inputs", "validate_seeded_inputs",
+    "check_prior_means", "check_spacing", "crop_box", "mask_values", "noise_level", "normalize_channels",
+    "normalize_voxels", "resolve_device", "set_mask_values", "validate_inputs", "validate_seeded_inputs",
 ]
 
 MAX_CLASSES = 255  # labels are uint8

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 __all__ = ["FREE", "SEED_LOG_FLOOR", "class_means", "fix_responsibilities", "initial_means"]
 
@@ -67,6 +66,9 @@ def initial_means(seed_means: torch.Tensor, n_classes: int, centres: torch.Tenso
     n_seed = seed_means.shape[0]
     if n_classes == n_seed:
         return seed_means
+    # Only a seeded run with free classes needs scipy: every other run works with numpy and torch alone.
+    from scipy.optimize import linear_sum_assignment
+
     cost = torch.cdist(seed_means.double(), centres.double()).cpu().numpy() ** 2
     _, taken = linear_sum_assignment(cost)
     left = np.setdiff1d(np.arange(centres.shape[0]), taken)[: n_classes - n_seed]

@@ -212,3 +212,20 @@ def test_the_layer_check_sees_an_upward_import(tmp_path, monkeypatch):
     (lib / "slicer_adapter" / "outputs.py").write_text("def colors():\n    from ..cli.preview import X\n")
     monkeypatch.setitem(PACKAGES, LIB, lib)
     assert _layer_violations() == [f"{LIB}.slicer_adapter.outputs imports {LIB}.cli.preview"]
+
+
+def test_segment_runs_without_scipy():
+    """scipy serves one seeded case only (core/seeds.py imports it there): a plain run never loads it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['scipy'] = None\n"  # any import of scipy now fails
+        "import numpy as np\n"
+        "from DeepGMMSegmentLib import segment\n"
+        "image = np.repeat([0.0, 1.0, 2.0], 10)[None, :].repeat(8, 0) + np.random.default_rng(0).normal(0, .1, (8, 30))\n"
+        "print(segment(image, 3, method='em-gmm', device='cpu').labels.max())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[3] / "DeepGMMSegment")
+    assert done.returncode == 0 and done.stdout.strip() == "3", done.stderr[-2000:]

@@ -124,7 +124,7 @@ class DeepGMMSegmentParameterNode:
     smoothness: deepSVG's spatial prior (0 = the published loss; AUTOMATIC_SMOOTHNESS = from the image's noise);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
     fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
-    (biasFieldOrder 0 = automatic); seedSegmentation: reference segments painted per tissue, which
+    (biasFieldOrder 0 = when the image shows one, the default; 1..6 = always, of that order); seedSegmentation: reference segments painted per tissue, which
     fix the classes' identity, names and colours."""
 
     inputVolume1: Optional[vtkMRMLScalarVolumeNode]
@@ -146,7 +146,7 @@ class DeepGMMSegmentParameterNode:
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
     seedSegmentation: Optional[vtkMRMLSegmentationNode]
-    correctBiasField: bool = False
+    correctBiasField: bool = True
     biasFieldOrder: Annotated[int, WithinRange(0, options.MAX_BIAS_FIELD_ORDER)] = 0
     outputSegmentation: Optional[vtkMRMLSegmentationNode]
     probabilityMaps: bool = True
@@ -663,7 +663,8 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
         parameters = widget._parameterNode
         parameters.inputVolume1, parameters.outputSegmentation = volume, None
         parameters.method, parameters.numberOfClasses = SegmentationMethod.EM_GMM, 3
-        parameters.seedSegmentation, parameters.correctBiasField = strokes, True
+        # order 3 = always corrected ("when detected" looks for no field in a region this small)
+        parameters.seedSegmentation, parameters.correctBiasField, parameters.biasFieldOrder = strokes, True, 3
         widget.ui.segmentButton.click()
         self._waitUntil(lambda: not widget.isProcessing(), 300, "the EM-GMM run")
         segmentation = parameters.outputSegmentation.GetSegmentation()
@@ -674,7 +675,7 @@ class DeepGMMSegmentTest(ScriptedLoadableModuleTest):
             self.assertEqual(slicer.util.getNode(name).GetImageData().GetDimensions(),
                              volume.GetImageData().GetDimensions())
         self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(volume), before), "input was modified")
-        parameters.seedSegmentation, parameters.correctBiasField = None, False
+        parameters.seedSegmentation, parameters.correctBiasField, parameters.biasFieldOrder = None, True, 0
 
     def test_PanelCancel(self):
         self.delayDisplay("Panel: cancel a long deepSVG run")

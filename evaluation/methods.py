@@ -59,7 +59,8 @@ ALL_OURS = OURS + OURS_BIAS
 
 SPECS = {spec.name: spec for spec in (
     MethodSpec("em-gmm", "ours: em-gmm", True, ("torch", "DeepGMMSegmentLib"),
-               description="DeepGMMSegmentLib.segment, classic EM, full covariance, k-means++ init"),
+               description="DeepGMMSegmentLib.segment, classic EM, full covariance, k-means++ init; "
+                           "defaults (a bias field corrected when detected)"),
     MethodSpec("em-svgmm", "ours: em-svgmm", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, EM for the spatially variant GMM"),
     MethodSpec("deepg", "ours: deepg", True, ("torch", "DeepGMMSegmentLib"),
@@ -67,15 +68,16 @@ SPECS = {spec.name: spec for spec in (
                            "(smoothness = 0, no explicit spatial prior)"),
     MethodSpec("deepsvg", "ours: deepsvg", True, ("torch", "DeepGMMSegmentLib"),
                description="DeepGMMSegmentLib.segment, deep SVGMM (per-voxel weights), defaults "
-                           "(explicit spatial prior, smoothness chosen from the image's noise: 0.3 to 0.8)"),
+                           "(explicit spatial prior, smoothness chosen from the image's noise: 0.3 to 0.8; a "
+                           "bias field corrected when detected: bias_field='detect')"),
     MethodSpec("deepsvg-paper", "ours: deepsvg, β = 0", True, ("torch", "DeepGMMSegmentLib"),
                description="the same with smoothness = 0: the paper's loss, the deep image prior alone"),
     MethodSpec("em-gmm-bias", "ours: em-gmm + bias field", True, ("torch", "DeepGMMSegmentLib"),
                description="em-gmm with bias_field='auto': a smooth multiplicative field estimated "
-                           "jointly with the mixture (core/bias_field.py)"),
+                           "jointly with the mixture (core/bias_field.py) on every image"),
     MethodSpec("deepsvg-bias", "ours: deepsvg + bias field", True, ("torch", "DeepGMMSegmentLib"),
                description="deepsvg with bias_field='auto' (the joint em-gmm field, then the deep fit "
-                           "on the corrected image)"),
+                           "on the corrected image) on every image"),
     MethodSpec("sklearn-gmm", "scikit-learn GMM", False, ("sklearn.mixture",),
                description="sklearn GaussianMixture(covariance_type='full', random_state=seed), "
                            "k-means init, on the brain voxels"),

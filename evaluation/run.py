@@ -83,15 +83,16 @@ def build_plan(quick: bool):
                                                   if c[0] in ONE_MM_CONDITIONS]):
         names = list(PEERS_1D) + ["em-gmm", "deepsvg"] + (["deepg"] if case.name == "clean" else [])
         if "bias" in case.name:
-            names += list(BIAS_PEERS) + list(methods.OURS_BIAS)
+            names += list(BIAS_PEERS)
         plan.append(("T1", "1 mm", case, 3, names))
     # 2 mm: every peer, our EM and deepsvg on every condition; deepg and deepsvg without the
-    # spatial prior (the paper's loss) on the two conditions the goals name; our methods with the
-    # joint bias field where a field is and on the clean image (what the field model costs there)
+    # spatial prior (the paper's loss) on the two conditions the goals name. Our defaults correct a
+    # field where they detect one (bias_field="detect"), so the rows with the field always on
+    # ("auto") run where there is none, on the same two conditions: what a field nobody needed costs
     for case in conditions.t1_cases(volume_2mm):
         ours = methods.OURS if case.name in DEEP_CONDITIONS else ("em-gmm", "em-svgmm", "deepsvg")
         names = list(ours) + list(PEERS_1D)
-        if "bias" in case.name or case.name == "clean":
+        if case.name in DEEP_CONDITIONS:
             names += list(methods.OURS_BIAS)
         if "bias" in case.name:
             names += list(BIAS_PEERS)

@@ -22,7 +22,7 @@ from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
                           normalize_voxels, resolve_device, validate_seeded_inputs)
-from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness,
+from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness, detects_bias_field,
                       resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
@@ -141,6 +141,7 @@ def segment(
     result.notes += _class_share_notes(result.labels, n_classes, mask is None)
     if bias is not None:
         result.bias_field, result.corrected = bias.field, bias.corrected
+        result.notes += _bias_field_note(bias)
     result.class_names = class_names
     return result
 
@@ -190,6 +191,7 @@ class BiasEstimate:
     fit: em.MixtureFit  # the joint GMM fit, normalised by ``centre`` / ``scale`` (corrected-image units)
     centre: np.ndarray
     scale: np.ndarray
+    detection: bias_field.FieldDetection | None = None  # bias_field="detect": why the field was corrected
 
 
 def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report) -> BiasEstimate:
@@ -214,6 +216,14 @@ def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generat
     return BiasEstimate(field, bias_field.apply_bias(data, m, field), fit, centre * gain, scale * gain)
 
 
+def _bias_field_note(bias: BiasEstimate | None) -> list[str]:
+    """What ``bias_field="detect"`` did, when it corrected a field (the user did not ask for one explicitly)."""
+    if bias is None or bias.detection is None:
+        return []
+    return [f"bias_field='detect': {bias.detection.reason} (bias_field='none' turns this off, 'auto' always "
+            "corrects)."]
+
+
 def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, start, seed_grid=None):
     """Normalise, fit on ``dev`` and return (fit in normalised units, centre, scale, bias estimate or None).
 
@@ -235,9 +245,18 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     generator = torch.Generator().manual_seed(int(seed))
     bias = None
     order = resolve_bias_field_order(opts["bias_field"])
+    detection = None
+    if order > 0 and detects_bias_field(opts["bias_field"]):
+        detection = bias_field.detect_bias_field(data, m, n_classes, spacing=spacing, seed=int(seed), order=order,
+                                                 covariance_type=opts["covariance_type"],
+                                                 reg_covar=float(opts["reg_covar"]))
+        logger.info("bias_field='detect': %s", detection.reason)
+        check_cancel()
+        order = order if detection.detected else 0
     if order > 0:
         bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator,
                               report if method == "em-gmm" else lambda *_: check_cancel())
+        bias.detection = detection
         if method == "em-gmm" and seed_grid is None:
             return bias.fit, bias.centre, bias.scale, bias
         data = bias.corrected

@@ -152,7 +152,7 @@ class DeepGMMSegmentLogic:
                 roi=None, mask=None, device: str = "auto", seed: int = 0, options: dict | None = None,
                 probabilityMaps: bool = True, waitForCompletion: bool = True,
                 progressCallback: Callable[[ProgressInfo], object] | None = None,
-                completedCallback: Callable[[object], None] | None = None, biasField="none",
+                completedCallback: Callable[[object], None] | None = None, biasField="detect",
                 seedSegmentation=None):
         """Segment ``inputVolumes`` into ``numberOfClasses`` tissue classes.
 
@@ -188,10 +188,11 @@ class DeepGMMSegmentLogic:
         :param completedCallback: called with the outputs, or with the exception (e.g.
             :class:`ProcessingCancelled`, :class:`WorkerError`) on failure or cancel.
         :param biasField: correct a smooth intensity inhomogeneity together with the fit (the
-            engine's ``bias_field``, docs/bias-field.md): ``True`` or "auto", a basis order 1..6, or
-            "none"/``False`` (default). Adds per channel "<input> bias field" and "<input> corrected"
-            volumes on the first input's grid (the inputs are not modified); a rerun into the same
-            output updates them.
+            engine's ``bias_field``, docs/bias-field.md): "detect" (default: only when the image
+            shows a field, looked for in masks of 12 cm and more along two axes), ``True`` or "auto"
+            (always, order 3), a basis order 1..6 (always), or "none"/``False``. When a field is
+            corrected, adds per channel "<input> bias field" and "<input> corrected" volumes on the
+            first input's grid (the inputs are not modified); a rerun into the same output updates them.
         :param seedSegmentation: ``vtkMRMLSegmentationNode`` with a few painted strokes per tissue,
             one segment each (the engine's ``seeds``): segment n marks class n, its painted voxels'
             means become the class's prior means, and output class n takes the segment's name and

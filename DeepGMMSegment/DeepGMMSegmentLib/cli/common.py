@@ -141,9 +141,11 @@ def add_bias_field_options(parser: argparse.ArgumentParser, cohort: bool = False
     ``cohort``: the command also segments cohorts, where the two files are flags naming
     ``<case>_bias_field.nii.gz`` / ``<case>_corrected.nii.gz`` in the output folder.
     """
-    parser.add_argument("--bias-field-order", choices=BIAS_FIELD_ORDERS, metavar="{none,auto,0..6}",
+    parser.add_argument("--bias-field-order", choices=BIAS_FIELD_ORDERS, metavar="{none,auto,detect,0..6}",
                         help="estimate a smooth multiplicative bias field (MR coil inhomogeneity) together "
-                             f"with the mixture: 'auto' = basis order {options.DEFAULT_BIAS_FIELD_ORDER}, or an "
+                             f"with the mixture: 'auto' = always, basis order {options.DEFAULT_BIAS_FIELD_ORDER}; "
+                             "'detect' = that order only when the image shows a field (looked for in masks of "
+                             f"{options.BIAS_FIELD_DETECTION_MIN_EXTENT_MM:g} mm and more along two axes); or an "
                              f"order 0..{options.MAX_BIAS_FIELD_ORDER}; needs positive intensities (default: "
                              f"{options.DEFAULT_BIAS_FIELD}, or auto with --bias-field / --corrected)")
     files = dict(nargs="?", const=True) if cohort else {}

@@ -242,8 +242,11 @@ class ResultFiles:
         return [path for path in (self.labels, self.probabilities, self.bias_field, self.corrected) if path]
 
 
-def write_result(result, reference, files: ResultFiles, staging: StagedOutputs):
+def write_result(result, reference, files: ResultFiles, staging: StagedOutputs, channels: Sequence[np.ndarray] = ()):
     """Stage every output ``files`` asks for on the reference's geometry; returns the label image.
+
+    A run that corrected no field (``bias_field="detect"`` found none) writes a field of ones and
+    the input ``channels`` as the corrected image: the correction it applied was the identity.
 
     The label map is staged last, so it is moved into place last: its existence marks a
     complete set (the batch mode skips a case whose label map exists).
@@ -251,8 +254,11 @@ def write_result(result, reference, files: ResultFiles, staging: StagedOutputs):
     if files.probabilities:
         write_image(probability_image(result.probabilities, reference), staging.path_for(files.probabilities),
                     "probabilities")
-    for path, values, role in ((files.bias_field, result.bias_field, "bias field"),
-                               (files.corrected, result.corrected, "corrected image")):
+    field, corrected = result.bias_field, result.corrected
+    if field is None and (files.bias_field or files.corrected):
+        corrected = np.stack([np.asarray(c, dtype=np.float32).reshape(result.labels.shape) for c in channels])
+        field = np.ones_like(corrected)
+    for path, values, role in ((files.bias_field, field, "bias field"), (files.corrected, corrected, "corrected image")):
         if path:
             write_image(channels_image(values, reference), staging.path_for(path), role)
     labels = label_image(result.labels, reference)

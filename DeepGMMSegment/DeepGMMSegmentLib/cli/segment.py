@@ -240,7 +240,7 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
             say(note)
         with images.StagedOutputs() as staging:
             result = _segment(args, inputs, engine_options, stderr)
-            _write_outputs(args, inputs.reference, result, staging)
+            _write_outputs(args, inputs, result, staging)
     except CliError:
         raise
     except ValueError as error:  # a file that cannot be read or written
@@ -253,9 +253,11 @@ def run(args: argparse.Namespace, stderr: TextIO) -> int:
     return EXIT_OK
 
 
-def _write_outputs(args: argparse.Namespace, reference, result, staging: images.StagedOutputs) -> None:
+def _write_outputs(args: argparse.Namespace, inputs: images.LoadedInputs, result,
+                   staging: images.StagedOutputs) -> None:
+    reference = inputs.reference
     files = images.ResultFiles(args.output, args.probabilities, args.bias_field, args.corrected)
-    labels = images.write_result(result, reference, files, staging)
+    labels = images.write_result(result, reference, files, staging, inputs.channels)
     if args.preview:
         from .preview import write_image_preview
 

@@ -141,7 +141,7 @@ def segment_case(case, request: ModelRequest, files: images.ResultFiles) -> Case
     for path in files.paths():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     with images.StagedOutputs() as staging:
-        images.write_result(result, loaded.reference, files, staging)
+        images.write_result(result, loaded.reference, files, staging, loaded.channels)
     counts = np.bincount(result.labels.ravel(), minlength=result.n_classes + 1)[1:]
     names = [f"{name} " for name in result.class_names] if result.class_names else [""] * len(counts)
     shares = " ".join(f"{name}{100 * c / max(counts.sum(), 1):.0f}%" for name, c in zip(names, counts))

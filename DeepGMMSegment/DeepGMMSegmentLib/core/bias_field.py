@@ -43,9 +43,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..options import DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order
+from ..options import (BIAS_FIELD_DETECTION_MIN_EXTENT_MM, BIAS_FIELD_DETECTION_THRESHOLD, BIAS_FIELD_DETECTION_VOXELS,
+                       DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order)
 from . import em, gmm
-from .inputs import mask_values, set_mask_values
+from .inputs import mask_values, normalize_voxels, set_mask_values
 
 # The option's default order ("auto", with its measurement), maximum and validation live in options.
 _CHUNK = 1 << 18  # voxels per float64 accumulation block (bounds the temporary memory)
@@ -317,6 +318,83 @@ def fit_mixture_with_bias(
             converged = True
             break
     return BiasMixtureFit(fit, coefficients, history, n_outer, converged)
+
+
+# ----------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class FieldDetection:
+    """Whether an image shows a bias field worth correcting (:func:`detect_bias_field`).
+
+    ``strength``: SD of the estimated log field inside the mask, largest over the channels (NaN
+    when no field was estimated); ``reason``: one sentence saying why, for notes and logs.
+    """
+
+    detected: bool
+    strength: float
+    reason: str
+
+
+def mask_extent_mm(mask: np.ndarray, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Length of the mask's bounding box along each axis, in mm (voxels when ``spacing`` is None)."""
+    spacing_arr = np.ones(mask.ndim) if spacing is None else np.asarray(spacing, dtype=float)
+    extent = np.zeros(mask.ndim)
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if present.size:
+            extent[axis] = (present[-1] - present[0] + 1) * spacing_arr[axis]
+    return extent
+
+
+def detect_bias_field(
+    data: np.ndarray,
+    mask: np.ndarray,
+    n_classes: int,
+    *,
+    spacing: Sequence[float] | None = None,
+    seed: int = 0,
+    order: int = DEFAULT_BIAS_FIELD_ORDER,
+    covariance_type: str = "full",
+    reg_covar: float = 1e-4,
+    threshold: float = BIAS_FIELD_DETECTION_THRESHOLD,
+    n_voxels: int = BIAS_FIELD_DETECTION_VOXELS,
+    min_extent_mm: float = BIAS_FIELD_DETECTION_MIN_EXTENT_MM,
+) -> FieldDetection:
+    """Does (C, *spatial) ``data`` inside ``mask`` show a smooth multiplicative field?
+
+    The joint fit (:func:`fit_mixture_with_bias`, order ``order``) runs on ``n_voxels`` mask voxels
+    drawn at random (its own generators from ``seed``; nothing else's random state moves), and the
+    field counts when the SD of its log inside the mask reaches ``threshold`` in some channel.
+    Only masks at least ``min_extent_mm`` long along two axes or more are looked at (in a smaller
+    region a smooth field can follow the anatomy), and only positive channels (a multiplicative
+    field means nothing for signed images). The thresholds and their measurements: options.py.
+    """
+    long_axes = int((mask_extent_mm(mask, spacing) >= min_extent_mm).sum())
+    if long_axes < 2:
+        return FieldDetection(False, float("nan"),
+                              f"no bias field looked for: the mask is shorter than {min_extent_mm:g} mm along "
+                              f"{mask.ndim - long_axes} of its {mask.ndim} axes")
+    inside = mask_values(data, mask)
+    if not (np.median(inside, axis=1) > 0).all():
+        return FieldDetection(False, float("nan"), "no bias field looked for: a channel is not positive")
+    index = np.flatnonzero(mask)
+    if index.size > n_voxels:
+        pick = np.sort(np.random.default_rng(seed).choice(index.size, n_voxels, replace=False))
+        index, inside = index[pick], inside[:, pick]
+    sample = np.zeros(mask.shape, dtype=bool)
+    sample.flat[index] = True  # flat indices in C order: the sample's voxels keep the mask's order
+    basis = torch.from_numpy(bias_basis(sample, order, spacing))
+    _, centre, scale = normalize_voxels(data, sample)  # the engine's z-scores, of the sample
+    joint = fit_mixture_with_bias(
+        torch.from_numpy(np.ascontiguousarray(inside.T, dtype=np.float32)), basis, n_classes,
+        centre=torch.as_tensor(centre), scale=torch.as_tensor(scale), generator=torch.Generator().manual_seed(int(seed)),
+        covariance_type=covariance_type, reg_covar=reg_covar)
+    strength = float(log_field(basis, joint.coefficients).std(dim=0).max()) if basis.shape[1] else 0.0
+    if strength >= threshold:
+        return FieldDetection(True, strength, f"a bias field was detected (SD of its log {strength:.3f} >= "
+                                              f"{threshold:g}) and corrected")
+    return FieldDetection(False, strength, f"no bias field corrected (SD of its log {strength:.3f} < {threshold:g})")
 
 
 @dataclass

@@ -96,7 +96,7 @@ def writeOutputs(request: Request, result: SegmentationResult) -> DeepGMMSegment
     if tuple(result.labels.shape) != tuple(expectedShape) or result.probabilities.shape[0] != numberOfClasses:
         raise WorkerError(f"The engine returned arrays of shape {result.labels.shape} / "
                           f"{result.probabilities.shape}; expected {expectedShape} with {numberOfClasses} classes.")
-    if request.correctsBiasField and (result.bias_field is None or result.corrected is None):
+    if request.alwaysCorrectsBiasField and (result.bias_field is None or result.corrected is None):
         raise WorkerError("The engine returned no bias field although one was requested.")
     segmentationNode = request.outputSegmentation
     if segmentationNode is None:
@@ -182,6 +182,7 @@ def storeAttributes(segmentationNode, request: Request, result: SegmentationResu
         "Version": __version__,
         "Options": json.dumps(request.options, sort_keys=True),
         "BiasField": str(request.biasField),
+        "BiasFieldCorrected": "true" if result.bias_field is not None else "false",
         "ClassStatistics": json.dumps([vars(s) for s in statistics]),
     }
     wasModifying = segmentationNode.StartModify()
@@ -373,9 +374,10 @@ def writeBiasFieldVolumes(segmentationNode, request: Request, result: Segmentati
     grid, "<input> bias field" and "<input> corrected" (roles :data:`BIAS_FIELD_REFERENCE_ROLE`,
     :data:`CORRECTED_REFERENCE_ROLE`); the inputs are never modified. Outside an ROI's region a
     rerun keeps the previous values; new volumes hold there the field 1 and the uncorrected input
-    (what the engine gives outside its mask). Without a field this run, the output's references to
-    old ones are dropped (the volumes stay in the scene)."""
-    if not request.correctsBiasField:
+    (what the engine gives outside its mask). Without a field this run (none requested, or
+    ``biasField="detect"`` found none), the output's references to old ones are dropped (the
+    volumes stay in the scene)."""
+    if not request.correctsBiasField or result.bias_field is None:
         for role in (BIAS_FIELD_REFERENCE_ROLE, CORRECTED_REFERENCE_ROLE):
             segmentationNode.RemoveNodeReferenceIDs(role)
         return [], []

@@ -123,11 +123,11 @@ def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType
 
 
 def biasFieldOption(correct: bool, order: int = 0):
-    """``process(biasField=...)`` from the panel: "none" unchecked, else "auto" (order 0, the
-    spin box's "automatic") or the chosen basis order."""
+    """``process(biasField=...)`` from the panel: "none" unchecked, else "detect" (order 0, the
+    spin box's "when detected", the default) or the chosen basis order (always corrected)."""
     if not correct:
         return "none"
-    return int(order) if order and order > 0 else "auto"
+    return int(order) if order and order > 0 else "detect"
 
 
 #: Deep methods a trained model can be made for (engine names, in ``options.METHODS`` order).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..options import METHODS, resolve_bias_field_order
+from ..options import DEFAULT_BIAS_FIELD, METHODS, detects_bias_field, resolve_bias_field_order
 from . import geometry
 from .geometry import VolumeGeometry
 from .seeds import ReferenceSegments, referenceSegments, segmentCountProblem
@@ -44,12 +44,18 @@ class Request:
     geometry: VolumeGeometry
     region: tuple | None
     regionMask: np.ndarray | None
-    biasField: str | int = "none"  # the engine's bias_field: "none", "auto" or a basis order
+    biasField: str | int = "none"  # the engine's bias_field: "none", "auto", "detect" or a basis order
     reference: ReferenceSegments | None = None  # seeds from the reference segments, with names and colours
 
     @property
     def correctsBiasField(self) -> bool:
+        """Whether the engine is asked for a field (always, or when it detects one)."""
         return resolve_bias_field_order(self.biasField) > 0
+
+    @property
+    def alwaysCorrectsBiasField(self) -> bool:
+        """Whether every run returns a field ("detect" returns one only when it finds one)."""
+        return self.correctsBiasField and not detects_bias_field(self.biasField)
 
     def regionSeeds(self) -> np.ndarray | None:
         """The seed labels the engine gets: on the ROI's region when there is one, else the whole grid."""
@@ -59,11 +65,11 @@ class Request:
 
     def engineOptions(self) -> dict:
         """What the worker passes to ``segment()`` besides the arrays: the options and the bias field."""
-        return {**self.options, "bias_field": self.biasField} if self.correctsBiasField else dict(self.options)
+        return {**self.options, "bias_field": self.biasField}  # explicit: "none" must not become the engine's default
 
 
 def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, roi, mask, device, seed,
-                   options, probabilityMaps, biasField="none", seedSegmentation=None) -> Request:
+                   options, probabilityMaps, biasField=DEFAULT_BIAS_FIELD, seedSegmentation=None) -> Request:
     """Check every argument (``ValueError`` naming the problem and the fix) and read the scene."""
     if inputVolumes is None:
         raise ValueError("No input volume given. Pass a list of 1-4 scalar volume nodes.")
@@ -140,7 +146,7 @@ def prepareRequest(inputVolumes, outputSegmentation, numberOfClasses, method, ro
 
 def checkedBiasField(biasField):
     """``process(biasField=...)`` as the engine's ``bias_field``: True = "auto", False/None = "none",
-    else "none", "auto" or a basis order (checked by ``options.resolve_bias_field_order``)."""
+    else "none", "auto", "detect" or a basis order (checked by ``options.resolve_bias_field_order``)."""
     if biasField is None or biasField is False:
         return "none"
     if biasField is True:
@@ -151,7 +157,9 @@ def checkedBiasField(biasField):
         raise ValueError(f"biasField: {error}") from None
     if order == 0:
         return "none"
-    return "auto" if isinstance(biasField, str) and biasField.strip().lower() == "auto" else order
+    if isinstance(biasField, str) and biasField.strip().lower() in ("auto", "detect"):
+        return biasField.strip().lower()
+    return order
 
 
 def maskArray(mask, gridGeometry: VolumeGeometry) -> np.ndarray:

@@ -122,7 +122,7 @@ def test_resolve_order_accepts_the_option_values_and_rejects_others():
     assert options.resolve_bias_field_order("none") == 0 and options.resolve_bias_field_order("auto") == options.DEFAULT_BIAS_FIELD_ORDER
     assert options.resolve_bias_field_order(4) == 4 and options.resolve_bias_field_order("2") == 2
     for bad in (-1, options.MAX_BIAS_FIELD_ORDER + 1, True, 2.5, "strong"):
-        with pytest.raises(ValueError, match="bias_field must be 'none', 'auto' or a basis order"):
+        with pytest.raises(ValueError, match="bias_field must be 'none', 'auto', 'detect' or a basis order"):
             options.resolve_bias_field_order(bad)
 
 

@@ -54,13 +54,13 @@ def test_none_and_order_zero_are_the_plain_fit(phantom):
         result = segment(biased, 3, method="em-gmm", mask=mask, device="cpu", bias_field=value)
         np.testing.assert_array_equal(result.labels, plain.labels)
         assert result.bias_field is None
-    assert options.resolve_options("deepsvg")["bias_field"] == "none"
+    assert options.resolve_options("deepsvg")["bias_field"] == "detect"  # corrects only a field it finds
 
 
 @pytest.mark.parametrize("value", ["strong", -1, options.MAX_BIAS_FIELD_ORDER + 1, 2.5, True])
 def test_a_bad_value_is_a_clear_error(phantom, value):
     _, biased, _, mask, _ = phantom
-    with pytest.raises(ValueError, match=r"bias_field must be 'none', 'auto' or a basis order 0\.\.6.*got"):
+    with pytest.raises(ValueError, match=r"bias_field must be 'none', 'auto', 'detect' or a basis order 0\.\.6.*got"):
         segment(biased, 3, method="em-gmm", mask=mask, bias_field=value)
 
 

@@ -339,7 +339,7 @@ def test_trained_model_options_are_what_the_logic_forwards(tmp_path, monkeypatch
 
 def test_bias_field_option_from_the_check_box_and_the_order():
     assert panel.biasFieldOption(False, 4) == "none"  # unchecked: no field, whatever the order
-    assert panel.biasFieldOption(True, 0) == "auto"  # the spin box's "automatic"
+    assert panel.biasFieldOption(True, 0) == "detect"  # the spin box's "when detected", the default
     assert panel.biasFieldOption(True, 2) == 2
     for value in ("none", "auto", 2):  # each is a value the engine accepts
         options.resolve_bias_field_order(value)

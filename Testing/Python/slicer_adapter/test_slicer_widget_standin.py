@@ -574,7 +574,10 @@ def test_correct_bias_field_adds_the_field_and_corrected_volumes(harness, volume
     widget = harness.createWidget()
     ui, parameters = widget.ui, widget._parameterNode
     parameters.method = harness.module.SegmentationMethod.EM_GMM
-    assert (parameters.correctBiasField, parameters.biasFieldOrder) == (False, 0)  # off by default
+    assert (parameters.correctBiasField, parameters.biasFieldOrder) == (True, 0)  # "when detected" by default
+    assert ui.biasFieldOrderSpinBox.enabled
+    assert ui.biasFieldOrderSpinBox.property("specialValueText") == "when detected"
+    parameters.correctBiasField = False
     assert not ui.biasFieldOrderSpinBox.enabled
     parameters.correctBiasField = True
     assert ui.biasFieldOrderSpinBox.enabled
@@ -583,7 +586,18 @@ def test_correct_bias_field_adds_the_field_and_corrected_volumes(harness, volume
     runToEnd(harness, widget)
     assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
     output = parameters.outputSegmentation
-    assert output.GetAttribute("DeepGMMSegment.BiasField") == "auto"  # order 0 = automatic
+    # "when detected" looks for no field in a region this small: no volumes
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "detect"
+    assert output.GetAttribute("DeepGMMSegment.BiasFieldCorrected") == "false"
+    assert not [node for node in nodesOfClass(mrmlScene, "vtkMRMLScalarVolumeNode") if "bias field" in node.GetName()]
+
+    widget.askReplaceOrNew = lambda name, withRoi: "replace"
+    parameters.biasFieldOrder = 3  # an order: always corrected
+    ui.segmentButton.click()
+    runToEnd(harness, widget)
+    assert harness.slotErrors == [] and harness.errorMessages == [], harness.errorMessages
+    assert output.GetAttribute("DeepGMMSegment.BiasField") == "3"
+    assert output.GetAttribute("DeepGMMSegment.BiasFieldCorrected") == "true"
     assert [node.GetName() for node in nodesOfClass(mrmlScene, "vtkMRMLScalarVolumeNode")
             if "bias field" in node.GetName() or "corrected" in node.GetName()] == ["T1 bias field", "T1 corrected"]
     assert t1.GetImageData().GetMTime() == inputBefore

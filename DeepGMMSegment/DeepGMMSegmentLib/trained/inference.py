@@ -126,6 +126,7 @@ def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
         max_iter=fine_tune, min_iter=fine_tune, tol=0.0, warm_start="none",
         covariance_type=meta.get("covariance_type", "full"), reg_covar=meta.get("reg_covar", REG_COVAR),
         prior_weight=float(meta.get("prior_weight") or 0.0), smoothness=float(meta.get("smoothness") or 0.0),
+        edge_contrast=0.0,  # the prior the model was trained with (training weighs every pair alike)
         base_width=int(meta["network"]["base_width"]), depth=int(meta["network"]["depth"]),
     )
 

@@ -124,7 +124,8 @@ class DeepGMMSegmentParameterNode:
     smoothness: deepSVG's spatial prior (0 = the published loss; AUTOMATIC_SMOOTHNESS = from the image's noise);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
     fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
-    (biasFieldOrder 0 = when the image shows one, the default; 1..6 = always, of that order); seedSegmentation: reference segments painted per tissue, which
+    (biasFieldOrder 0 = when the image shows one, the default; 1..6 = always, of that order);
+    seedSegmentation: reference segments painted per tissue, which
     fix the classes' identity, names and colours."""
 
     inputVolume1: Optional[vtkMRMLScalarVolumeNode]

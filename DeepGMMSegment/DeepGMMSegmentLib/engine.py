@@ -22,8 +22,8 @@ from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
                           normalize_voxels, resolve_device, validate_seeded_inputs)
-from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness, detects_bias_field,
-                      resolve_bias_field_order, resolve_options)
+from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness,
+                      detects_bias_field, resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)

@@ -258,7 +258,8 @@ def write_result(result, reference, files: ResultFiles, staging: StagedOutputs, 
     if field is None and (files.bias_field or files.corrected):
         corrected = np.stack([np.asarray(c, dtype=np.float32).reshape(result.labels.shape) for c in channels])
         field = np.ones_like(corrected)
-    for path, values, role in ((files.bias_field, field, "bias field"), (files.corrected, corrected, "corrected image")):
+    for path, values, role in ((files.bias_field, field, "bias field"),
+                               (files.corrected, corrected, "corrected image")):
         if path:
             write_image(channels_image(values, reference), staging.path_for(path), role)
     labels = label_image(result.labels, reference)

@@ -388,7 +388,8 @@ def detect_bias_field(
     _, centre, scale = normalize_voxels(data, sample)  # the engine's z-scores, of the sample
     joint = fit_mixture_with_bias(
         torch.from_numpy(np.ascontiguousarray(inside.T, dtype=np.float32)), basis, n_classes,
-        centre=torch.as_tensor(centre), scale=torch.as_tensor(scale), generator=torch.Generator().manual_seed(int(seed)),
+        centre=torch.as_tensor(centre), scale=torch.as_tensor(scale),
+        generator=torch.Generator().manual_seed(int(seed)),
         covariance_type=covariance_type, reg_covar=reg_covar)
     strength = float(log_field(basis, joint.coefficients).std(dim=0).max()) if basis.shape[1] else 0.0
     if strength >= threshold:

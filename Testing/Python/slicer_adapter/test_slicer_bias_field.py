@@ -125,7 +125,8 @@ def test_roi_run_fills_the_field_outside_the_box_like_outside_a_mask(mrmlScene, 
 def test_bad_bias_field_values_are_clear_errors_before_any_work(mrmlScene, biasedInputs):
     t1, _, _, _, _ = biasedInputs
     logic = DeepGMMSegmentLogic(runnerFactory=lambda **kwargs: pytest.fail("no worker may start"))
-    with pytest.raises(ValueError, match=r"biasField: bias_field must be 'none', 'auto', 'detect' or a basis order 0\.\.6"):
+    with pytest.raises(ValueError,
+                       match=r"biasField: bias_field must be 'none', 'auto', 'detect' or a basis order 0\.\.6"):
         logic.process([t1], biasField="strong")
     with pytest.raises(ValueError, match=r"options may not contain bias_field: .*\(biasField;"):
         logic.process([t1], options={"bias_field": "auto"})

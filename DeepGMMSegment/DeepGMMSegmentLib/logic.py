@@ -22,7 +22,7 @@ import logging
 import time
 from typing import Callable
 
-from .options import METHODS
+from .options import DEFAULT_BIAS_FIELD, METHODS
 from .slicer_adapter.dependencies import TorchDependency, isSlicerApplication
 from .slicer_adapter.outputs import ClassStatistics, DeepGMMSegmentOutputs, writeOutputs
 from .slicer_adapter.request import Request, checkTrainedModel, prepareRequest
@@ -152,7 +152,7 @@ class DeepGMMSegmentLogic:
                 roi=None, mask=None, device: str = "auto", seed: int = 0, options: dict | None = None,
                 probabilityMaps: bool = True, waitForCompletion: bool = True,
                 progressCallback: Callable[[ProgressInfo], object] | None = None,
-                completedCallback: Callable[[object], None] | None = None, biasField="detect",
+                completedCallback: Callable[[object], None] | None = None, biasField=DEFAULT_BIAS_FIELD,
                 seedSegmentation=None):
         """Segment ``inputVolumes`` into ``numberOfClasses`` tissue classes.
 

@@ -127,10 +127,14 @@ def bias_basis(mask: np.ndarray, order: int, spacing: Sequence[float] | None = N
 # ----------------------------------------------------------------------------- intensities
 
 
+def channel_medians(inside: np.ndarray) -> np.ndarray:
+    """Each channel's median inside the mask, (C, V) -> (C,): a multiplicative field needs all of them > 0."""
+    return np.median(np.asarray(inside), axis=1)
+
+
 def check_positive_channels(inside: np.ndarray) -> None:
     """A multiplicative field needs positive signal: every channel's median inside the mask, (C, V), must be > 0."""
-    medians = np.median(np.asarray(inside), axis=1)
-    for c, median in enumerate(medians):
+    for c, median in enumerate(channel_medians(inside)):
         if not median > 0:
             raise ValueError(
                 f"Channel {c + 1} has median intensity {median:g} inside the mask: the bias field is "
@@ -376,7 +380,7 @@ def detect_bias_field(
                               f"no bias field looked for: the mask is shorter than {min_extent_mm:g} mm along "
                               f"{mask.ndim - long_axes} of its {mask.ndim} axes")
     inside = mask_values(data, mask)
-    if not (np.median(inside, axis=1) > 0).all():
+    if not (channel_medians(inside) > 0).all():
         return FieldDetection(False, float("nan"), "no bias field looked for: a channel is not positive")
     index = np.flatnonzero(mask)
     if index.size > n_voxels:

@@ -154,7 +154,9 @@ def neighbour_pairs(mask: torch.Tensor, spacing: tuple[float, ...] | None = None
 
 
 def _edge_weights(image: torch.Tensor, both: torch.Tensor, axis: int, edge_contrast: float) -> torch.Tensor:
-    """(N, *pairs) float weights of the pairs ``both`` along ``axis``: see :func:`neighbour_pairs`."""
+    """(N, *pairs) float weights of the pairs ``both`` along ``axis``: see :func:`neighbour_pairs`.
+
+    One image (a per-image fit, N = 1): its weights serve every row of ``both``."""
     size = image.shape[1 + axis]
     squared = (image.narrow(1 + axis, 1, size - 1) - image.narrow(1 + axis, 0, size - 1)).double().square().sum(0)
     inside = both[0]

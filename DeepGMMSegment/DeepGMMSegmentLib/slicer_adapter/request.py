@@ -44,7 +44,7 @@ class Request:
     geometry: VolumeGeometry
     region: tuple | None
     regionMask: np.ndarray | None
-    biasField: str | int = "none"  # the engine's bias_field: "none", "auto", "detect" or a basis order
+    biasField: str | int = DEFAULT_BIAS_FIELD  # the engine's bias_field: "none", "auto", "detect" or a basis order
     reference: ReferenceSegments | None = None  # seeds from the reference segments, with names and colours
 
     @property

@@ -46,7 +46,7 @@ import torch
 from ..options import (BIAS_FIELD_DETECTION_MIN_EXTENT_MM, BIAS_FIELD_DETECTION_THRESHOLD, BIAS_FIELD_DETECTION_VOXELS,
                        DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order)
 from . import em, gmm
-from .inputs import mask_values, normalize_voxels, set_mask_values
+from .inputs import channel_statistics, mask_values, set_mask_values
 
 # The option's default order ("auto", with its measurement), maximum and validation live in options.
 _CHUNK = 1 << 18  # voxels per float64 accumulation block (bounds the temporary memory)
@@ -77,14 +77,19 @@ def mask_coordinates(mask: np.ndarray, spacing: Sequence[float] | None = None) -
     frame is isotropic in mm. (A total-degree polynomial space does not depend on an affine change
     of coordinates, so spacing changes the conditioning, not the fields that can be represented.)
     """
-    index = np.nonzero(mask)
-    spacing = np.ones(mask.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    return index_coordinates(np.nonzero(mask), spacing)
+
+
+def index_coordinates(index: tuple[np.ndarray, ...], spacing: Sequence[float] | None = None) -> np.ndarray:
+    """:func:`mask_coordinates` of voxels given by their index arrays (``np.nonzero``'s tuple), in their order."""
+    ndim = len(index)
+    spacing = np.ones(ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
     low = np.array([i.min() for i in index], dtype=np.float64)
     high = np.array([i.max() for i in index], dtype=np.float64)
     centre = 0.5 * (low + high) * spacing
     half = 0.5 * (high - low) * spacing
     radius = float(half.max()) if half.max() > 0 else 1.0
-    coords = np.empty((index[0].size, mask.ndim), dtype=np.float64)
+    coords = np.empty((index[0].size, ndim), dtype=np.float64)
     for axis, i in enumerate(index):
         coords[:, axis] = (i * spacing[axis] - centre[axis]) / radius
     return coords
@@ -118,10 +123,14 @@ def bias_basis(mask: np.ndarray, order: int, spacing: Sequence[float] | None = N
     P is the number of Legendre products of total degree 1..``order`` (9 in 3D / 5 in 2D at order 2,
     19 / 9 at order 3, 34 / 14 at order 4); axes with too few distinct positions get fewer terms.
     """
-    index = np.nonzero(mask)
+    return index_basis(np.nonzero(mask), order, spacing)
+
+
+def index_basis(index: tuple[np.ndarray, ...], order: int, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """:func:`bias_basis` on voxels given by their index arrays (``np.nonzero``'s tuple), in their order."""
     distinct = [np.unique(i).size for i in index]
-    exponents = basis_exponents(mask.ndim, order, [n - 1 for n in distinct])
-    return legendre_basis(mask_coordinates(mask, spacing), exponents)
+    exponents = basis_exponents(len(index), order, [n - 1 for n in distinct])
+    return legendre_basis(index_coordinates(index, spacing), exponents)
 
 
 # ----------------------------------------------------------------------------- intensities
@@ -386,10 +395,9 @@ def detect_bias_field(
     if index.size > n_voxels:
         pick = np.sort(np.random.default_rng(seed).choice(index.size, n_voxels, replace=False))
         index, inside = index[pick], inside[:, pick]
-    sample = np.zeros(mask.shape, dtype=bool)
-    sample.flat[index] = True  # flat indices in C order: the sample's voxels keep the mask's order
-    basis = torch.from_numpy(bias_basis(sample, order, spacing))
-    _, centre, scale = normalize_voxels(data, sample)  # the engine's z-scores, of the sample
+    # flat indices in C order, so the sample keeps the mask's voxel order; no full-grid scans from here on
+    basis = torch.from_numpy(index_basis(np.unravel_index(index, mask.shape), order, spacing))
+    centre, scale = channel_statistics(inside)  # the engine's z-scores, of the sample
     joint = fit_mixture_with_bias(
         torch.from_numpy(np.ascontiguousarray(inside.T, dtype=np.float32)), basis, n_classes,
         centre=torch.as_tensor(centre), scale=torch.as_tensor(scale),

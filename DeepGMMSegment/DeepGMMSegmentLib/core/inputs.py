@@ -294,7 +294,7 @@ def resolve_device(device: Any) -> torch.device:
 # ----------------------------------------------------------------------------- normalisation
 
 
-def _channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(centre, scale) of each channel from its voxels inside the mask, (C, V): mean and standard deviation.
 
     Both are rounded to float32, the precision the z-scores are computed in, so that mapping the
@@ -340,7 +340,7 @@ def normalize_channels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, 
     Returns (normalised data (C, *spatial) float32 with 0 outside the mask, centre (C,), scale (C,)).
     One float32 copy of the volume, normalised in place (the input is never modified).
     """
-    centre, scale = _channel_statistics(mask_values(data, mask))
+    centre, scale = channel_statistics(mask_values(data, mask))
     shape = (-1,) + (1,) * (data.ndim - 1)
     out = np.array(data, dtype=np.float32, copy=True)
     out -= centre.reshape(shape).astype(np.float32)
@@ -355,7 +355,7 @@ def normalize_voxels(data: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np
     EM needs no image grid, so it never holds a normalised copy of the whole volume.
     """
     inside = mask_values(data, mask)
-    centre, scale = _channel_statistics(inside)
+    centre, scale = channel_statistics(inside)
     voxels = (inside.T - centre.astype(np.float32)) / scale.astype(np.float32)
     return np.ascontiguousarray(voxels, dtype=np.float32), centre, scale
 

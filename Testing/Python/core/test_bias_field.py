@@ -86,6 +86,16 @@ def test_basis_columns_have_mean_zero_and_the_expected_count():
     assert bf.bias_basis(single_slice, 3).shape[1] == 9  # the one-slice axis supports no degree
 
 
+def test_the_basis_of_sampled_indices_is_the_basis_of_the_sampled_mask():
+    # the detector builds its basis from a sample's flat indices, without a full-grid mask
+    mask = ellipse_mask((16, 20, 24))
+    flat = np.sort(np.random.default_rng(0).choice(np.flatnonzero(mask), 300, replace=False))
+    sample = np.zeros(mask.shape, bool)
+    sample.flat[flat] = True
+    from_indices = bf.index_basis(np.unravel_index(flat, mask.shape), 3, spacing=(3.0, 1.0, 1.0))
+    assert np.array_equal(from_indices, bf.bias_basis(sample, 3, spacing=(3.0, 1.0, 1.0)))
+
+
 def test_spacing_changes_the_frame_not_the_fitted_field():
     shape = (12, 40, 40)
     data, _ = positive_phantom(shape, seed=4)

@@ -562,10 +562,14 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
         guard.start_shares = start_log_resp.exp().mean(0).cpu()
         guard.consider(start[0], start[1], start_log_resp.T)
     if mode == "em" and settings.warm_start_iter > 0:
-        n_iter += _distil(forward, voxels_of, start_log_resp, start, settings, guard, optimiser,
+        distil_rate = settings.warm_start_learning_rate
+        n_iter += _distil(forward, voxels_of, start_log_resp, start, settings, guard,
+                          optimiser if distil_rate is None else new_optimiser(distil_rate),
                           lambda voxels: voxel_nll(xv, voxels.T, method, settings.covariance_type,
                                                    settings.reg_covar)[0],
                           history, report, total, first_iter)
+        if distil_rate is not None:
+            optimiser = new_optimiser(settings.learning_rate)
     restart = {k: v.detach().clone() for k, v in network.state_dict().items()}
     where = "the coarse fit" if mode == "continue" else "the EM start"
     warm_done = n_iter

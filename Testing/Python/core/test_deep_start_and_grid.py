@@ -137,3 +137,28 @@ def test_settings_validate_the_new_choices():
     with pytest.raises(ValueError, match="max_network_voxels"):
         resolve_options("deepsvg", max_network_voxels=-1)
     assert DeepSettings().max_network_voxels == 2**20
+
+
+@pytest.mark.parametrize("distil_rate", [None, 0.05])
+def test_the_distillation_runs_at_its_own_rate_and_the_nll_steps_at_the_fit_rate(monkeypatch, distil_rate):
+    channels, _, _ = blob_phantom((24, 24), n_classes=3, n_channels=1, noise=0.15, seed=1)
+    stepped = []  # the optimiser of every training step, in order
+    step = deep._Guard.step
+
+    def spy_step(self, loss, optimiser):
+        stepped.append((optimiser, optimiser.param_groups[0]["lr"]))
+        return step(self, loss, optimiser)
+
+    monkeypatch.setattr(deep._Guard, "step", spy_step)
+    segment(channels, 3, method="deepsvg", seed=0, warm_start_iter=3, warm_start_learning_rate=distil_rate,
+            learning_rate=0.02, warm_start_agreement=1.0, warm_start_gap=0.0, **{**FAST, "max_iter": 3, "min_iter": 3})
+    assert len(stepped) == 3 + 3  # three distillation steps, then three NLL steps
+    distillation, nll_steps = stepped[:3], stepped[3:]
+    assert {id(o) for o, _ in distillation} == {id(distillation[0][0])}
+    assert {lr for _, lr in distillation} == {0.02 if distil_rate is None else distil_rate}
+    assert {lr for _, lr in nll_steps} == {0.02}
+    if distil_rate is None:
+        assert all(o is distillation[0][0] for o, _ in nll_steps)  # one Adam throughout, as before the option
+    else:
+        # a fresh Adam for the NLL: no moment estimates carried over from the distillation's loss
+        assert all(o is nll_steps[0][0] for o, _ in nll_steps) and nll_steps[0][0] is not distillation[0][0]

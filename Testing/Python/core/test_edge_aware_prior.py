@@ -7,8 +7,9 @@ import torch
 from DeepGMMSegmentLib import options, segment
 from DeepGMMSegmentLib.core.deep import _NeighbourSquares, neighbour_pairs
 
-FAST_DEEP = dict(max_iter=100, min_iter=40, depth=2, base_width=4, warm_start_iter=40, precision="float32",
-                 network="2d")
+# One Adam at 1e-2 throughout (warm_start_learning_rate=None): the test is about the prior, not the start.
+FAST_DEEP = dict(max_iter=100, min_iter=40, depth=2, base_width=4, warm_start_iter=40, warm_start_learning_rate=None,
+                 precision="float32", network="2d")
 
 
 def _step_image():

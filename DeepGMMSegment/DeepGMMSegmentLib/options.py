@@ -60,6 +60,15 @@ FINE_TUNE_LEARNING_RATE = 1e-3
 # the likelihood only through the M-step, so the prior alone pulls them towards one spatially
 # constant mixture (measured: mean Dice 0.43 on the clean 2 mm T1 with 0.3).
 DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
+# The distillation of the EM start (warm_start="em") when warm_start_iter / warm_start_learning_rate
+# are "auto": (at most this many steps, Adam's rate; None = the fit's own Adam throughout), for a free
+# fit and for one whose classes prior means or seeds anchor. deepsvg, seeds 0 and 1, one thread
+# (docs/speed.md, "A shorter, faster distillation"): 40 steps at 3e-2 against 100 at 1e-2 took the six
+# free cardiac phantom fits from 0.539 to 0.582 (seed 1: 0.518 -> 0.567) in about 0.75x the CPU time,
+# the 2 mm MNI inputs moved by -0.004..+0.008 in 0.5-1.0x the steps, 80 stress cases 0.9843 -> 0.9833,
+# the clean 1 mm template 0.812 -> 0.796 (0.808 -> 0.793). Anchored, it lowered the cardiac fits
+# (make evaluate: deepsvg + seeds 0.678 -> 0.668, + prior means 0.746 -> 0.704), so they keep 100 at 1e-2.
+WARM_START_SCHEDULE = {"free": (40, 3e-2), "anchored": (100, None)}
 # deepsvg's smoothness when the caller gives none: DEFAULT_SMOOTHNESS up to a noise level of
 # SMOOTHNESS_NOISE_FLOOR (core.inputs.noise_level: the least noisy channel's voxel noise in units
 # of its standard deviation in the mask), then SMOOTHNESS_PER_NOISE more per unit of noise, at most
@@ -227,15 +236,12 @@ class DeepSettings:
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
     # cannot copy the voxel-by-voxel noise of a soft EM posterior, so the NLL gap alone often
     # stays open: 0.05 nats after 300 steps on a 3-class phantom whose labels it matched.)
-    warm_start_iter: int = 40
+    # "auto": WARM_START_SCHEDULE below, by whether prior means or seeds anchor the classes.
+    warm_start_iter: int | str = "auto"
     # Adam's step size while the start is distilled; the NLL steps then start a fresh Adam at
     # learning_rate (the distillation's moment estimates belong to another loss). None: learning_rate,
-    # one Adam throughout. 3e-2 for at most 40 steps replaced 1e-2 for at most 100 (deepsvg, seeds 0
-    # and 1, one thread; docs/speed.md, "A shorter, faster distillation"): the six cardiac phantom
-    # cases 0.539 -> 0.582 (seed 1: 0.518 -> 0.567) in about 0.75x the CPU time; the 2 mm MNI
-    # inputs -0.004..+0.008 in 0.5-1.0x the steps; 80 stress cases 0.9843 -> 0.9833; the clean
-    # 1 mm template (coarse to fine) 0.812 -> 0.796 and 0.808 -> 0.793.
-    warm_start_learning_rate: float | None = 3e-2
+    # one Adam throughout. "auto": WARM_START_SCHEDULE.
+    warm_start_learning_rate: float | str | None = "auto"
     warm_start_gap: float = 0.02
     warm_start_agreement: float = 0.98
     covariance_type: str = "full"
@@ -390,8 +396,8 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "learning_rate": [_POSITIVE],
     "min_iter": [Interval(numbers.Integral, 0, None)],
     "warm_start": [Choices(WARM_STARTS)],
-    "warm_start_iter": [Interval(numbers.Integral, 0, None)],
-    "warm_start_learning_rate": [_POSITIVE, None],
+    "warm_start_iter": [Interval(numbers.Integral, 0, None), Choices(("auto",))],
+    "warm_start_learning_rate": [_POSITIVE, None, Choices(("auto",))],
     "max_network_voxels": [Interval(numbers.Integral, 0, None)],
     "full_resolution_iter": [Interval(numbers.Integral, 0, None)],
     "warm_start_gap": [_NON_NEGATIVE],
@@ -416,6 +422,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
 _HINTS = {
     "smoothness": " (0 turns the spatial prior off)",
     "edge_contrast": " (0: every neighbour pair of the spatial prior weighs the same)",
+    "warm_start_learning_rate": " (or None: the fit's own Adam throughout)",
     "max_iter": " (or None for the method's default)",
     "tol": " (or None for the method's default)",
     "fine_tune": " (number of per-image steps after the forward pass)",
@@ -454,6 +461,14 @@ def _known_options(method: str) -> dict[str, Any]:
         deep = DeepSettings()
         known.update({name: getattr(deep, name) for name in _DEEP_ONLY})
     return known
+
+
+def resolve_warm_start(settings: "DeepSettings", anchored: bool) -> "DeepSettings":
+    """``settings`` with "auto" distillation options replaced by :data:`WARM_START_SCHEDULE`'s values."""
+    steps, rate = WARM_START_SCHEDULE["anchored" if anchored else "free"]
+    return dataclasses.replace(
+        settings, warm_start_iter=steps if settings.warm_start_iter == "auto" else settings.warm_start_iter,
+        warm_start_learning_rate=rate if settings.warm_start_learning_rate == "auto" else settings.warm_start_learning_rate)
 
 
 def adaptive_smoothness(noise: float) -> float:

@@ -162,3 +162,34 @@ def test_the_distillation_runs_at_its_own_rate_and_the_nll_steps_at_the_fit_rate
     else:
         # a fresh Adam for the NLL: no moment estimates carried over from the distillation's loss
         assert all(o is nll_steps[0][0] for o, _ in nll_steps) and nll_steps[0][0] is not distillation[0][0]
+
+
+def test_auto_distillation_is_short_and_fast_for_free_fits_and_the_old_one_for_anchored_fits():
+    from DeepGMMSegmentLib.options import WARM_START_SCHEDULE, resolve_warm_start
+    from DeepGMMSegmentLib.result import SegmentationCancelled
+    assert resolve_warm_start(DeepSettings(), anchored=False).warm_start_iter == WARM_START_SCHEDULE["free"][0]
+    anchored = resolve_warm_start(DeepSettings(), anchored=True)
+    assert (anchored.warm_start_iter, anchored.warm_start_learning_rate) == WARM_START_SCHEDULE["anchored"]
+    given = resolve_warm_start(DeepSettings(warm_start_iter=7, warm_start_learning_rate=None), anchored=False)
+    assert (given.warm_start_iter, given.warm_start_learning_rate) == (7, None)  # what the caller gave stays
+    channels, _, _ = blob_phantom((24, 24), n_classes=2, n_channels=1, noise=0.15, seed=1)
+    anchors = np.quantile(np.asarray(channels), [0.2, 0.8])[:, None]  # (K, C) prior means in input units
+    for prior_means, schedule in ((None, "free"), (anchors, "anchored")):
+        totals = []
+
+        def stop_at_once(iteration, total, *_):
+            totals.append(total)
+            return False
+
+        with pytest.raises(SegmentationCancelled):
+            segment(channels, 2, method="deepsvg", seed=0, prior_means=prior_means, progress=stop_at_once,
+                    **{**FAST, "max_iter": 5, "min_iter": 5})
+        assert totals[0] == WARM_START_SCHEDULE[schedule][0] + 5, (schedule, totals)
+
+
+def test_the_distillation_options_are_validated():
+    channels, _, _ = blob_phantom((24, 24), n_classes=2, n_channels=1, noise=0.15, seed=1)
+    with pytest.raises(ValueError, match=r"warm_start_learning_rate must be a number > 0 or one of 'auto' \(or None: the fit's own Adam"):
+        segment(channels, 2, method="deepsvg", warm_start_learning_rate=0)
+    with pytest.raises(ValueError, match="warm_start_iter must be"):
+        segment(channels, 2, method="deepsvg", warm_start_iter="fast")

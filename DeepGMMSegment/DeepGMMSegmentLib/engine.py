@@ -82,13 +82,17 @@ def segment(
     **options
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar``, ``prior_means``
         ((K, C), input units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
-        the EM fit, default 10; every method starts from its winner), ``bias_field`` ("none" /
-        "auto" / a basis order 0..6: a smooth multiplicative field estimated with the mixture,
-        returned as ``result.bias_field`` with ``result.corrected``; docs/bias-field.md); deep methods also ``network``,
-        ``base_width``, ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"), ``max_network_voxels`` and
-        ``full_resolution_iter`` (coarse-to-fine fits of large crops),
-        ``warm_start_iter``, ``smoothness`` (weight of the spatial prior; default 0.3 for deepsvg,
-        0 for deepg; 0 = the paper's loss), ``precision`` ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
+        the EM fit, default 10; every method starts from its winner), ``bias_field`` ("detect", the
+        default: corrected when one is found / "none" / "auto" / a basis order 0..6: a smooth
+        multiplicative field estimated with the mixture, returned as ``result.bias_field`` with
+        ``result.corrected``; docs/bias-field.md); deep methods also ``network``, ``base_width``,
+        ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"),
+        ``warm_start_iter`` and ``warm_start_learning_rate`` (the distillation of the EM start;
+        "auto": options.WARM_START_SCHEDULE), ``max_network_voxels`` and ``full_resolution_iter``
+        (coarse-to-fine fits of large crops), ``smoothness`` (weight of the spatial prior; deepsvg's
+        default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
+        ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``precision``
+        ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
     ``prior_means`` are given, in which case class k is the k-th prior row, or ``seeds``, in which

@@ -466,9 +466,12 @@ def _known_options(method: str) -> dict[str, Any]:
 def resolve_warm_start(settings: "DeepSettings", anchored: bool) -> "DeepSettings":
     """``settings`` with "auto" distillation options replaced by :data:`WARM_START_SCHEDULE`'s values."""
     steps, rate = WARM_START_SCHEDULE["anchored" if anchored else "free"]
-    return dataclasses.replace(
-        settings, warm_start_iter=steps if settings.warm_start_iter == "auto" else settings.warm_start_iter,
-        warm_start_learning_rate=rate if settings.warm_start_learning_rate == "auto" else settings.warm_start_learning_rate)
+
+    def chosen(given: Any, automatic: Any) -> Any:
+        return automatic if given == "auto" else given
+
+    return dataclasses.replace(settings, warm_start_iter=chosen(settings.warm_start_iter, steps),
+                               warm_start_learning_rate=chosen(settings.warm_start_learning_rate, rate))
 
 
 def adaptive_smoothness(noise: float) -> float:

@@ -189,7 +189,8 @@ def test_auto_distillation_is_short_and_fast_for_free_fits_and_the_old_one_for_a
 
 def test_the_distillation_options_are_validated():
     channels, _, _ = blob_phantom((24, 24), n_classes=2, n_channels=1, noise=0.15, seed=1)
-    with pytest.raises(ValueError, match=r"warm_start_learning_rate must be a number > 0 or one of 'auto' \(or None: the fit's own Adam"):
+    expected = r"warm_start_learning_rate must be a number > 0 or one of 'auto' \(or None: the fit's own Adam"
+    with pytest.raises(ValueError, match=expected):
         segment(channels, 2, method="deepsvg", warm_start_learning_rate=0)
     with pytest.raises(ValueError, match="warm_start_iter must be"):
         segment(channels, 2, method="deepsvg", warm_start_iter="fast")

@@ -194,3 +194,18 @@ def test_the_distillation_options_are_validated():
         segment(channels, 2, method="deepsvg", warm_start_learning_rate=0)
     with pytest.raises(ValueError, match="warm_start_iter must be"):
         segment(channels, 2, method="deepsvg", warm_start_iter="fast")
+
+
+def test_a_distillation_that_stops_at_its_cap_is_logged_not_warned(caplog, recwarn):
+    # The free schedule caps the distillation on purpose, so ending there is no news for the user:
+    # no warning and no result note, but the log says how far it got.
+    import logging
+    channels, _, _ = blob_phantom((24, 24), n_classes=3, n_channels=1, noise=0.15, seed=1)
+    with caplog.at_level(logging.INFO, logger="DeepGMMSegmentLib.core.deep"):
+        result = segment(channels, 3, method="deepsvg", seed=0, warm_start_iter=2, warm_start_agreement=1.0,
+                         warm_start_gap=0.0, **{**FAST, "max_iter": 2, "min_iter": 2})
+    about_distillation = [text for text in [str(w.message) for w in recwarn] + list(result.notes)
+                          if "warm_start_iter" in text or "reproduce" in text]
+    assert about_distillation == []
+    assert any("Stopped distilling the EM start" in r.getMessage() and "warm_start_iter=2 reached" in r.getMessage()
+               for r in caplog.records)

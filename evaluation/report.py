@@ -380,8 +380,8 @@ WHY_NOT_DEEP_AT_1MM = (
     "(`\"auto\"`) run on clean and noise 0.10 at 2 mm, where there is none. The shifted 2 mm grid "
     "runs our em-gmm and deepsvg against scikit-learn and "
     "Atropos + MRF on clean and noise 0.10. On this 2-core CPU a deep fit of the 2 mm volume (244,049 "
-    "voxels) takes about a minute, of the 1 mm volume (7.7 times the voxels) several (time column), "
-    "and Atropos minutes per 1 mm image: everything everywhere would not fit the budget of "
+    "voxels) takes 35-55 s, of the 1 mm volume (7.7 times the voxels) about two minutes (time column), "
+    "and Atropos up to a minute per 1 mm image: everything everywhere would not fit the budget of "
     "`make evaluate`.")
 
 

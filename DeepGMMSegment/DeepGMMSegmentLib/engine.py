@@ -23,7 +23,7 @@ from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
                           normalize_voxels, resolve_device, validate_seeded_inputs)
 from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness,
-                      detects_bias_field, resolve_bias_field_order, resolve_options)
+                      detects_bias_field, is_anchored, resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)
@@ -267,8 +267,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
         if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default
-            anchored = prior is not None or seed_grid is not None
-            opts["smoothness"] = _default_smoothness(norm, m, spacing, anchored)
+            opts["smoothness"] = _default_smoothness(norm, m, spacing, is_anchored(prior, seed_grid))
         x_all = torch.from_numpy(norm).to(dev)
         mask_t = torch.from_numpy(m).to(dev)
         xv = x_all[:, mask_t].T.contiguous()  # (V, C)

@@ -26,8 +26,8 @@ import numpy as np
 __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
-    "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "parse_prior_means",
-    "resolve_bias_field_order",
+    "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
+    "parse_prior_means", "resolve_bias_field_order", "resolve_warm_start",
     "resolve_options",
 ]
 
@@ -461,6 +461,12 @@ def _known_options(method: str) -> dict[str, Any]:
         deep = DeepSettings()
         known.update({name: getattr(deep, name) for name in _DEEP_ONLY})
     return known
+
+
+def is_anchored(prior_means: Any, seeds: Any) -> bool:
+    """Whether prior means or seeds anchor a fit's classes: such fits keep the constant
+    DEFAULT_SMOOTHNESS and the long distillation (WARM_START_SCHEDULE["anchored"])."""
+    return prior_means is not None or seeds is not None
 
 
 def resolve_warm_start(settings: "DeepSettings", anchored: bool) -> "DeepSettings":

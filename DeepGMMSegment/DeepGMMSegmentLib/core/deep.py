@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSettings, resolve_warm_start
+from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSettings, is_anchored, resolve_warm_start
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
@@ -404,7 +404,7 @@ def fit_deep(
     network's output there is replaced by the seed class after every forward pass (core/seeds.py).
     Returns the fit over the mask voxels and the trained network.
     """
-    settings = resolve_warm_start(settings, anchored=prior_means is not None or fixed_labels is not None)
+    settings = resolve_warm_start(settings, anchored=is_anchored(prior_means, fixed_labels))
     box = _bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]

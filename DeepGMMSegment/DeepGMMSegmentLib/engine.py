@@ -88,8 +88,9 @@ def segment(
         ``result.corrected``; docs/bias-field.md); deep methods also ``network``, ``base_width``,
         ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"),
         ``warm_start_iter`` and ``warm_start_learning_rate`` (the distillation of the EM start;
-        "auto": options.WARM_START_SCHEDULE), ``max_network_voxels`` and ``full_resolution_iter``
-        (coarse-to-fine fits of large crops), ``smoothness`` (weight of the spatial prior; deepsvg's
+        "auto": options.WARM_START_SCHEDULE), ``coarse_network_voxels``, ``max_network_voxels`` and
+        ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels; "auto":
+        options.FULL_RESOLUTION_ITER), ``smoothness`` (weight of the spatial prior; deepsvg's
         default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
         ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``precision``
         ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.

@@ -27,6 +27,7 @@ __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
     "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
+    "FULL_RESOLUTION_ITER",
     "parse_prior_means", "resolve_bias_field_order", "resolve_warm_start",
     "resolve_options",
 ]
@@ -69,6 +70,17 @@ DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
 # the clean 1 mm template 0.812 -> 0.796 (0.808 -> 0.793). Anchored, it lowered the cardiac fits
 # (make evaluate: deepsvg + seeds 0.678 -> 0.668, + prior means 0.746 -> 0.704), so they keep 100 at 1e-2.
 WARM_START_SCHEDULE = {"free": (40, 3e-2), "anchored": (100, None)}
+# full_resolution_iter="auto" (DeepSettings): steps of a coarse-to-fine fit's fine phase, by the grid the
+# network runs on there. Network pooled (a 1 mm brain, the network on 2 mm blocks), measured on the
+# 1 mm MNI T1 (deepsvg, one thread, seed 0; mean Dice clean / noise 0.10, CPU seconds) when the coarse
+# phase ran on 2 mm blocks: the fit before coarse to fine (network on the pooled grid, every step's
+# loss at full resolution) 0.759 / 0.856, 265 / 318 s; 30 steps 0.758 / 0.852, 156 / 168 s; 60 steps
+# 0.776 / 0.859, 214 / 222 s; the 30 stopped on the NLL rule instead ended after a few steps, 0.836
+# under noise. With the coarse phase on 4 mm blocks (coarse_network_voxels 2^17): clean 0.786 with 30,
+# 0.801 with 60. Network at full resolution (the 2 mm MNI): 30 and 60 steps give the same mean Dice
+# over six fits (clean, noise 0.05 with two seeds, noise 0.10, phantom with two seeds: 0.8924 against
+# 0.8926), so 30, at about 0.6x the CPU time of 60.
+FULL_RESOLUTION_ITER = {"network at full resolution": 30, "network pooled": 60}
 # deepsvg's smoothness when the caller gives none: DEFAULT_SMOOTHNESS up to a noise level of
 # SMOOTHNESS_NOISE_FLOOR (core.inputs.noise_level: the least noisy channel's voxel noise in units
 # of its standard deviation in the mask), then SMOOTHNESS_PER_NOISE more per unit of noise, at most
@@ -221,16 +233,22 @@ class DeepSettings:
     # 0.879 and 0.847 vs 0.861); with 60 full-resolution steps always run, 0.25x and 0.017..0.047
     # (docs/speed.md).
     max_network_voxels: int = 2**20
-    # A crop pooled for the network (above) is fitted coarse to fine (core.deep.fit_deep): the whole
-    # fit on the pooled grid, then this many steps with the loss at full resolution. Measured on the
-    # 1 mm MNI T1 (deepsvg, one thread, seed 0; mean Dice clean / noise 0.10, CPU seconds): the
-    # previous fit (network on the pooled grid, every step's loss at full resolution) 0.759 / 0.856,
-    # 265 / 318 s; coarse to fine with 30 steps 0.758 / 0.852, 156 / 168 s; with 60 steps 0.776 /
-    # 0.859, 214 / 222 s; stopping the 30 on the NLL rule instead ended after a few steps, 0.836
-    # under noise. 60: better than before on both, about 0.75x its CPU time. Checked on the other
-    # 1 mm inputs of docs/evaluation.md (engine 7237b87 against 6a205eb): bias 40 % 0.507 -> 0.510,
-    # with bias_field="auto" 0.747 -> 0.751.
-    full_resolution_iter: int = 60
+    # Coarse to fine for every crop above this many voxels (core.deep.fit_deep): the fit first runs on
+    # the crop averaged over blocks until it holds at most this many, then full_resolution_iter steps
+    # follow with the loss on every voxel and the same network on the finest grid max_network_voxels
+    # allows (the crop itself at 2 mm). 0: no coarse phase below max_network_voxels (the fits before
+    # this option). deepsvg, one thread, mean Dice 0 -> 2^17 (docs/speed.md, "The network moves to
+    # the finer grid"): 2 mm MNI clean 0.899 / 0.905 -> 0.902 / 0.903 (seeds 0 / 1), noise 0.05
+    # 0.913 / 0.908 -> 0.905 / 0.905, noise 0.10 0.873 / 0.879 -> 0.876 / 0.881, phantom 0.889 / 0.885
+    # -> 0.883 / 0.883, shifted clean 0.901 -> 0.904, shifted noise 0.10 0.872 -> 0.881, bias 40 %
+    # 0.881 -> 0.888 (mean 0.8914 -> 0.8919 over these eleven fits) in 0.35-0.55x the CPU time; 1 mm
+    # clean 0.796 -> 0.801, noise 0.10 0.876 / 0.872 -> 0.868 / 0.880 in about 0.55x. Crops below 2^17
+    # (cardiac ROIs, the stress phantoms) are fitted as before.
+    coarse_network_voxels: int = 2**17
+    # Steps of the fine phase (above). "auto": FULL_RESOLUTION_ITER["network at full resolution"] when
+    # the network runs on the crop itself there, FULL_RESOLUTION_ITER["network pooled"] when it stays
+    # on a pooled grid (a 1 mm brain: the network on 2 mm blocks, its logits interpolated).
+    full_resolution_iter: int | str = "auto"
     # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
@@ -399,7 +417,8 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "warm_start_iter": [Interval(numbers.Integral, 0, None), Choices(("auto",))],
     "warm_start_learning_rate": [_POSITIVE, None, Choices(("auto",))],
     "max_network_voxels": [Interval(numbers.Integral, 0, None)],
-    "full_resolution_iter": [Interval(numbers.Integral, 0, None)],
+    "coarse_network_voxels": [Interval(numbers.Integral, 0, None)],
+    "full_resolution_iter": [Interval(numbers.Integral, 0, None), Choices(("auto",))],
     "warm_start_gap": [_NON_NEGATIVE],
     "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
     "n_init": [_COUNT],
@@ -450,7 +469,7 @@ _COMMON = {
     "bias_field": DEFAULT_BIAS_FIELD,
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
-              "warm_start_learning_rate", "max_network_voxels",
+              "warm_start_learning_rate", "max_network_voxels", "coarse_network_voxels",
               "full_resolution_iter", "warm_start_gap", "warm_start_agreement", "smoothness", "edge_contrast",
               "precision")
 

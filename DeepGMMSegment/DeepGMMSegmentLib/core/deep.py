@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..options import DEEP_METHODS, DEFAULT_SMOOTHNESS, GRADIENT_CLIP, DeepSettings, is_anchored, resolve_warm_start
+from ..options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER, GRADIENT_CLIP, DeepSettings, is_anchored,
+                       resolve_warm_start)
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
@@ -392,11 +393,14 @@ def fit_deep(
       :func:`start_logits`) and its output layer starts at zero, so there is no distillation and
       step 0 is the (smoothed) start.
 
-    Coarse to fine: a fresh network whose crop holds more than ``settings.max_network_voxels``
-    voxels runs on the crop averaged over blocks (:func:`network_grid_factors`,
-    :func:`pool_in_mask`). The fit first runs entirely on that coarse grid (start, NLL and spatial
-    prior of the block means), then continues for ``settings.full_resolution_iter`` steps with the
-    network's logits interpolated to every voxel, where the loss is computed.
+    Coarse to fine: a fresh network whose crop holds more than ``settings.coarse_network_voxels``
+    voxels is first fitted on the crop averaged over blocks until it holds at most that many
+    (:func:`network_grid_factors`, :func:`pool_in_mask`): start, NLL and spatial prior of the block
+    means. It then continues for ``settings.full_resolution_iter`` steps ("auto":
+    ``options.FULL_RESOLUTION_ITER`` by the network's grid) with the loss on every voxel
+    and the network on the finest grid of at most ``settings.max_network_voxels`` voxels (the crop
+    itself when it fits), its logits interpolated to every voxel. The network is fully
+    convolutional, so the weights of the coarse phase run on the finer grid as they are.
 
     With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
     start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what
@@ -411,7 +415,10 @@ def fit_deep(
     fixed_crop = None if fixed_labels is None else fixed_labels[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     fresh = network is None
-    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
+    # The fine phase's network grid, and the coarse phase's (coarser, or the same when the budgets say so).
+    fine_factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
+    coarse_budget = min(settings.coarse_network_voxels or settings.max_network_voxels, settings.max_network_voxels)
+    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, coarse_budget) if fresh else fine_factors
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
@@ -421,7 +428,11 @@ def fit_deep(
         mode = "em"  # a trained network's output layer must not be reset: distil instead
     full = _Grid(xc, mc, spacing, fixed_crop)
     pooled = any(f > 1 for f in factors)
-    fine_iter = settings.full_resolution_iter if pooled else 0
+    fine_iter = settings.full_resolution_iter
+    if fine_iter == "auto":
+        fine_iter = FULL_RESOLUTION_ITER["network pooled" if any(f > 1 for f in fine_factors)
+                                         else "network at full resolution"]
+    fine_iter = fine_iter if pooled else 0
     total = (settings.warm_start_iter if mode == "em" else 0) + settings.max_iter + fine_iter
     if not pooled:
         net_in = _batch(xc, dims)
@@ -436,6 +447,14 @@ def fit_deep(
     offset = _em_head_offset(network, mode, coarse_start, coarse_mask, coarse.spacing)
     first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
                    settings.max_iter, settings.min_iter, report, total, choose_result=False)
+    if fine_factors != factors:  # the network moves to a finer grid for the fine phase
+        fine_x, fine_mask = (xc, mc) if not any(f > 1 for f in fine_factors) else pool_in_mask(xc, mc, fine_factors)
+        net_in = _batch(fine_x, dims)
+        if offset is not None:  # em-head: the start's logits on the network's new grid
+            fine_start = warm_start_log_resp if fine_x is xc else _pool_start(warm_start_log_resp, mc, fine_factors,
+                                                                               fine_mask)
+            offset = start_logits(fine_start, fine_mask, None if spacing is None else
+                                  tuple(s * f for s, f in zip(spacing, fine_factors)))
     fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
                  "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history

@@ -1,5 +1,7 @@
 """The per-image deep fit's start ("em" / "em-head"), its network grid and its stopping rule (real torch, CPU)."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,60 @@ def test_coarse_to_fine_fit_runs_on_the_pooled_grid_then_steps_at_full_resolutio
     assert not np.allclose(cold.probabilities, coarse_only.probabilities, atol=1e-3)
 
 
+def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_at_full_resolution(monkeypatch):
+    from DeepGMMSegmentLib.core.networks import UNet
+    channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    grids = []  # the spatial shape of every network input, in order
+    forward = UNet.forward
+
+    def spy(self, x):
+        grids.append(tuple(x.shape[2:]))
+        return forward(self, x)
+
+    monkeypatch.setattr(UNet, "forward", spy)
+    fast = {**FAST, "max_iter": 5, "min_iter": 5}
+    result = segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, warm_start_iter=3,
+                     full_resolution_iter=4, **fast)
+    full = truth.shape
+    coarse = grids[0]
+    assert math.prod(coarse) < math.prod(full)
+    # distillation + NLL steps + the phase's last look on the pooled grid, then the fine steps and the
+    # last look with the same network on the crop itself (below max_network_voxels)
+    assert grids == [coarse] * (3 + 5 + 1) + [full] * (4 + 1)
+    assert result.labels.shape == full and matched_dice(result.labels, truth, 3) > 0.85
+    grids.clear()
+    segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=0, warm_start_iter=3,
+            full_resolution_iter=4, **fast)
+    assert set(grids) == {full}  # 0: no coarse phase below max_network_voxels, as before the option
+    grids.clear()
+    # both budgets below the crop: the network stays on the pooled grid of max_network_voxels for
+    # the fine phase, and the coarse phase is coarser still
+    segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,
+            warm_start_iter=3, full_resolution_iter=4, **fast)
+    assert grids[0] == coarse and grids[-1] == (24, 32, 32)  # 24,576 voxels: within 2**15, not 2**13
+    # em-head adds the start's logits: on the network's new grid too
+    head = segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,
+                   warm_start="em-head", full_resolution_iter=4, **fast)
+    assert matched_dice(head.labels, truth, 3) > 0.85
+
+
+def test_the_fine_phase_is_short_when_the_network_reaches_full_resolution_and_long_when_it_stays_pooled():
+    from DeepGMMSegmentLib.options import FULL_RESOLUTION_ITER, WARM_START_SCHEDULE
+    from DeepGMMSegmentLib.result import SegmentationCancelled
+    channels, _, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    for max_network_voxels, grid in ((2**20, "network at full resolution"), (2**15, "network pooled")):
+        totals = []
+
+        def stop_at_once(iteration, total, *_):
+            totals.append(total)
+            return False
+
+        with pytest.raises(SegmentationCancelled):
+            segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13,
+                    max_network_voxels=max_network_voxels, progress=stop_at_once, **{**FAST, "max_iter": 5})
+        assert totals[0] == WARM_START_SCHEDULE["free"][0] + 5 + FULL_RESOLUTION_ITER[grid], (grid, totals)
+
+
 def test_only_the_full_resolution_phase_chooses_and_reports_the_result():
     # a coarse phase too short to beat its start: its result is discarded, so it must not say it
     # returned the start; only the full-resolution phase chooses (and notes) what is returned
@@ -136,6 +192,10 @@ def test_settings_validate_the_new_choices():
         resolve_options("deepsvg", warm_start="distillation")
     with pytest.raises(ValueError, match="max_network_voxels"):
         resolve_options("deepsvg", max_network_voxels=-1)
+    with pytest.raises(ValueError, match="coarse_network_voxels must be"):
+        resolve_options("deepsvg", coarse_network_voxels=-1)
+    with pytest.raises(ValueError, match="full_resolution_iter must be an integer >= 0 or one of 'auto'"):
+        resolve_options("deepsvg", full_resolution_iter="long")
     assert DeepSettings().max_network_voxels == 2**20
 
 

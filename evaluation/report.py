@@ -372,15 +372,15 @@ def _agreement_table(case) -> list[str]:
 
 WHY_NOT_DEEP_AT_1MM = (
     "Budget: at 1 mm only the three conditions of the issue's reference figures (clean, noise 0.10, "
-    "bias 40%) run, with every peer, our em-gmm and deepsvg (the default), deepg on the clean image, "
+    "bias 40%) run, with every peer, our em-gmm, deepsvg (the default) and deepg, "
     "and the N4 pipelines on bias 40%. em-svgmm and deepsvg run on every 2 mm condition; deepg and "
     "deepsvg with β = 0 on the two conditions the goals name (clean, noise 0.10) and the "
     "multi-channel cases; the N4 pipelines wherever a field is. Our methods' defaults correct a "
     "field where they detect one (`bias_field=\"detect\"`), so the rows with the field always on "
     "(`\"auto\"`) run on clean and noise 0.10 at 2 mm, where there is none. The shifted 2 mm grid "
     "runs our em-gmm and deepsvg against scikit-learn and "
-    "Atropos + MRF on clean and noise 0.10. On this 2-core CPU a deep fit of the 2 mm volume (244,049 "
-    "voxels) takes 35-55 s, of the 1 mm volume (7.7 times the voxels) about two minutes (time column), "
+    "Atropos + MRF on clean and noise 0.10. On this 2-core CPU a deep fit takes tens of seconds at 2 mm "
+    "(244,049 voxels) and about a minute or more at 1 mm (7.7 times the voxels; time column), "
     "and Atropos up to a minute per 1 mm image: everything everywhere would not fit the budget of "
     "`make evaluate`.")
 

@@ -74,14 +74,13 @@ def build_plan(quick: bool):
         return plan, {"quick": True}
 
     volume_1mm = load_mni(1)
-    # 1 mm: every peer, our em-gmm and deepsvg (the default) on the three conditions of the issue's
-    # reference figures, deepg on the clean image; the bias rows where a field is. Everything
-    # everywhere would not fit the budget of `make evaluate`: a deepsvg fit of the 1 mm volume
-    # takes over 2 minutes on 2 cores (coarse to fine: the 2 mm grid first, then 60 steps at 1 mm;
-    # docs/benchmarks.md), Atropos minutes per image.
+    # 1 mm: every peer, our em-gmm and both deep methods on the three conditions of the issue's
+    # reference figures; the bias rows where a field is. Every condition would not fit the budget of
+    # `make evaluate`: a deep fit of the 1 mm volume takes about a minute on 2 cores (coarse to
+    # fine; docs/benchmarks.md), Atropos up to a minute per image.
     for case in conditions.t1_cases(volume_1mm, [c for c in conditions.T1_CONDITIONS
                                                   if c[0] in ONE_MM_CONDITIONS]):
-        names = list(PEERS_1D) + ["em-gmm", "deepsvg"] + (["deepg"] if case.name == "clean" else [])
+        names = list(PEERS_1D) + ["em-gmm", "deepsvg", "deepg"]
         if "bias" in case.name:
             names += list(BIAS_PEERS)
         plan.append(("T1", "1 mm", case, 3, names))

@@ -124,3 +124,14 @@ def test_gpu_check_table_compares_the_device_with_the_cpu(capsys):
     row = next(line for line in table if line.startswith("cardiac "))
     assert status == 0 and "GPU~CPU" in table[-2]
     assert row.split()[-1] == "1.000"  # same device, same seed: identical label maps
+
+
+def test_compute_use_takes_the_workers_own_full_resolution_timing_and_falls_back_for_old_results():
+    deep = {"fits": {"mni-2mm": {"after": {"seconds_per_iteration": 0.1}}}}
+    compute = {"flops_per_iteration": 50e9, "matmul_flops_per_second": 200e9, "torch_threads": 2}
+    _, md = bench_engine.compute_report({**compute, "seconds_per_iteration": 0.5}, deep)
+    page = "\n".join(md)
+    # 50 GFLOP in 0.5 s = 100 GFLOP/s = half the matmul's rate; (b)'s mixed coarse/fine average is not used
+    assert "an 8- and a 3-iteration fit in this worker) | 0.500 s" in page and "**50.0%**" in page
+    _, md = bench_engine.compute_report(compute, deep)  # results saved before the worker timed itself
+    assert "the 2 mm fit of (b), after) | 0.100 s" in "\n".join(md)

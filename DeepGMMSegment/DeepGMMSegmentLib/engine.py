@@ -89,8 +89,8 @@ def segment(
         ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"),
         ``warm_start_iter`` and ``warm_start_learning_rate`` (the distillation of the EM start;
         "auto": options.WARM_START_SCHEDULE), ``coarse_network_voxels``, ``max_network_voxels`` and
-        ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels; "auto":
-        options.FULL_RESOLUTION_ITER), ``smoothness`` (weight of the spatial prior; deepsvg's
+        ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels for deepsvg; None /
+        "auto": options.COARSE_NETWORK_VOXELS / FULL_RESOLUTION_ITER), ``smoothness`` (weight of the spatial prior; deepsvg's
         default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
         ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``precision``
         ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.

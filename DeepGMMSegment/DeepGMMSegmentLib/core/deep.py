@@ -23,8 +23,8 @@ from typing import Callable
 import torch
 from torch.nn import functional as F
 
-from ..options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER, GRADIENT_CLIP, DeepSettings, is_anchored,
-                       resolve_warm_start)
+from ..options import (COARSE_NETWORK_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER, GRADIENT_CLIP,
+                       DeepSettings, is_anchored, resolve_warm_start)
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
@@ -417,7 +417,9 @@ def fit_deep(
     fresh = network is None
     # The fine phase's network grid, and the coarse phase's (coarser, or the same when the budgets say so).
     fine_factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
-    coarse_budget = min(settings.coarse_network_voxels or settings.max_network_voxels, settings.max_network_voxels)
+    coarse_budget = COARSE_NETWORK_VOXELS[method] if settings.coarse_network_voxels is None else \
+        settings.coarse_network_voxels
+    coarse_budget = min(coarse_budget or settings.max_network_voxels, settings.max_network_voxels)
     factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, coarse_budget) if fresh else fine_factors
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)

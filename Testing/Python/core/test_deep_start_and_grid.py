@@ -143,6 +143,11 @@ def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_a
             full_resolution_iter=4, **fast)
     assert set(grids) == {full}  # 0: no coarse phase below max_network_voxels, as before the option
     grids.clear()
+    segment(channels, 3, method="deepg", seed=0, max_network_voxels=2**20, warm_start_iter=3,
+            full_resolution_iter=4, **fast)
+    assert set(grids) == {full[1:]}  # deepg's default is 0 (its per-slice network sees whole slices)
+    assert DeepSettings().coarse_network_voxels is None
+    grids.clear()
     # both budgets below the crop: the network stays on the pooled grid of max_network_voxels for
     # the fine phase, and the coarse phase is coarser still
     segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,

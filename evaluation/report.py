@@ -458,11 +458,10 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
            "job of our methods records the engine it ran, above)" if info.get("resumed") else "")
         + f". {_load_text(data, info)} (other work on the 2 cores slows every method, and makes the "
         "wall times noisier)."
-        + (" **This run was split over concurrent processes** (`--only`/`--cases`: em-svgmm and the "
-           "deep methods in one, every other method in another, the multi-channel cases in a third, "
-           "gathered with `--collect`) because the machine was shared with other work and the run had "
-           "a deadline; so up to three methods ran at once and every wall time below is pessimistic. `make evaluate` runs the jobs one after another. "
-           f"The jobs' own wall times add up to {info.get('job_seconds', 0) / 60:.1f} min."
+        + (" **These figures were gathered with `--collect` from more than one invocation** "
+           "(`--only`/`--cases`/`--resume`), so the time above is the span from the first job's start "
+           "to the last one's end, pauses included; the jobs' own wall times add up to "
+           f"{info.get('job_seconds', 0) / 60:.1f} min. `make evaluate` runs every job in one process."
            if info.get("split") else ""),
         "",
         "## How to read this",

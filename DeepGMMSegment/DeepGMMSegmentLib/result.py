@@ -39,7 +39,7 @@ class SegmentationResult:
     device: str
     seconds: float
     method: str
-    converged: bool
+    converged: bool  # the stopping rule ended the fit (coarse to fine: the coarse phase; the fine steps are fixed)
     n_classes: int
     options: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)

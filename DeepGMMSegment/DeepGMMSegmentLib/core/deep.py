@@ -461,6 +461,9 @@ def fit_deep(
                  "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history
     fit.notes[:0] = first.notes
+    # The fine phase always runs its fixed number of steps; whether the fit converged is the coarse
+    # phase's stopping rule (otherwise every coarse-to-fine fit would report "not converged").
+    fit.converged = first.converged
     return fit, network
 
 

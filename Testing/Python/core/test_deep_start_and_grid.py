@@ -176,6 +176,17 @@ def test_the_fine_phase_is_short_when_the_network_reaches_full_resolution_and_lo
         assert totals[0] == WARM_START_SCHEDULE["free"][0] + 5 + FULL_RESOLUTION_ITER[grid], (grid, totals)
 
 
+def test_a_coarse_to_fine_fit_reports_whether_its_coarse_phase_converged():
+    # the fine phase runs a fixed number of steps: "converged" is the coarse phase's stopping rule
+    channels, _, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    common = dict(method="deepsvg", seed=0, coarse_network_voxels=2**13, warm_start_iter=3, full_resolution_iter=3,
+                  depth=2, base_width=4, precision="float32", min_iter=2)
+    stopped = segment(channels, 3, max_iter=300, **common)
+    assert stopped.converged and stopped.n_iter < 3 + 300 + 3  # the rule ended the coarse phase early
+    cut = segment(channels, 3, max_iter=2, tol=0.0, **common)
+    assert not cut.converged and cut.n_iter == 3 + 2 + 3
+
+
 def test_only_the_full_resolution_phase_chooses_and_reports_the_result():
     # a coarse phase too short to beat its start: its result is discarded, so it must not say it
     # returned the start; only the full-resolution phase chooses (and notes) what is returned

@@ -26,10 +26,9 @@ import numpy as np
 __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
+    "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_ITER", "WARM_START_SCHEDULE",
     "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
-    "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_ITER",
-    "parse_prior_means", "resolve_bias_field_order", "resolve_warm_start",
-    "resolve_options",
+    "parse_prior_means", "resolve_bias_field_order", "resolve_options", "resolve_warm_start",
 ]
 
 # ----------------------------------------------------------------------------- names

@@ -262,6 +262,30 @@ def network_grid_factors(shape: tuple[int, ...], dims: int, in_plane_only: bool,
     return tuple(factors)
 
 
+def grid_plan(shape: tuple[int, ...], dims: int, in_plane_only: bool, settings: DeepSettings, method: str,
+              fresh: bool = True) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    """(coarse-phase pooling factors, fine-phase network factors, fine-phase steps) of a crop of ``shape``.
+
+    The coarse phase pools until the grid holds at most ``coarse_network_voxels`` (None: the
+    method's COARSE_NETWORK_VOXELS; 0 or more than ``max_network_voxels``: ``max_network_voxels``),
+    the fine phase's network until it holds at most ``max_network_voxels``. A crop the coarse phase
+    does not pool is fitted in one phase (0 fine steps); a given network (``fresh`` False) runs on
+    the crop itself. ``full_resolution_iter="auto"``: FULL_RESOLUTION_ITER by the fine network's grid.
+    """
+    if not fresh:
+        return (1,) * len(shape), (1,) * len(shape), 0
+    budget = COARSE_NETWORK_VOXELS[method] if settings.coarse_network_voxels is None else settings.coarse_network_voxels
+    budget = min(budget or settings.max_network_voxels, settings.max_network_voxels)
+    factors = network_grid_factors(shape, dims, in_plane_only, budget)
+    fine_factors = network_grid_factors(shape, dims, in_plane_only, settings.max_network_voxels)
+    if max(factors) == 1:
+        return factors, fine_factors, 0
+    steps = settings.full_resolution_iter
+    if steps == "auto":
+        steps = FULL_RESOLUTION_ITER["network pooled" if max(fine_factors) > 1 else "network at full resolution"]
+    return factors, fine_factors, steps
+
+
 def smooth_in_mask(values: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
     """Gaussian smoothing (``sigmas`` in voxels, one per spatial axis) of (K, *spatial) ``values`` inside ``mask``.
 
@@ -415,12 +439,7 @@ def fit_deep(
     fixed_crop = None if fixed_labels is None else fixed_labels[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     fresh = network is None
-    # The fine phase's network grid, and the coarse phase's (coarser, or the same when the budgets say so).
-    fine_factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, settings.max_network_voxels if fresh else 0)
-    coarse_budget = COARSE_NETWORK_VOXELS[method] if settings.coarse_network_voxels is None else \
-        settings.coarse_network_voxels
-    coarse_budget = min(coarse_budget or settings.max_network_voxels, settings.max_network_voxels)
-    factors = network_grid_factors(tuple(mc.shape), dims, in_plane_only, coarse_budget) if fresh else fine_factors
+    factors, fine_factors, fine_iter = grid_plan(tuple(mc.shape), dims, in_plane_only, settings, method, fresh)
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
@@ -430,11 +449,6 @@ def fit_deep(
         mode = "em"  # a trained network's output layer must not be reset: distil instead
     full = _Grid(xc, mc, spacing, fixed_crop)
     pooled = any(f > 1 for f in factors)
-    fine_iter = settings.full_resolution_iter
-    if fine_iter == "auto":
-        fine_iter = FULL_RESOLUTION_ITER["network pooled" if any(f > 1 for f in fine_factors)
-                                         else "network at full resolution"]
-    fine_iter = fine_iter if pooled else 0
     total = (settings.warm_start_iter if mode == "em" else 0) + settings.max_iter + fine_iter
     if not pooled:
         net_in = _batch(xc, dims)
@@ -450,7 +464,7 @@ def fit_deep(
     first = _train(network, net_in, offset, coarse, n_classes, method, settings, prior_means, coarse_start, mode,
                    settings.max_iter, settings.min_iter, report, total, choose_result=False)
     if fine_factors != factors:  # the network moves to a finer grid for the fine phase
-        fine_x, fine_mask = (xc, mc) if not any(f > 1 for f in fine_factors) else pool_in_mask(xc, mc, fine_factors)
+        fine_x, fine_mask = (xc, mc) if max(fine_factors) == 1 else pool_in_mask(xc, mc, fine_factors)
         net_in = _batch(fine_x, dims)
         if offset is not None:  # em-head: the start's logits on the network's new grid
             fine_start = warm_start_log_resp if fine_x is xc else _pool_start(warm_start_log_resp, mc, fine_factors,

@@ -1,5 +1,6 @@
 """The per-image deep fit's start ("em" / "em-head"), its network grid and its stopping rule (real torch, CPU)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -285,3 +286,18 @@ def test_a_distillation_that_stops_at_its_cap_is_logged_not_warned(caplog, recwa
     assert about_distillation == []
     assert any("Stopped distilling the EM start" in r.getMessage() and "warm_start_iter=2 reached" in r.getMessage()
                for r in caplog.records)
+
+
+def test_grid_plan_of_a_2_mm_and_a_1_mm_brain_and_of_deepg():
+    from DeepGMMSegmentLib.core.deep import grid_plan
+    settings = DeepSettings()
+    # a 2 mm brain crop (614,400 voxels: above 2^17, below 2^20) -> 4 mm blocks, then the crop itself, 30 steps
+    assert grid_plan((80, 96, 80), 3, False, settings, "deepsvg") == ((2, 2, 2), (1, 1, 1), 30)
+    # a 1 mm brain crop (4.5 M voxels, above 2^20) -> 4 mm blocks, then the network on 2 mm blocks, 60 steps
+    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg") == ((4, 4, 4), (2, 2, 2), 60)
+    assert grid_plan((80, 96, 80), 3, False, dataclasses.replace(settings, full_resolution_iter=7), "deepsvg")[2] == 7
+    # deepg's default 0: one phase below max_network_voxels; a given (trained) network: its crop, one phase
+    assert grid_plan((80, 96, 80), 2, False, settings, "deepg") == ((1, 1, 1), (1, 1, 1), 0)
+    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg", fresh=False) == ((1, 1, 1), (1, 1, 1), 0)
+    # a crop below the coarse budget: one phase, no fine steps
+    assert grid_plan((8, 50, 50), 3, True, settings, "deepsvg") == ((1, 1, 1), (1, 1, 1), 0)

@@ -15,7 +15,11 @@ Hungarian matching, classes left empty, time, the engine's own ``result.nll``, a
 mean NLL per voxel of the returned global mixture (weights, means, covariances) on the mask voxels
 in the engine's normalised units, computed here in float64 for every method alike. ``nll_gmm`` is
 the objective of em-gmm, deepg and scikit-learn, so those are compared on it; for em-svgmm and
-deepsvg (per-voxel weights) it is only indicative.
+deepsvg (per-voxel weights) it is only indicative. The engine's M-step adds each channel's
+quantisation variance (step^2 / 12, ``core.gmm.covariance_floor``) to the class variances, so
+scikit-learn's covariances get the same added before their NLL is computed: that is the engine's
+objective at scikit-learn's solution (the M-step on its responsibilities), and it keeps a class
+shrunk onto one level of an integer channel from counting as a better fit.
 
 Results go to a JSONL cache, one line per (case, method), so an interrupted run resumes where it
 stopped; a run that killed the process is recorded as a crash ("ProcessDied") and not repeated.
@@ -91,6 +95,13 @@ def mixture_nll(z: np.ndarray, centre: np.ndarray, scale: np.ndarray, weights: n
         return float("nan")
 
 
+def quantization_variance(case: stress_cases.StressCase) -> np.ndarray:
+    """(C,) step^2 / 12 of each channel in input units: what the engine's M-step adds to every class variance."""
+    from DeepGMMSegmentLib.core.inputs import quantization_steps
+
+    return quantization_steps(np.stack([np.asarray(c) for c in case.channels]), case.region) ** 2 / 12
+
+
 def score_labels(case: stress_cases.StressCase, labels: np.ndarray) -> dict:
     """Mean Dice after Hungarian matching, Dice per true class, and the classes left empty."""
     k = case.spec.n_classes
@@ -136,6 +147,7 @@ def _run_sklearn(case: stress_cases.StressCase, name: str, seed: int) -> dict:
     means, covs = model.means_, model.covariances_
     if zscored:  # back to input units, so one NLL function serves every method
         means, covs = means * scale + centre, covs * np.outer(scale, scale)
+    covs = covs + np.diag(quantization_variance(case))
     return {"seconds": seconds, **score_labels(case, labels),
             "nll_gmm": mixture_nll(z, centre, scale, model.weights_, means, covs),
             "nll_engine": None, "n_iter": int(model.n_iter_), "converged": bool(model.converged_), "notes": [],
@@ -424,7 +436,9 @@ def write_report(records: dict, cases: list[int], methods: list[str], path: Path
         "reference's on the same case; a crash counts as a miss in the shares. *NLL*: mean negative "
         "log-likelihood per voxel of the returned global mixture on the z-scored mask voxels (the engine's "
         "units), computed by the benchmark for every method; it is the objective of em-gmm, deepg and "
-        "scikit-learn, only indicative for em-svgmm and deepsvg (per-voxel weights). "
+        "scikit-learn, only indicative for em-svgmm and deepsvg (per-voxel weights). The engine adds each "
+        "channel's quantisation variance (step^2 / 12) to every class variance, so scikit-learn's covariances "
+        "get the same before their NLL is computed (the engine's objective at scikit-learn's solution). "
         f"*NLL no worse*: at most {NLL_TOLERANCE:g} above the reference's.",
         "",
         "| method | runs | crashes | median Dice | within 0.01 | within 0.02 | > 0.10 worse | median gap | "

@@ -21,7 +21,7 @@ from .core import bias_field, em, gmm, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
-                          normalize_voxels, resolve_device, validate_seeded_inputs)
+                          normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
 from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness,
                       detects_bias_field, is_anchored, resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
@@ -199,8 +199,11 @@ class BiasEstimate:
     detection: bias_field.FieldDetection | None = None  # bias_field="detect": why the field was corrected
 
 
-def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report) -> BiasEstimate:
-    """GMM + smooth bias field (core/bias_field.py) on the mask voxels, in the corrected image's units."""
+def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report, steps) -> BiasEstimate:
+    """GMM + smooth bias field (core/bias_field.py) on the mask voxels, in the corrected image's units.
+
+    ``steps``: the channels' intensity steps (:func:`quantization_steps`) in input units.
+    """
     inside = mask_values(data, m)
     bias_field.check_positive_channels(inside)
     voxels, centre, scale = normalize_voxels(data, m)
@@ -209,8 +212,8 @@ def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generat
     joint = bias_field.fit_mixture_with_bias(
         torch.from_numpy(np.ascontiguousarray(inside.T)).to(dev), basis, n_classes,
         centre=torch.as_tensor(centre, device=dev), scale=torch.as_tensor(scale, device=dev), generator=generator,
-        covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), tol=float(opts["tol"]),
-        means_init=prior_norm, n_init=int(opts["n_init"]), report=report)
+        covariance_type=opts["covariance_type"], reg_covar=gmm.covariance_floor(opts["reg_covar"], steps / scale),
+        tol=float(opts["tol"]), means_init=prior_norm, n_init=int(opts["n_init"]), report=report)
     log_bias = bias_field.log_field(basis, joint.coefficients).cpu().numpy()
     field = bias_field.field_image(m, log_bias)
     # The mixture models I * exp(-log_bias); the corrected image is I / field = that times the
@@ -248,6 +251,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             raise SegmentationCancelled("Segmentation cancelled.")
 
     generator = torch.Generator().manual_seed(int(seed))
+    steps = quantization_steps(data, m)  # of the input: a corrected image is no longer on its steps
     bias = None
     order = resolve_bias_field_order(opts["bias_field"])
     detection = None
@@ -260,7 +264,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         order = order if detection.detected else 0
     if order > 0:
         bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator,
-                              report if method == "em-gmm" else lambda *_: check_cancel())
+                              report if method == "em-gmm" else lambda *_: check_cancel(), steps)
         bias.detection = detection
         if method == "em-gmm" and seed_grid is None:
             return bias.fit, bias.centre, bias.scale, bias
@@ -279,8 +283,9 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     means_init, fixed = prior_norm, None
     if seed_grid is not None:
         prior_norm, means_init, fixed = _seed_start(xv, seed_grid, m, n_classes, generator)
+    floor = gmm.covariance_floor(opts["reg_covar"], steps / scale)
     em_kwargs = dict(
-        covariance_type=opts["covariance_type"], reg_covar=float(opts["reg_covar"]), generator=generator,
+        covariance_type=opts["covariance_type"], reg_covar=floor, generator=generator,
         means_init=means_init, n_init=int(opts["n_init"]), check_cancel=check_cancel, fixed_labels=fixed,
     )
     if method == "em-gmm":
@@ -293,6 +298,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         return fit, centre, scale, bias
 
     settings = DeepSettings(**{f.name: opts[f.name] for f in dataclasses.fields(DeepSettings) if f.name in opts})
+    settings = dataclasses.replace(settings, reg_covar=floor)
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(int(seed))
         if opts["model"] is not None:

@@ -168,6 +168,8 @@ class EMSettings(_Settings):
     # a mean NLL of 1.36872, 1e-4 after 15 at 1.36750, 1e-5 after 54 at 1.36675, 1e-6 after 185 at
     # 1.36630: 1e-3 stops 0.002 nats/voxel short of the optimum, 1e-5 within 5e-4.
     tol: float = 1e-5
+    # Added to every class variance; the engine adds each channel's quantisation variance on top
+    # (core.gmm.covariance_floor: integer intensities are never fitted narrower than one step).
     reg_covar: float = REG_COVAR
     # Starts (k-means++ + EM) per fit, the best final NLL wins; every method starts from the
     # winner. Starts alternate greedy and plain k-means++ seeding (em.best_start). Measured on the
@@ -267,7 +269,7 @@ class DeepSettings:
     warm_start_gap: float = 0.02
     warm_start_agreement: float = 0.98
     covariance_type: str = "full"
-    reg_covar: float = REG_COVAR
+    reg_covar: float = REG_COVAR  # the engine passes the (C,) floors of core.gmm.covariance_floor
     prior_weight: float = 1.0
     # beta of the explicit spatial prior (neighbouring voxels' class probabilities agree); 0 is the
     # paper's loss; None: DEFAULT_SMOOTHNESS of the method

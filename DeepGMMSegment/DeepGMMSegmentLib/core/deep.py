@@ -56,7 +56,7 @@ def deep_gmm_loss(
     covariance_type: str = "full",
     prior_means: torch.Tensor | None = None,
     prior_weight: float = 0.0,
-    reg_covar: float = 1e-4,
+    reg_covar: float | torch.Tensor = 1e-4,
 ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, gmm.GaussianParameters]]]:
     """Mixture NLL of each image at the M-step implied by its responsibilities, averaged over the batch.
 
@@ -85,7 +85,7 @@ def voxel_nll(
     log_resp: torch.Tensor,
     method: str,
     covariance_type: str = "full",
-    reg_covar: float = 1e-4,
+    reg_covar: float | torch.Tensor = 1e-4,
     prior_means: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, gmm.GaussianParameters]:
     """(mean NLL, squared distance of the means to ``prior_means`` or None, weights, params) of one image.

@@ -171,7 +171,7 @@ def hard_assignment_parameters(
     x: torch.Tensor,
     centres: torch.Tensor,
     covariance_type: str,
-    reg_covar: float,
+    reg_covar: float | torch.Tensor,
     sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, gmm.GaussianParameters]:
     """(log weights, parameters) of the classes of the nearest centre; ``centres`` (K, C) or (S, K, C).
@@ -204,7 +204,7 @@ def initial_parameters(
     x: torch.Tensor,
     n_classes: int,
     covariance_type: str,
-    reg_covar: float,
+    reg_covar: float | torch.Tensor,
     generator: torch.Generator,
     sample_weight: torch.Tensor | None = None,
     means_init: torch.Tensor | None = None,
@@ -404,7 +404,7 @@ def e_step(
 def m_step(
     stats: Statistics,
     params: gmm.GaussianParameters,
-    reg_covar: float,
+    reg_covar: float | torch.Tensor,
     channel_var: torch.Tensor,
 ) -> tuple[torch.Tensor, gmm.GaussianParameters]:
     """Closed-form update from whitened sums: (class masses (..., K), new float64 parameters).

@@ -18,7 +18,8 @@ from .seeds import FREE
 
 __all__ = [
     "check_prior_means", "check_spacing", "crop_box", "mask_values", "noise_level", "normalize_channels",
-    "normalize_voxels", "resolve_device", "set_mask_values", "validate_inputs", "validate_seeded_inputs",
+    "normalize_voxels", "quantization_steps", "resolve_device", "set_mask_values", "validate_inputs",
+    "validate_seeded_inputs",
 ]
 
 MAX_CLASSES = 255  # labels are uint8
@@ -305,6 +306,23 @@ def channel_statistics(inside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inside = inside.astype(np.float64)
     return (inside.mean(1).astype(np.float32).astype(np.float64),
             inside.std(1).astype(np.float32).astype(np.float64))
+
+
+def quantization_steps(data: np.ndarray, mask: np.ndarray, sample: int = 1 << 16) -> np.ndarray:
+    """The intensity step of each channel of (C, *spatial) data inside the mask, (C,) float64.
+
+    The smallest gap between distinct values in an even sample of at most ``sample`` mask voxels:
+    1 for integers, the slope for rescaled integers, about 0 for continuous data. A sample that
+    misses some levels can only overestimate the step when the channel has about as many levels
+    as the sample has voxels, and then the step is negligible against the channel's spread.
+    """
+    steps = np.zeros(data.shape[0])
+    for c in range(data.shape[0]):
+        inside = data[c][mask]
+        levels = np.unique(inside[::max(1, inside.size // sample)].astype(np.float64))
+        gaps = np.diff(levels[np.isfinite(levels)])
+        steps[c] = float(gaps.min()) if gaps.size else 0.0
+    return steps
 
 
 def noise_level(norm: np.ndarray, mask: np.ndarray, spacing: Sequence[float] | None = None,

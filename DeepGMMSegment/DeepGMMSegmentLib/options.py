@@ -26,7 +26,7 @@ import numpy as np
 __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
-    "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_ITER", "WARM_START_SCHEDULE",
+    "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_LAYERS", "FULL_RESOLUTION_ITER", "WARM_START_SCHEDULE",
     "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
     "parse_prior_means", "resolve_bias_field_order", "resolve_options", "resolve_warm_start",
 ]
@@ -80,6 +80,13 @@ WARM_START_SCHEDULE = {"free": (40, 3e-2), "anchored": (100, None)}
 # over six fits (clean, noise 0.05 with two seeds, noise 0.10, phantom with two seeds: 0.8924 against
 # 0.8926), so 30, at about 0.6x the CPU time of 60.
 FULL_RESOLUTION_ITER = {"network at full resolution": 30, "network pooled": 60}
+# full_resolution_layers="auto" (DeepSettings): what the fine phase trains, by the same grid. "last": the
+# last decoder block and the output layer on features computed once; "all": the whole network every
+# step. deepsvg, one thread, seeds 0 / 1 (docs/speed.md, "The fine phase trains the last level"):
+# network at full resolution (the 2 mm MNI), eleven fits, mean Dice 0.8926 ("all") -> 0.8917 ("last")
+# in 0.62x the CPU time; network pooled (the 1 mm MNI, on 2 mm blocks), clean 0.801 -> 0.790 for
+# only 0.87x, since the loss on every 1 mm voxel is most of a step there.
+FULL_RESOLUTION_LAYERS = {"network at full resolution": "last", "network pooled": "all"}
 # coarse_network_voxels when the caller gives none (DeepSettings, where deepsvg's figures are). deepg
 # keeps 0 (coarse to fine only above max_network_voxels, as before): with 2^17 its 2 mm clean fit in
 # make evaluate fell from 0.872 to 0.807 (its per-slice network, no spatial prior: it left the EM start
@@ -255,6 +262,10 @@ class DeepSettings:
     # the network runs on the crop itself there, FULL_RESOLUTION_ITER["network pooled"] when it stays
     # on a pooled grid (a 1 mm brain: the network on 2 mm blocks, its logits interpolated).
     full_resolution_iter: int | str = "auto"
+    # What the fine phase trains: "last" (the last decoder block and the output layer, on that block's
+    # input computed once; the rest stays as the coarse phase left it) or "all" (the whole network,
+    # every step). "auto": FULL_RESOLUTION_LAYERS by the network's grid in the fine phase.
+    full_resolution_layers: str = "auto"
     # warm_start="em": the EM posterior is distilled into the network until it reproduces it: its NLL
     # within warm_start_gap (nats per voxel) of the start's, or its labels agreeing with the
     # start's on warm_start_agreement of the voxels; at most warm_start_iter steps. (A network
@@ -425,6 +436,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "max_network_voxels": [Interval(numbers.Integral, 0, None)],
     "coarse_network_voxels": [Interval(numbers.Integral, 0, None), None],
     "full_resolution_iter": [Interval(numbers.Integral, 0, None), Choices(("auto",))],
+    "full_resolution_layers": [Choices(("auto", "last", "all"))],
     "warm_start_gap": [_NON_NEGATIVE],
     "warm_start_agreement": [Interval(numbers.Real, 0, 1, closed="right")],
     "n_init": [_COUNT],
@@ -476,7 +488,7 @@ _COMMON = {
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
               "warm_start_learning_rate", "max_network_voxels", "coarse_network_voxels",
-              "full_resolution_iter", "warm_start_gap", "warm_start_agreement", "smoothness", "edge_contrast",
+              "full_resolution_iter", "full_resolution_layers", "warm_start_gap", "warm_start_agreement", "smoothness", "edge_contrast",
               "precision")
 
 

@@ -18,16 +18,16 @@ import dataclasses
 import logging
 import math
 import warnings
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.nn import functional as F
 
-from ..options import (COARSE_NETWORK_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER, GRADIENT_CLIP,
-                       DeepSettings, is_anchored, resolve_warm_start)
+from ..options import (COARSE_NETWORK_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER,
+                       FULL_RESOLUTION_LAYERS, GRADIENT_CLIP, DeepSettings, is_anchored, resolve_warm_start)
 from . import gmm
 from .em import MixtureFit
-from .networks import UNet, fall_back_to_float32, guarded_step, resolve_precision
+from .networks import UNet, fall_back_to_float32, guarded_step, last_level_logits, resolve_precision
 from .seeds import FREE, fix_responsibilities
 
 logger = logging.getLogger(__name__)
@@ -262,28 +262,39 @@ def network_grid_factors(shape: tuple[int, ...], dims: int, in_plane_only: bool,
     return tuple(factors)
 
 
+class GridPlan(NamedTuple):
+    """How :func:`fit_deep` fits a crop: see :func:`grid_plan`."""
+
+    factors: tuple[int, ...]  # the coarse phase's pooling per axis (all 1: one phase at full resolution)
+    fine_factors: tuple[int, ...]  # the fine phase's network grid
+    fine_iter: int  # steps of the fine phase (0: none)
+    fine_layers: str  # what the fine phase trains: "last" (block and head) or "all"
+
+
 def grid_plan(shape: tuple[int, ...], dims: int, in_plane_only: bool, settings: DeepSettings, method: str,
-              fresh: bool = True) -> tuple[tuple[int, ...], tuple[int, ...], int]:
-    """(coarse-phase pooling factors, fine-phase network factors, fine-phase steps) of a crop of ``shape``.
+              fresh: bool = True) -> GridPlan:
+    """The coarse and fine phases of a fit of a crop of ``shape``.
 
     The coarse phase pools until the grid holds at most ``coarse_network_voxels`` (None: the
     method's COARSE_NETWORK_VOXELS; 0 or more than ``max_network_voxels``: ``max_network_voxels``),
     the fine phase's network until it holds at most ``max_network_voxels``. A crop the coarse phase
     does not pool is fitted in one phase (0 fine steps); a given network (``fresh`` False) runs on
-    the crop itself. ``full_resolution_iter="auto"``: FULL_RESOLUTION_ITER by the fine network's grid.
+    the crop itself. ``full_resolution_iter`` and ``full_resolution_layers`` "auto":
+    FULL_RESOLUTION_ITER and FULL_RESOLUTION_LAYERS by the fine network's grid.
     """
+    ones = (1,) * len(shape)
     if not fresh:
-        return (1,) * len(shape), (1,) * len(shape), 0
+        return GridPlan(ones, ones, 0, "all")
     budget = COARSE_NETWORK_VOXELS[method] if settings.coarse_network_voxels is None else settings.coarse_network_voxels
     budget = min(budget or settings.max_network_voxels, settings.max_network_voxels)
     factors = network_grid_factors(shape, dims, in_plane_only, budget)
     fine_factors = network_grid_factors(shape, dims, in_plane_only, settings.max_network_voxels)
     if max(factors) == 1:
-        return factors, fine_factors, 0
-    steps = settings.full_resolution_iter
-    if steps == "auto":
-        steps = FULL_RESOLUTION_ITER["network pooled" if max(fine_factors) > 1 else "network at full resolution"]
-    return factors, fine_factors, steps
+        return GridPlan(factors, fine_factors, 0, "all")
+    grid = "network pooled" if max(fine_factors) > 1 else "network at full resolution"
+    steps, layers = settings.full_resolution_iter, settings.full_resolution_layers
+    return GridPlan(factors, fine_factors, FULL_RESOLUTION_ITER[grid] if steps == "auto" else steps,
+                    FULL_RESOLUTION_LAYERS[grid] if layers == "auto" else layers)
 
 
 def smooth_in_mask(values: torch.Tensor, mask: torch.Tensor, sigmas: tuple[float, ...]) -> torch.Tensor:
@@ -439,7 +450,8 @@ def fit_deep(
     fixed_crop = None if fixed_labels is None else fixed_labels[box]
     dims, in_plane_only = choose_network(tuple(mc.shape), spacing, settings.network, method)
     fresh = network is None
-    factors, fine_factors, fine_iter = grid_plan(tuple(mc.shape), dims, in_plane_only, settings, method, fresh)
+    factors, fine_factors, fine_iter, fine_layers = grid_plan(tuple(mc.shape), dims, in_plane_only, settings, method,
+                                                              fresh)
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
@@ -471,7 +483,12 @@ def fit_deep(
                                                                                fine_mask)
             offset = start_logits(fine_start, fine_mask, None if spacing is None else
                                   tuple(s * f for s, f in zip(spacing, fine_factors)))
-    fit = _train(network, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
+    trained = network
+    if fine_layers == "last":
+        trained = LastLevel(network, tuple(net_in.shape[2:]))
+        with torch.no_grad():
+            net_in = network.to_last_level(net_in)
+    fit = _train(trained, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
                  "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history
     fit.notes[:0] = first.notes
@@ -479,6 +496,25 @@ def fit_deep(
     # phase's stopping rule (otherwise every coarse-to-fine fit would report "not converged").
     fit.converged = first.converged
     return fit, network
+
+
+class LastLevel(torch.nn.Module):
+    """The trainable part of a fine phase: a U-Net's last decoder block and head on fixed features.
+
+    Its input is :meth:`UNet.to_last_level` of the network's input, computed once, so a step costs
+    the last block's forward and backward passes instead of the whole network's. The modules are
+    the network's own: what this trains, the network keeps.
+    """
+
+    def __init__(self, network: UNet, spatial: tuple[int, ...]):
+        super().__init__()
+        self.block = network.last_block
+        self.head = network.head
+        self.spatial = spatial
+        self.autocast_dtype = network.autocast_dtype
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return last_level_logits(self.block, self.head, features, self.spatial, self.autocast_dtype)
 
 
 @dataclasses.dataclass

@@ -177,12 +177,26 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, *spatial) → float32 logits (N, K, *spatial)."""
+        return last_level_logits(self.last_block, self.head, self.to_last_level(x), tuple(x.shape[2:]),
+                                 self.autocast_dtype)
+
+    @property
+    def last_block(self) -> nn.Module | None:
+        """The decoder block at full resolution (None for depth 0, where the head follows the first block)."""
+        return self.up[-1] if len(self.up) else None
+
+    def to_last_level(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before :attr:`last_block`: its input on the padded grid, in the autocast dtype.
+
+        A coarse-to-fine fit computes it once and trains only the last block and the head on it
+        (core.deep.LastLevel).
+        """
         x = x.contiguous(memory_format=self._memory_format)
         dtype = self.autocast_dtype
         with torch.autocast(device_type=x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self._forward(x).float()
+            return self._to_last_level(x)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_last_level(self, x: torch.Tensor) -> torch.Tensor:
         spatial = x.shape[2:]
         padded, kernels = self.pooling_plan(tuple(spatial))
         pads = [p - s for s, p in zip(spatial, padded)]
@@ -198,13 +212,23 @@ class UNet(nn.Module):
             if i < self.depth:
                 skips.append(x)
                 x = self._pool(x, kernels[i])
-        for reduce, block, skip in zip(self.up_reduce, self.up, reversed(skips)):
+        levels = list(zip(self.up_reduce, self.up, reversed(skips)))
+        for level, (reduce, block, skip) in enumerate(levels):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
-            x = block(torch.cat([skip, reduce(x)], dim=1))
-        x = self.head(x)
-        if any(pads):
-            x = x[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+            x = torch.cat([skip, reduce(x)], dim=1)
+            if level < len(levels) - 1:
+                x = block(x)
         return x
+
+
+def last_level_logits(block: nn.Module | None, head: nn.Module, features: torch.Tensor, spatial: tuple[int, ...],
+                      dtype: torch.dtype | None) -> torch.Tensor:
+    """A U-Net's last decoder block and head on :meth:`UNet.to_last_level` features: float32 logits cropped to ``spatial``."""
+    with torch.autocast(device_type=features.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        x = head(features if block is None else block(features))
+    if tuple(x.shape[2:]) != tuple(spatial):  # the padding of UNet.pooling_plan
+        x = x[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
+    return x.float()
 
 
 def gradient_norm(parameters) -> torch.Tensor:

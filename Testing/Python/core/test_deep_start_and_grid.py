@@ -129,7 +129,8 @@ def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_a
         return forward(self, x)
 
     monkeypatch.setattr(UNet, "forward", spy)
-    fast = {**FAST, "max_iter": 5, "min_iter": 5}
+    # "all": the fine phase runs the whole network every step ("last", the default here, is tested below)
+    fast = {**FAST, "max_iter": 5, "min_iter": 5, "full_resolution_layers": "all"}
     result = segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, warm_start_iter=3,
                      full_resolution_iter=4, **fast)
     full = truth.shape
@@ -158,6 +159,36 @@ def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_a
     head = segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,
                    warm_start="em-head", full_resolution_iter=4, **fast)
     assert matched_dice(head.labels, truth, 3) > 0.85
+
+
+def test_the_fine_phase_trains_only_the_last_level_on_features_computed_once(monkeypatch):
+    from DeepGMMSegmentLib.core.networks import UNet
+    channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
+    calls = []  # (network, input grid, its weights then) of every pass up to the last level
+    to_last_level = UNet.to_last_level
+
+    def spy(self, x):
+        calls.append((self, tuple(x.shape[2:]), {k: v.detach().clone() for k, v in self.state_dict().items()}))
+        return to_last_level(self, x)
+
+    monkeypatch.setattr(UNet, "to_last_level", spy)
+    fast = {**FAST, "max_iter": 5, "min_iter": 5}
+    common = dict(method="deepsvg", seed=0, coarse_network_voxels=2**13, warm_start="none", full_resolution_iter=4,
+                  **fast)
+    result = segment(channels, 3, **common)
+    assert DeepSettings().full_resolution_layers == "auto"  # "last" where the network reaches the crop's grid
+    at_full = [c for c in calls if c[1] == truth.shape]
+    assert len(at_full) == 1  # the fine phase's features, computed once; its 4 steps and last look reuse them
+    network, _, before = at_full[0]
+    after = network.state_dict()
+    trained = {k for k in after if not torch.equal(after[k], before[k])}
+    last_block = f"up.{len(network.up) - 1}."
+    assert trained and all(k.startswith((last_block, "head.")) for k in trained), trained
+    assert any(k.startswith(last_block) for k in trained) and any(k.startswith("head.") for k in trained)
+    assert matched_dice(result.labels, truth, 3) > 0.85
+    calls.clear()
+    segment(channels, 3, full_resolution_layers="all", **common)
+    assert len([c for c in calls if c[1] == truth.shape]) == 4 + 1  # "all": the whole network every step
 
 
 def test_the_fine_phase_is_short_when_the_network_reaches_full_resolution_and_long_when_it_stays_pooled():
@@ -213,6 +244,8 @@ def test_settings_validate_the_new_choices():
         resolve_options("deepsvg", coarse_network_voxels=-1)
     with pytest.raises(ValueError, match="full_resolution_iter must be an integer >= 0 or one of 'auto'"):
         resolve_options("deepsvg", full_resolution_iter="long")
+    with pytest.raises(ValueError, match="full_resolution_layers must be one of 'auto', 'last', 'all'"):
+        resolve_options("deepsvg", full_resolution_layers="head")
     assert DeepSettings().max_network_voxels == 2**20
 
 
@@ -292,12 +325,14 @@ def test_grid_plan_of_a_2_mm_and_a_1_mm_brain_and_of_deepg():
     from DeepGMMSegmentLib.core.deep import grid_plan
     settings = DeepSettings()
     # a 2 mm brain crop (614,400 voxels: above 2^17, below 2^20) -> 4 mm blocks, then the crop itself, 30 steps
-    assert grid_plan((80, 96, 80), 3, False, settings, "deepsvg") == ((2, 2, 2), (1, 1, 1), 30)
+    assert grid_plan((80, 96, 80), 3, False, settings, "deepsvg") == ((2, 2, 2), (1, 1, 1), 30, "last")
     # a 1 mm brain crop (4.5 M voxels, above 2^20) -> 4 mm blocks, then the network on 2 mm blocks, 60 steps
-    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg") == ((4, 4, 4), (2, 2, 2), 60)
+    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg") == ((4, 4, 4), (2, 2, 2), 60, "all")
     assert grid_plan((80, 96, 80), 3, False, dataclasses.replace(settings, full_resolution_iter=7), "deepsvg")[2] == 7
+    assert grid_plan((160, 200, 140), 3, False, dataclasses.replace(settings, full_resolution_layers="last"),
+                     "deepsvg").fine_layers == "last"
     # deepg's default 0: one phase below max_network_voxels; a given (trained) network: its crop, one phase
-    assert grid_plan((80, 96, 80), 2, False, settings, "deepg") == ((1, 1, 1), (1, 1, 1), 0)
-    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg", fresh=False) == ((1, 1, 1), (1, 1, 1), 0)
+    assert grid_plan((80, 96, 80), 2, False, settings, "deepg") == ((1, 1, 1), (1, 1, 1), 0, "all")
+    assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg", fresh=False) == ((1, 1, 1), (1, 1, 1), 0, "all")
     # a crop below the coarse budget: one phase, no fine steps
-    assert grid_plan((8, 50, 50), 3, True, settings, "deepsvg") == ((1, 1, 1), (1, 1, 1), 0)
+    assert grid_plan((8, 50, 50), 3, True, settings, "deepsvg") == ((1, 1, 1), (1, 1, 1), 0, "all")

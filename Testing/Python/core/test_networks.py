@@ -15,6 +15,23 @@ def test_unet_keeps_any_spatial_size(dims, shape, in_plane):
     assert out.shape == (shape[0], 4) + shape[2:]
 
 
+@pytest.mark.parametrize("dims, shape, depth", [(2, (3, 2, 37, 29), 3), (3, (1, 2, 9, 17, 16), 2),
+                                                (3, (1, 2, 5, 19, 22), 0)])
+def test_the_last_level_on_cached_features_is_the_whole_network(dims, shape, depth):
+    """core.deep.LastLevel trains the last block and head on to_last_level's output: together they are forward."""
+    from DeepGMMSegmentLib.core.deep import LastLevel
+    torch.manual_seed(0)
+    net = UNet(dims, 2, 4, base_width=4, depth=depth)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        features = net.to_last_level(x)
+        assert features.shape[1] == (8 if depth else 4)  # the last block's input: skip + reduced, or the first block
+        assert torch.equal(LastLevel(net, tuple(shape[2:]))(features), net(x))
+    assert (net.last_block is None) == (depth == 0)
+    assert {id(p) for p in LastLevel(net, tuple(shape[2:])).parameters()} == \
+        {id(p) for p in list(net.head.parameters()) + ([] if depth == 0 else list(net.up[-1].parameters()))}
+
+
 def test_in_plane_only_never_pools_z():
     net = UNet(3, 1, 2, base_width=4, depth=2, pool_in_plane_only=True)
     assert net.pool_factor == (1, 2, 2)

@@ -435,7 +435,9 @@ def fit_deep(
     ``options.FULL_RESOLUTION_ITER`` by the network's grid) with the loss on every voxel
     and the network on the finest grid of at most ``settings.max_network_voxels`` voxels (the crop
     itself when it fits), its logits interpolated to every voxel. The network is fully
-    convolutional, so the weights of the coarse phase run on the finer grid as they are.
+    convolutional, so the weights of the coarse phase run on the finer grid as they are. With
+    ``full_resolution_layers`` "last" (:func:`grid_plan`) the fine steps train only the network's
+    last decoder block and head (:class:`LastLevel`) on that block's input, computed once.
 
     With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
     start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what

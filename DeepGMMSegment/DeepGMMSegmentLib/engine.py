@@ -81,7 +81,8 @@ def segment(
         their class in every method (hard constraints, see core/seeds.py). Not with ``model``.
     **options
         ``covariance_type`` ("full"/"diag"), ``max_iter``, ``tol``, ``reg_covar`` (each integer
-        channel adds its step^2 / 12: core.gmm.covariance_floor), ``prior_means`` ((K, C), input units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
+        channel adds its step^2 / 12: core.gmm.covariance_floor), ``prior_means`` ((K, C), input
+        units), ``prior_weight``, ``cancel_event``, ``n_init`` (k-means++ starts of
         the EM fit, default 10; every method starts from its winner), ``bias_field`` ("detect", the
         default: corrected when one is found / "none" / "auto" / a basis order 0..6: a smooth
         multiplicative field estimated with the mixture, returned as ``result.bias_field`` with
@@ -91,7 +92,8 @@ def segment(
         "auto": options.WARM_START_SCHEDULE), ``coarse_network_voxels``, ``max_network_voxels`` and
         ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels for deepsvg; None /
         "auto": options.COARSE_NETWORK_VOXELS / FULL_RESOLUTION_ITER), ``full_resolution_layers``
-        (what the fine steps train, "last" / "all"; "auto": options.FULL_RESOLUTION_LAYERS), ``smoothness`` (weight of the spatial prior; deepsvg's
+        (what the fine steps train, "last" / "all"; "auto": options.FULL_RESOLUTION_LAYERS),
+        ``smoothness`` (weight of the spatial prior; deepsvg's
         default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
         ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``precision``
         ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.

@@ -488,8 +488,8 @@ _COMMON = {
 }
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
               "warm_start_learning_rate", "max_network_voxels", "coarse_network_voxels",
-              "full_resolution_iter", "full_resolution_layers", "warm_start_gap", "warm_start_agreement", "smoothness", "edge_contrast",
-              "precision")
+              "full_resolution_iter", "full_resolution_layers", "warm_start_gap", "warm_start_agreement",
+              "smoothness", "edge_contrast", "precision")
 
 
 def _known_options(method: str) -> dict[str, Any]:

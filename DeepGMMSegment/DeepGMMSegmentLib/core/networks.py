@@ -223,10 +223,13 @@ class UNet(nn.Module):
 
 def last_level_logits(block: nn.Module | None, head: nn.Module, features: torch.Tensor, spatial: tuple[int, ...],
                       dtype: torch.dtype | None) -> torch.Tensor:
-    """A U-Net's last decoder block and head on :meth:`UNet.to_last_level` features: float32 logits cropped to ``spatial``."""
+    """A U-Net's last decoder block and head on :meth:`UNet.to_last_level` features.
+
+    Returns float32 logits cropped to ``spatial`` (the padding of :meth:`UNet.pooling_plan` removed).
+    """
     with torch.autocast(device_type=features.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         x = head(features if block is None else block(features))
-    if tuple(x.shape[2:]) != tuple(spatial):  # the padding of UNet.pooling_plan
+    if tuple(x.shape[2:]) != tuple(spatial):
         x = x[(slice(None), slice(None)) + tuple(slice(0, s) for s in spatial)]
     return x.float()
 

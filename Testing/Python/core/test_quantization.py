@@ -49,8 +49,10 @@ def test_the_m_step_adds_each_channels_floor_to_its_variances(covariance_type):
     assert floor.tolist() == pytest.approx([1e-4, 1e-4 + 0.25 / 12])
     _, params = gmm.weighted_mstep(x, resp, covariance_type, floor)
     _, plain = gmm.weighted_mstep(x, resp, covariance_type, 1e-4)
-    variances = params.covariances if covariance_type == "diag" else torch.diagonal(params.covariances, dim1=-2, dim2=-1)
-    plain_var = plain.covariances if covariance_type == "diag" else torch.diagonal(plain.covariances, dim1=-2, dim2=-1)
+    def diagonal(p):
+        return p.covariances if covariance_type == "diag" else torch.diagonal(p.covariances, dim1=-2, dim2=-1)
+
+    variances, plain_var = diagonal(params), diagonal(plain)
     assert torch.allclose(variances[:, 1], torch.full((3,), 1e-4 + 0.25 / 12, dtype=variances.dtype))
     assert torch.allclose(variances[:, 0], plain_var[:, 0])  # a continuous channel keeps reg_covar only
 

@@ -28,6 +28,7 @@ from ..options import (COARSE_NETWORK_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, 
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, last_level_logits, resolve_precision
+from .optim import Adam
 from .seeds import FREE, fix_responsibilities
 
 logger = logging.getLogger(__name__)
@@ -370,7 +371,7 @@ class _Guard:
         logger.warning(note)
         warnings.warn(note, RuntimeWarning, stacklevel=4)
 
-    def step(self, loss: torch.Tensor, optimiser: torch.optim.Optimizer) -> None:
+    def step(self, loss: torch.Tensor, optimiser: Adam) -> None:
         loss.backward()
         if guarded_step(self.network, optimiser, GRADIENT_CLIP):
             self.bad_in_float32 = 0
@@ -622,8 +623,8 @@ def _train(network, net_in, offset, grid: _Grid, n_classes, method, settings, pr
             loss = loss + smoothness * _NeighbourSquares.apply(log_resp, *pairs)
         return loss, nll, voxels
 
-    def new_optimiser(lr: float) -> torch.optim.Adam:
-        return torch.optim.Adam(network.parameters(), lr=lr)
+    def new_optimiser(lr: float) -> Adam:
+        return Adam(network.parameters(), lr=lr)
 
     optimiser = new_optimiser(settings.learning_rate)
     # Distillation steps count as iterations (and report their NLL) so progress moves from the start.

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .optim import Adam
+
 PRECISIONS = ("auto", "float32", "bfloat16")
 # Smallest extent of a 3D level along any axis (see the module docstring).
 MIN_LEVEL_EXTENT = 3
@@ -242,7 +244,7 @@ def gradient_norm(parameters) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0).float()
 
 
-def guarded_step(network: nn.Module, optimiser: torch.optim.Optimizer, max_norm: float) -> bool:
+def guarded_step(network: nn.Module, optimiser: torch.optim.Optimizer | Adam, max_norm: float) -> bool:
     """Clip the gradients to ``max_norm`` and step, unless their norm is non-finite or absurd.
 
     Returns False (step skipped, gradients cleared, optimiser state untouched) when the global

@@ -256,7 +256,7 @@ def test_the_distillation_runs_at_its_own_rate_and_the_nll_steps_at_the_fit_rate
     step = deep._Guard.step
 
     def spy_step(self, loss, optimiser):
-        stepped.append((optimiser, optimiser.param_groups[0]["lr"]))
+        stepped.append((optimiser, optimiser.lr))
         return step(self, loss, optimiser)
 
     monkeypatch.setattr(deep._Guard, "step", spy_step)

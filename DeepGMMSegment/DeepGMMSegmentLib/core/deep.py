@@ -167,6 +167,19 @@ def _edge_weights(image: torch.Tensor, both: torch.Tensor, axis: int, edge_contr
     return (weight / weight[inside].mean()).to(image.dtype).unsqueeze(0).expand_as(both).contiguous()
 
 
+def _accurate_sum(values: torch.Tensor) -> torch.Tensor:
+    """The float64 sum of a float32 grid (N, K, *spatial): float32 sums within each row of the grid's two
+    last axes (one slice, at most a few hundred thousand values, summed pairwise), float64 across them.
+
+    As accurate as ``values.sum(dtype=torch.float64)`` for the spatial prior (relative difference about
+    1e-9 on a 1 mm brain crop) and about 25x faster on the CPU, where a float64 reduction of float32
+    values is not vectorised: on the 1 mm crop that reduction was half the prior's forward pass.
+    """
+    if values.ndim < 3:
+        return values.sum(dtype=torch.float64)
+    return values.sum(dim=(-2, -1)).sum(dtype=torch.float64)
+
+
 class _NeighbourSquares(torch.autograd.Function):
     """sum over axes of weight * sum w_ij ||p_i - p_j||^2 over the axis's masked neighbour pairs, p = exp(log_resp)
     (w_ij = 1, or the pair's edge weight: :func:`neighbour_pairs`).
@@ -189,10 +202,10 @@ class _NeighbourSquares(torch.autograd.Function):
             diff = prob.narrow(2 + axis, 1, size - 1) - prob.narrow(2 + axis, 0, size - 1)
             if both.dtype == torch.bool:
                 diff.mul_(both)
-                total += weight * torch.linalg.vector_norm(diff, dtype=torch.float64) ** 2
+                total += weight * _accurate_sum(diff.square())
             else:  # edge weights w: sum w ||dp||^2, and the backward pass needs w dp
                 weighted = diff * both
-                total += weight * (diff * weighted).sum(dtype=torch.float64)
+                total += weight * _accurate_sum(diff.mul_(weighted))
                 diff = weighted
             diffs.append(diff)
         ctx.weights = weights

@@ -503,7 +503,9 @@ def fit_deep(
     if fine_layers == "last":
         trained = LastLevel(network, tuple(net_in.shape[2:]))
         with torch.no_grad():
-            net_in = network.to_last_level(net_in)
+            # In the network's layout: the concatenation comes out channels-first, which the last
+            # block's convolutions would otherwise convert twice in every step.
+            net_in = network.to_last_level(net_in).contiguous(memory_format=network.memory_format)
     fit = _train(trained, net_in, offset, full, n_classes, method, settings, prior_means, warm_start_log_resp,
                  "continue", fine_iter, fine_iter, report, total, first_iter=first.n_iter)
     fit.nll_history[:0] = first.nll_history

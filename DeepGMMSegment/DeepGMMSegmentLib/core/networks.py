@@ -183,6 +183,11 @@ class UNet(nn.Module):
                                  self.autocast_dtype)
 
     @property
+    def memory_format(self) -> torch.memory_format:
+        """The layout of the network's weights and activations (channels-last, oneDNN's fast one)."""
+        return self._memory_format
+
+    @property
     def last_block(self) -> nn.Module | None:
         """The decoder block at full resolution (None for depth 0, where the head follows the first block)."""
         return self.up[-1] if len(self.up) else None

@@ -175,8 +175,6 @@ def _accurate_sum(values: torch.Tensor) -> torch.Tensor:
     1e-9 on a 1 mm brain crop) and about 25x faster on the CPU, where a float64 reduction of float32
     values is not vectorised: on the 1 mm crop that reduction was half the prior's forward pass.
     """
-    if values.ndim < 3:
-        return values.sum(dtype=torch.float64)
     return values.sum(dim=(-2, -1)).sum(dtype=torch.float64)
 
 

@@ -32,7 +32,8 @@ class Adam:
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
-        self._state: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
+        self._moments: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # first and second, per parameter
+        self._steps = [0] * len(self.params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -48,16 +49,16 @@ class Adam:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
-            if i not in self._state:
-                zeros = (torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2))
-                self._state[i] = (*zeros, [0])
-            exp_avg, exp_avg_sq, count = self._state[i]
-            count[0] += 1
+            if i not in self._moments:
+                self._moments[i] = tuple(torch.zeros_like(p, memory_format=torch.preserve_format) for _ in range(2))
+            exp_avg, exp_avg_sq = self._moments[i]
+            self._steps[i] += 1
+            step = self._steps[i]
             grad = p.grad
             exp_avg.lerp_(grad, 1 - self.beta1)
             exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-            step_size = self.lr / (1 - self.beta1 ** count[0])
-            denom = (exp_avg_sq.sqrt() / (1 - self.beta2 ** count[0]) ** 0.5).add_(self.eps)
+            step_size = self.lr / (1 - self.beta1 ** step)
+            denom = (exp_avg_sq.sqrt() / (1 - self.beta2 ** step) ** 0.5).add_(self.eps)
             p.addcdiv_(exp_avg, denom, value=-step_size)
 
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .cpu_conv import Conv2d, Conv3d
 from .optim import Adam
 
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -67,7 +68,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def _conv(dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
-    cls = nn.Conv2d if dims == 2 else nn.Conv3d
+    cls = Conv2d if dims == 2 else Conv3d
     return cls(cin, cout, kernel, padding=kernel // 2)
 
 

@@ -73,17 +73,23 @@ def _conv(dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
 
 
 class _OneImageInstanceNorm:
-    """Instance norm that, for a single image under ``torch.inference_mode``, runs as batch norm.
+    """Instance norm that, for a single image in float32 or under ``torch.inference_mode``, runs as batch norm.
 
     With one image the instance statistics are the batch statistics, and ``batch_norm`` works on the
-    channels-last layout in place, where ``instance_norm`` copies to channels-first and back.
-    Measured on the 1 mm MNI crop (trained model, bfloat16, 2 threads): forward pass 1.75 s -> 1.29 s,
-    labels 99.9 % the same (bfloat16 rounding). Only inference takes this path: a training step
-    gains nothing (0.456 s -> 0.460 s at 2 mm), so the per-image fits keep their exact numerics.
+    channels-last layout in place, where ``instance_norm`` copies to channels-first and back; its
+    channels-first output then makes the next convolution (and its backward pass) copy again.
+
+    * Inference, measured on the 1 mm MNI crop (trained model, bfloat16, 2 threads): forward pass
+      1.75 s -> 1.29 s, labels 99.9 % the same (bfloat16 rounding).
+    * Float32 training (CPUs without native bfloat16), forward + backward of the default 3D U-Net on a
+      2-core AVX2 CPU: 86 -> 66 ms on 8 x 48 x 48, 342 -> 223 ms on 48 x 58 x 48, 3.55 -> 2.23 s on
+      96 x 116 x 96 (docs/speed.md).
+    * bfloat16 training keeps ``instance_norm``: there ``batch_norm`` on channels-last bfloat16 was about
+      5x slower (docs/speed.md, "What was measured and not adopted").
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and torch.is_inference_mode_enabled():
+        if x.shape[0] == 1 and (x.dtype == torch.float32 or torch.is_inference_mode_enabled()):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return super().forward(x)
 

@@ -24,8 +24,9 @@ def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours.double() - reference).abs().max() / reference.abs().max())
 
 
+# (81, 80, 6) and (80, 90): N * C * D * H above IM2COL_LIMIT, where forward and input gradient are PyTorch's
 @pytest.mark.parametrize("dims,shape", [(3, (8, 12, 12)), (3, (7, 9, 11)), (3, (2, 5, 6)), (3, (1, 5, 6)),
-                                        (2, (9, 11)), (2, (2, 7))])
+                                        (3, (81, 80, 6)), (2, (9, 11)), (2, (2, 7)), (2, (80, 90))])
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -46,12 +47,11 @@ def test_values_and_gradients_match_pytorch(dims, shape, kernel, bias, channels_
         assert _relative_error(got, expected) < 1e-5
 
 
-@pytest.mark.parametrize("case", ["autocast", "batch", "large", "strided", "float64"])
+@pytest.mark.parametrize("case", ["autocast", "batch", "strided", "float64"])
 def test_other_convolutions_are_left_to_pytorch(case):
     options = {"stride": 2} if case == "strided" else {}
     ours, reference, layout = _pair(3, 4, 6, 3, True, True, **options)
-    shape = (80, 80, 6) if case == "large" else (6, 8, 8)  # 1 * 4 * 80 * 80 is above IM2COL_LIMIT
-    x = torch.randn(2 if case == "batch" else 1, 4, *shape).contiguous(memory_format=layout)
+    x = torch.randn(2 if case == "batch" else 1, 4, 6, 8, 8).contiguous(memory_format=layout)
     if case == "float64":
         ours, x = ours.double(), x.double()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):

@@ -68,7 +68,7 @@ def test_deep_loss_gradients_reach_the_responsibilities_and_prior_adds_penalty()
 
 @pytest.mark.parametrize("dims, shape", [(2, (1, 4, 23, 19)), (3, (1, 4, 7, 13, 11)), (3, (2, 4, 7, 13, 11))])
 def test_instance_norm_of_one_image_in_inference_mode_is_instance_norm(dims, shape):
-    """The batch-norm shortcut of inference gives instance norm's output, per image (never batch statistics)."""
+    """The batch-norm shortcut (inference; float32 training of one image) is instance norm, values and gradients."""
     from DeepGMMSegmentLib.core.networks import InstanceNorm2d, InstanceNorm3d
 
     torch.manual_seed(0)
@@ -82,7 +82,20 @@ def test_instance_norm_of_one_image_in_inference_mode_is_instance_norm(dims, sha
     x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours(x), reference(x), rtol=0, atol=0)  # outside inference: the same code
+    x64 = x.double().requires_grad_()
+    expected = reference.double()(x64)
+    upstream = torch.randn(shape, dtype=torch.float64)
+    expected_grads = torch.autograd.grad(expected, [x64, reference.weight, reference.bias], upstream)
+    # float32 training of one image takes the same batch-norm path; more images, or bfloat16, instance_norm
+    x32 = x.clone().requires_grad_()
+    got = ours(x32)
+    got_grads = torch.autograd.grad(got, [x32, ours.weight, ours.bias], upstream.float())
+    torch.testing.assert_close(got.double(), expected.detach(), rtol=1e-5, atol=1e-5)
+    for g, e in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
+    assert ("NativeBatchNorm" in type(got.grad_fn).__name__) == (shape[0] == 1)
+    if shape[0] == 1:  # the point of the shortcut: the channels-last layout is kept
+        assert got.is_contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
 
 
 def test_unet_forward_in_inference_mode_matches_the_training_path():

@@ -73,7 +73,7 @@ def _conv(dims: int, cin: int, cout: int, kernel: int = 3) -> nn.Module:
 
 
 class _OneImageInstanceNorm:
-    """Instance norm that, for a single image in float32 or under ``torch.inference_mode``, runs as batch norm.
+    """Instance norm that, for one image in float32 on the CPU or under ``torch.inference_mode``, runs as batch norm.
 
     With one image the instance statistics are the batch statistics, and ``batch_norm`` works on the
     channels-last layout in place, where ``instance_norm`` copies to channels-first and back; its
@@ -89,7 +89,8 @@ class _OneImageInstanceNorm:
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 and (x.dtype == torch.float32 or torch.is_inference_mode_enabled()):
+        float32_on_cpu = x.dtype == torch.float32 and x.device.type == "cpu"  # CUDA training: unmeasured, kept
+        if x.shape[0] == 1 and (float32_on_cpu or torch.is_inference_mode_enabled()):
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return super().forward(x)
 

@@ -306,7 +306,30 @@ def machine_description() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1),
             "python": platform.python_version(), "torch": torch.__version__,
             "numpy": np.__version__, "sklearn": sklearn.__version__,
-            "os": f"{platform.system()} {platform.release()}"}
+            "os": f"{platform.system()} {platform.release()}", "network_precision": network_precision()}
+
+
+# The CPU features that decide the network's speed, widest first (/proc/cpuinfo flag names).
+VECTOR_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def network_precision() -> str:
+    """What the deep fits' convolutions run in on this CPU ("auto"), and the widest vector extension.
+
+    The figures differ several-fold between the two (docs/speed.md, "Float32 on CPUs without native
+    bfloat16"), so the page says which one it measured.
+    """
+    import torch
+    from DeepGMMSegmentLib.core.networks import resolve_precision
+    dtype = resolve_precision("auto", torch.device("cpu"))
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    widest = next((flag for flag in VECTOR_FLAGS if flag in flags), "unknown")
+    name = "bfloat16 (native)" if dtype == torch.bfloat16 else "float32 (no native bfloat16)"
+    return f"{name}; widest vector extension: {widest}"
 
 
 def compute_report(compute: dict, deep: dict | None) -> tuple[list, list]:
@@ -401,6 +424,8 @@ def build_report(info: dict, em: dict | None, deep: dict | None, compute: dict |
            f"no GPU used; {machine['os']}",
            f"* Python {machine['python']}, torch {machine['torch']}, numpy {machine['numpy']}, "
            f"scikit-learn {machine['sklearn']}",
+           "* The deep fits' convolutions (`precision=\"auto\"`): "
+           f"{machine.get('network_precision', 'not recorded')}",
            f"* Load average (1, 5, 15 min) at the start: {', '.join(f'{v:.2f}' for v in load[0])}; "
            f"at the end: {', '.join(f'{v:.2f}' for v in load[1])}. The machine was shared with "
            "other work; a load above the core count slows every figure below.",

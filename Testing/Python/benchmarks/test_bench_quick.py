@@ -97,6 +97,12 @@ def test_quick_workers_feed_the_page_with_goals_and_plot(tmp_path):
     cardiac = next(line for line in markdown.splitlines() if line.startswith("* cardiac:"))
     assert cardiac.count("met") == 2 and "(met: equal at three decimals or better)" in cardiac  # time goal, then Dice (equal here)
     assert "deepSVG per-image fits" in console
+    import torch
+    from DeepGMMSegmentLib.core.networks import resolve_precision
+    native = resolve_precision("auto", torch.device("cpu")) == torch.bfloat16
+    precision = next(line for line in markdown.splitlines() if line.startswith("* The deep fits' convolutions"))
+    assert ("bfloat16 (native)" in precision) == native and ("float32 (no native" in precision) != native
+    assert "widest vector extension: " in precision
 
     # the raw results a run saves render the same page again without measuring
     saved = tmp_path / "results.json"

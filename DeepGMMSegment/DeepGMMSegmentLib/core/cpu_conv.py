@@ -25,12 +25,14 @@ on the CPU outside autocast, with stride 1, no dilation, one group and "same" ze
 Above PyTorch's size limit (``IM2COL_LIMIT``) the output and the input gradient are PyTorch's own,
 which are oneDNN's there.
 
-Everything else (bfloat16 under autocast, CUDA, batches, other convolutions) is left to PyTorch.
+Everything else (bfloat16 under autocast, CUDA, batches, other convolutions, CPUs other than x86-64) is
+left to PyTorch.
 """
 
 from __future__ import annotations
 
 import math
+import platform
 
 import torch
 from torch import nn
@@ -42,6 +44,9 @@ from torch.nn import functional as F
 # most this. Above it, its forward pass and input gradient are oneDNN's already and stay PyTorch's;
 # only the weight gradient still gains from the batch of two (oneDNN's batch-1 kernel is about 2x slower).
 IM2COL_LIMIT = 20480
+# Measured on x86-64 only. Elsewhere (Apple silicon, ARM servers) oneDNN may lack fast float32 kernels
+# and PyTorch's rule may be the better one, so the convolutions stay PyTorch's there.
+MEASURED_CPU = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _cpu_autocast_enabled() -> bool:
@@ -53,7 +58,8 @@ def _cpu_autocast_enabled() -> bool:
 
 def _takes_onednn_path(conv: nn.Module, x: torch.Tensor) -> bool:
     return (
-        x.device.type == "cpu"
+        MEASURED_CPU
+        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.shape[0] == 1
         and not _cpu_autocast_enabled()

@@ -9,6 +9,8 @@ from DeepGMMSegmentLib.core import cpu_conv
 from DeepGMMSegmentLib.core.cpu_conv import Conv2d, Conv3d
 from DeepGMMSegmentLib.core.networks import UNet
 
+needs_measured_cpu = pytest.mark.skipif(not cpu_conv.MEASURED_CPU, reason="the oneDNN path is for x86-64 CPUs")
+
 
 def _pair(dims: int, cin: int, cout: int, kernel: int, bias: bool, channels_last: bool, **conv_options):
     """Our convolution and a float64 nn.Conv with the same weights."""
@@ -30,6 +32,7 @@ def _relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 @pytest.mark.parametrize("kernel", [1, 3])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
+@needs_measured_cpu
 def test_values_and_gradients_match_pytorch(dims, shape, kernel, bias, channels_last):
     torch.manual_seed(0)
     ours, reference, layout = _pair(dims, 4, 6, kernel, bias, channels_last)
@@ -64,6 +67,7 @@ def test_other_convolutions_are_left_to_pytorch(case):
         assert _relative_error(y, expected) < 1e-5
 
 
+@needs_measured_cpu
 def test_a_unet_step_on_a_small_crop_never_takes_im2col():
     """The reason for the module: PyTorch's rule would send these levels to slow_conv3d."""
     torch.manual_seed(0)

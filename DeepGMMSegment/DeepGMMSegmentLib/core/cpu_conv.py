@@ -153,19 +153,18 @@ def _weight_gradient(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return grad_weight, grad_bias
 
 
-class Conv3d(nn.Conv3d):
+class _SingleImageOneDnn:
+    """The forward pass of :class:`Conv3d` and :class:`Conv2d` (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _takes_onednn_path(self, x):
+            return _OneDnnConvolution.apply(x, self.weight, self.bias, tuple(self.padding))
+        return super().forward(x)
+
+
+class Conv3d(_SingleImageOneDnn, nn.Conv3d):
     """``nn.Conv3d`` that keeps a single float32 image on oneDNN on the CPU (module docstring)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_onednn_path(self, x):
-            return _OneDnnConvolution.apply(x, self.weight, self.bias, tuple(self.padding))
-        return super().forward(x)
 
-
-class Conv2d(nn.Conv2d):
+class Conv2d(_SingleImageOneDnn, nn.Conv2d):
     """``nn.Conv2d`` that keeps a single float32 image on oneDNN on the CPU (module docstring)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes_onednn_path(self, x):
-            return _OneDnnConvolution.apply(x, self.weight, self.bias, tuple(self.padding))
-        return super().forward(x)

@@ -97,3 +97,19 @@ def test_unet_gradients_match_pytorch_path(monkeypatch):
     flat_ours = torch.cat([g.flatten() for g in ours])
     flat_pytorch = torch.cat([g.flatten() for g in pytorch]).double()
     assert _relative_error(flat_ours, flat_pytorch) < 1e-4
+
+
+@needs_measured_cpu
+@pytest.mark.parametrize("rows", [6, 7])
+def test_gradients_of_a_plain_sum(rows):
+    """``loss = y.sum()`` hands back an expanded gradient (all strides 0); the halves and oneDNN take it."""
+    torch.manual_seed(2)
+    ours, reference, layout = _pair(3, 3, 5, 3, True, True)
+    x = torch.randn(1, 3, rows, 7, 8, dtype=torch.float64)
+    x_ours = x.float().contiguous(memory_format=layout).requires_grad_()
+    x_reference = x.clone().requires_grad_()
+    ours(x_ours).sum().backward()
+    reference(x_reference).sum().backward()
+    assert _relative_error(x_ours.grad, x_reference.grad) < 1e-5
+    for got, expected in zip(ours.parameters(), reference.parameters(), strict=True):
+        assert _relative_error(got.grad, expected.grad) < 1e-5

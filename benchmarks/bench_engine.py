@@ -291,17 +291,21 @@ def run_worker(case: str, directory: Path, tol: float) -> dict:
 
 # ------------------------------------------------------------------------------------- report
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` line's value in /proc/cpuinfo (None where there is none, e.g. not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_description() -> dict:
     import sklearn
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory_gib, 1),
             "python": platform.python_version(), "torch": torch.__version__,
@@ -322,11 +326,7 @@ def network_precision() -> str:
     import torch
     from DeepGMMSegmentLib.core.networks import resolve_precision
     dtype = resolve_precision("auto", torch.device("cpu"))
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = (_cpuinfo_field("flags") or "").split()
     widest = next((flag for flag in VECTOR_FLAGS if flag in flags), "unknown")
     name = "bfloat16 (native)" if dtype == torch.bfloat16 else "float32 (no native bfloat16)"
     return f"{name}; widest vector extension: {widest}"

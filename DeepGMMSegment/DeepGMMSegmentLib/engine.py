@@ -17,13 +17,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .core import bias_field, em, gmm, seeds as seeding
+from .core import bias_field, em, gmm, label_mrf, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
-from .core.inputs import (check_prior_means, check_spacing, mask_values, noise_level, normalize_channels,
+from .core.inputs import (check_prior_means, check_spacing, fine_axes, mask_values, noise_level, normalize_channels,
                           normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
-from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, DeepSettings, EMSettings, adaptive_smoothness,
-                      detects_bias_field, is_anchored, resolve_bias_field_order, resolve_options)
+from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings, EMSettings,
+                      adaptive_smoothness, detects_bias_field, is_anchored, label_network_weight,
+                      resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,9 @@ def segment(
         (what the fine steps train, "last" / "all"; "auto": options.FULL_RESOLUTION_LAYERS),
         ``smoothness`` (weight of the spatial prior; deepsvg's
         default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
-        ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``precision``
+        ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``label_mrf`` (deepsvg's
+        labels: the fitted model's posterior under a Potts prior of this strength, default 0.5;
+        "off" = the network's output; docs/thin-structures.md), ``precision``
         ("auto"/"float32"/"bfloat16"), ``model``, ``fine_tune``.
 
     Classes are numbered by ascending mean of the first channel (class 1 = darkest), unless
@@ -272,10 +275,14 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         if method == "em-gmm" and seed_grid is None:
             return bias.fit, bias.centre, bias.scale, bias
         data = bias.corrected
+    noise = None
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
+        if method == "deepsvg" and opts["model"] is None:
+            noise = noise_level(norm, m, spacing)
+            logger.info("Noise level %.3f (least noisy channel, z-units).", noise)
         if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default
-            opts["smoothness"] = _default_smoothness(norm, m, spacing, is_anchored(prior, seed_grid))
+            opts["smoothness"] = _default_smoothness(noise, is_anchored(prior, seed_grid))
         x_all = torch.from_numpy(norm).to(dev)
         mask_t = torch.from_numpy(m).to(dev)
         xv = x_all[:, mask_t].T.contiguous()  # (V, C)
@@ -319,21 +326,35 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         fit, _ = fit_deep(x_all, mask_t, n_classes, method, settings, spacing=spacing, prior_means=prior_norm,
                           warm_start_log_resp=warm, report=report,
                           fixed_labels=None if seed_grid is None else torch.from_numpy(seed_grid).long().to(dev))
+    if method == "deepsvg" and settings.label_mrf != "off":
+        fit = _labels_under_mrf(fit, xv, mask_t, spacing, float(settings.label_mrf), label_network_weight(noise),
+                                fixed)
     return fit, centre, scale, bias
 
 
-def _default_smoothness(norm: np.ndarray, m: np.ndarray, spacing, anchored: bool) -> float:
-    """deepsvg's spatial-prior weight when the request gives none: from the image's noise, unless
+def _labels_under_mrf(fit: em.MixtureFit, xv: torch.Tensor, mask: torch.Tensor, spacing, strength: float,
+                      network_weight: float, fixed: torch.Tensor | None) -> em.MixtureFit:
+    """deepsvg's fit with its responsibilities replaced by the fitted model's posterior under a Potts
+    prior (core.label_mrf); a voxel's prior is the global weights times the network's weights raised
+    to ``network_weight`` (options.LABEL_MRF has the measurements)."""
+    unary = (network_weight * fit.log_resp.float() + fit.weights.float().clamp_min(1e-30).log()
+             + gmm.log_gaussian(xv, fit.params))
+    log_q = label_mrf.potts_mean_field(unary, mask, strength, LABEL_MRF_ITER, fine_axes(tuple(mask.shape), spacing),
+                                       fixed)
+    return dataclasses.replace(fit, log_resp=log_q)
+
+
+def _default_smoothness(noise: float | None, anchored: bool) -> float:
+    """deepsvg's spatial-prior weight when the request gives none: from the image's ``noise``, unless
     prior means or seeds anchor the classes (then the constant ``DEFAULT_SMOOTHNESS``).
 
     Measured on the cardiac phantom (docs/thin-structures.md, "Smoothness from the noise"): the
     noise-chosen weight (about 0.5 there) helped the free fit and lowered the anchored ones.
     """
-    if anchored:
+    if anchored or noise is None:
         return DEFAULT_SMOOTHNESS["deepsvg"]
-    noise = noise_level(norm, m, spacing)
     smoothness = adaptive_smoothness(noise)
-    logger.info("Noise level %.3f (least noisy channel, z-units): smoothness %.3f.", noise, smoothness)
+    logger.info("Smoothness %.3f from the noise level.", smoothness)
     return smoothness
 
 

@@ -27,7 +27,9 @@ __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
     "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_LAYERS", "FULL_RESOLUTION_ITER", "WARM_START_SCHEDULE",
+    "LABEL_MRF", "LABEL_MRF_ITER", "LABEL_NOISE_FULL_NETWORK",
     "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
+    "label_network_weight",
     "parse_prior_means", "resolve_bias_field_order", "resolve_options", "resolve_warm_start",
 ]
 
@@ -69,6 +71,24 @@ DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
 # the clean 1 mm template 0.812 -> 0.796 (0.808 -> 0.793). Anchored, it lowered the cardiac fits
 # (make evaluate: deepsvg + seeds 0.678 -> 0.668, + prior means 0.746 -> 0.704), so they keep 100 at 1e-2.
 WARM_START_SCHEDULE = {"free": (40, 3e-2), "anchored": (100, None)}
+# label_mrf (DeepSettings): deepsvg's labels come from the fitted model's posterior under a Potts
+# prior of this strength per neighbour, LABEL_MRF_ITER mean-field steps (core.label_mrf). A voxel's
+# prior is w_k * pi_vk^a: the global weights w, times the network's weights pi raised to
+# label_network_weight(noise), which is 0 up to SMOOTHNESS_NOISE_FLOOR (clean images: the voxel's
+# own likelihood keeps thin structures) and 1 from LABEL_NOISE_FULL_NETWORK on (noisy images: the
+# network's spatial weights, as before). Measured on deepsvg fits (defaults, seed 0, engine
+# 5fd7592), relabelled offline, mean Dice: network output -> a = 0 / a = 1 / from the noise
+# (docs/thin-structures.md, "Labels from the fitted model"): 2 mm MNI clean 0.908 -> 0.939 / 0.925 /
+# 0.939; shifted grid 0.907 -> 0.935 / 0.923 / 0.935; noise 0.05 0.905 -> 0.920 / 0.919 / 0.920;
+# noise 0.10 0.880 -> 0.841 / 0.878 / 0.878; shifted noise 0.10 0.883 -> 0.852 / 0.876 / 0.876;
+# bias 20 % 0.889 -> 0.919 / 0.906 / 0.919; phantom 0.886 -> 0.915 / 0.902 / 0.915; 1 mm clean
+# 0.802 -> 0.848 / 0.824 / 0.848; 1 mm noise 0.10 0.875 -> 0.870 / 0.905 / 0.905; six cardiac
+# phantom cases 0.718 -> 0.692 / 0.730 / 0.732. Strength 1.0 instead of 0.5 (a = 1): 2 mm clean
+# 0.923, noise 0.10 0.863, cardiac 0.738. Without the global weights (prior pi_vk alone): 2 mm clean
+# 0.912, noise 0.10 0.896, 1 mm noise 0.10 0.878, cardiac 0.718.
+LABEL_MRF = 0.5
+LABEL_MRF_ITER = 10
+LABEL_NOISE_FULL_NETWORK = 0.54
 # full_resolution_iter="auto" (DeepSettings): steps of a coarse-to-fine fit's fine phase, by the grid the
 # network runs on there. Network pooled (a 1 mm brain, the network on 2 mm blocks), measured on the
 # 1 mm MNI T1 (deepsvg, one thread, seed 0; mean Dice clean / noise 0.10, CPU seconds) when the coarse
@@ -293,6 +313,10 @@ class DeepSettings:
     # 0.889, six cardiac cases 0.537 -> 0.542. 1 is as good on clean images and 0.005-0.007 worse
     # under noise; 0.5 loses under noise (0.853).
     edge_contrast: float = 2.0
+    # deepsvg's labels and probability maps: the fitted model's posterior (network weights x
+    # Gaussian likelihood) under a Potts prior of this strength per neighbour (core.label_mrf;
+    # LABEL_MRF_ITER mean-field steps); "off": the network's output, as before. See LABEL_MRF.
+    label_mrf: float | str = LABEL_MRF
     precision: str = "auto"  # the network's convolutions: "auto" | "float32" | "bfloat16"
 
 
@@ -443,6 +467,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
     "bias_field": [BiasFieldOrder()],
     "smoothness": [_NON_NEGATIVE, None],
     "edge_contrast": [_NON_NEGATIVE],
+    "label_mrf": [_NON_NEGATIVE, Choices(("off",))],
     "precision": [Choices(PRECISIONS)],
     # training
     "max_epochs": [_COUNT],
@@ -459,6 +484,7 @@ PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
 _HINTS = {
     "smoothness": " (0 turns the spatial prior off)",
     "edge_contrast": " (0: every neighbour pair of the spatial prior weighs the same)",
+    "label_mrf": " ('off': deepsvg's labels are the network's output; 0: the fitted posterior without neighbours)",
     "warm_start_learning_rate": " (or None: the fit's own Adam throughout)",
     "max_iter": " (or None for the method's default)",
     "tol": " (or None for the method's default)",
@@ -489,7 +515,7 @@ _COMMON = {
 _DEEP_ONLY = ("network", "base_width", "depth", "learning_rate", "min_iter", "warm_start", "warm_start_iter",
               "warm_start_learning_rate", "max_network_voxels", "coarse_network_voxels",
               "full_resolution_iter", "full_resolution_layers", "warm_start_gap", "warm_start_agreement",
-              "smoothness", "edge_contrast", "precision")
+              "smoothness", "edge_contrast", "label_mrf", "precision")
 
 
 def _known_options(method: str) -> dict[str, Any]:
@@ -521,6 +547,12 @@ def adaptive_smoothness(noise: float) -> float:
     """deepsvg's default smoothness for an image whose least noisy channel has ``noise`` (see above)."""
     extra = SMOOTHNESS_PER_NOISE * max(0.0, float(noise) - SMOOTHNESS_NOISE_FLOOR)
     return min(DEFAULT_SMOOTHNESS["deepsvg"] + extra, MAX_ADAPTIVE_SMOOTHNESS)
+
+
+def label_network_weight(noise: float) -> float:
+    """The exponent of the network's weights in deepsvg's final labels for an image of ``noise`` (see LABEL_MRF)."""
+    share = (float(noise) - SMOOTHNESS_NOISE_FLOOR) / (LABEL_NOISE_FULL_NETWORK - SMOOTHNESS_NOISE_FLOOR)
+    return min(1.0, max(0.0, share))
 
 
 def resolve_options(method: str, **given: Any) -> dict[str, Any]:

@@ -101,6 +101,15 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                              "which. The old spelling, one word per class (30:200 80:120 110:60), "
                              "still works for this release")
     add_shared_options(parser, "covariance", "prior_weight", "warm_start", "smoothness", "precision")
+    parser.add_argument("--label-mrf", type=_label_mrf, metavar="STRENGTH",
+                        help="deepsvg: the labels and probability maps are the fitted model's posterior under a "
+                             "Potts prior of this strength per neighbour (default: "
+                             f"{options.LABEL_MRF:g}); 'off' = the network's output (docs/thin-structures.md)")
+
+
+def _label_mrf(text: str):
+    """argparse type of --label-mrf: 'off' or a number >= 0."""
+    return "off" if text.strip().lower() == "off" else non_negative_float(text)
 
 
 def _check_output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -151,7 +160,7 @@ def _engine_options(args: argparse.Namespace, n_channels: int, stderr: TextIO) -
         if prior_means is None and args.seeds is None:
             raise CliError("--prior-weight needs --prior-means or --seeds")
         options["prior_weight"] = args.prior_weight
-    for name in ("warm_start", "smoothness", "precision"):
+    for name in ("warm_start", "smoothness", "label_mrf", "precision"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     bias_field = bias_field_option(args)

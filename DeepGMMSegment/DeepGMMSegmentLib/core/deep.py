@@ -349,7 +349,8 @@ def start_logits(warm_start_log_resp: torch.Tensor, mask: torch.Tensor, spacing:
     return grid.unsqueeze(0)
 
 
-def _bounding_box(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
+def bounding_box(mask: torch.Tensor, margin: int = 2) -> tuple[slice, ...]:
+    """The box of the mask's voxels widened by ``margin`` on every side (clipped to the grid)."""
     idx = mask.nonzero()
     lo = (idx.min(0).values - margin).clamp_min(0)
     hi = idx.max(0).values + 1 + margin
@@ -457,7 +458,7 @@ def fit_deep(
     Returns the fit over the mask voxels and the trained network.
     """
     settings = resolve_warm_start(settings, anchored=is_anchored(prior_means, fixed_labels))
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     xc = x[(slice(None),) + box] * mask[box]  # zero (the normalised mean) outside the mask
     mc = mask[box]
     fixed_crop = None if fixed_labels is None else fixed_labels[box]

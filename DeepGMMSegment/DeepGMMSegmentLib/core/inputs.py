@@ -325,20 +325,29 @@ def quantization_steps(data: np.ndarray, mask: np.ndarray, sample: int = 1 << 16
     return steps
 
 
+# An axis whose spacing is within this factor of the finest is a "fine" axis: neighbours along it
+# see the same anatomy (thick slices' neighbours do not).
+FINE_AXIS_RATIO = 1.5
+
+
+def fine_axes(shape: Sequence[int], spacing: Sequence[float] | None) -> tuple[int, ...]:
+    """Spatial axes with more than one voxel whose spacing is within FINE_AXIS_RATIO of the finest."""
+    steps = tuple(spacing) if spacing is not None and len(spacing) == len(shape) else (1.0,) * len(shape)
+    return tuple(a for a in range(len(shape)) if shape[a] > 1 and steps[a] <= FINE_AXIS_RATIO * min(steps))
+
+
 def noise_level(norm: np.ndarray, mask: np.ndarray, spacing: Sequence[float] | None = None,
                 max_pairs: int = 1 << 20) -> float:
     """Noise of the least noisy channel, in units of its standard deviation inside the mask.
 
     ``norm`` (C, *spatial) z-scored inside ``mask``. Per channel, a robust estimate of the voxel
     noise from differences of neighbouring voxels inside the mask: median |x_i - x_j| / (0.6745 *
-    sqrt 2), which edges barely move. Only the finest axes count (spacing within 1.5x the finest),
+    sqrt 2), which edges barely move. Only the fine axes count (:func:`fine_axes`),
     so thick slices' anatomy is not taken for noise; at most ``max_pairs`` pairs per channel, an even
     subsample. 0 for a mask without neighbours (or quantised intensities whose median difference is 0).
     """
-    steps = tuple(spacing) if spacing is not None and len(spacing) == mask.ndim else (1.0,) * mask.ndim
-    axes = [a for a in range(mask.ndim) if mask.shape[a] > 1 and steps[a] <= 1.5 * min(steps)]
     pairs = []
-    for axis in axes:
+    for axis in fine_axes(mask.shape, spacing):
         ahead = tuple(slice(1, None) if a == axis else slice(None) for a in range(mask.ndim))
         behind = tuple(slice(None, -1) if a == axis else slice(None) for a in range(mask.ndim))
         pairs.append((ahead, behind, mask[ahead] & mask[behind]))

@@ -17,8 +17,8 @@ CONTRACT = {
     "deepgmm-segment": {
         "-k", "--classes", "-m", "--method", "-o", "--output", "-p", "--probabilities", "--mask", "--seeds",
         "--preview", "--device", "--seed", "--max-iter", "--tol", "--covariance", "--prior-means",
-        "--prior-weight", "--warm-start", "--smoothness", "--precision", "--bias-field-order", "--bias-field",
-        "--corrected", "--threads", "-q", "--quiet"},
+        "--prior-weight", "--warm-start", "--smoothness", "--label-mrf", "--precision", "--bias-field-order",
+        "--bias-field", "--corrected", "--threads", "-q", "--quiet"},
     "deepgmm-segment --model": {
         "--model", "-o", "--output", "--mask", "-p", "--probabilities", "-k", "--classes", "--fine-tune",
         "--channels", "--mask-name", "--overwrite", "--workers", "--device", "--seed", "--threads", "-q",

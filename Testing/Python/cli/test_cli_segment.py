@@ -267,7 +267,7 @@ def test_model_option_switches_to_trained_model_mode(capsys):
     assert "--model MODEL" in capsys.readouterr().out
 
 
-def test_smoothness_and_precision_reach_the_deep_fit(phantom, capsys, monkeypatch):
+def test_smoothness_label_mrf_and_precision_reach_the_deep_fit(phantom, capsys, monkeypatch):
     import DeepGMMSegmentLib
 
     real_segment = DeepGMMSegmentLib.segment
@@ -280,9 +280,15 @@ def test_smoothness_and_precision_reach_the_deep_fit(phantom, capsys, monkeypatc
     monkeypatch.setattr(DeepGMMSegmentLib, "segment", recording_segment)
     out = phantom["dir"] / "labels.nii.gz"
     code, _ = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "deepsvg", "--max-iter", "3",
-                      "--smoothness", "0.7", "--precision", "float32", "-o", out, "-q")
+                      "--smoothness", "0.7", "--label-mrf", "off", "--precision", "float32", "-o", out, "-q")
     assert code == 0 and out.exists()
     assert seen[0].options["smoothness"] == 0.7 and seen[0].options["precision"] == "float32"
+    assert seen[0].options["label_mrf"] == "off"
+    code, _ = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "deepsvg", "--max-iter", "3",
+                      "--label-mrf", "1.5", "-o", out, "-q")
+    assert code == 0 and seen[1].options["label_mrf"] == 1.5
+    code, err = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "deepsvg", "--label-mrf", "-1", "-o", out)
+    assert code == 2 and "--label-mrf" in err
     # EM has no network and no spatial prior: the option is refused, nothing is written
     em_out = phantom["dir"] / "em.nii.gz"
     code, err = run_cli(capsys, phantom["channel_path"], "-k", "3", "-m", "em-gmm", "--smoothness", "0.7",

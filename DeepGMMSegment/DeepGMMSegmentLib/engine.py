@@ -335,12 +335,13 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
 def _labels_under_mrf(fit: em.MixtureFit, xv: torch.Tensor, mask: torch.Tensor, spacing, strength: float,
                       network_weight: float, fixed: torch.Tensor | None) -> em.MixtureFit:
     """deepsvg's fit with its responsibilities replaced by the fitted model's posterior under a Potts
-    prior (core.label_mrf); a voxel's prior is the global weights times the network's weights raised
-    to ``network_weight`` (options.LABEL_MRF has the measurements)."""
-    unary = (network_weight * fit.log_resp.float() + fit.weights.float().clamp_min(1e-30).log()
-             + gmm.log_gaussian(xv, fit.params))
-    log_q = label_mrf.potts_mean_field(unary, mask, strength, LABEL_MRF_ITER, fine_axes(tuple(mask.shape), spacing),
-                                       fixed)
+    prior (core.label_mrf; options.LABEL_MRF has the measurements)."""
+    log_q, note = label_mrf.relabel(fit.log_resp, fit.weights, fit.params, xv, mask,
+                                    fine_axes(tuple(mask.shape), spacing), strength, network_weight, LABEL_MRF_ITER,
+                                    fixed)
+    if note is not None:
+        logger.info(note)
+        return dataclasses.replace(fit, notes=[*fit.notes, note])
     return dataclasses.replace(fit, log_resp=log_q)
 
 

@@ -14,6 +14,10 @@ weights and the neighbours keep the labels smooth where noise is the problem.
 
 Neighbours are the face neighbours along the image's fine axes (``inputs.fine_axes``, as for
 the noise estimate): across thick slices neighbours are different anatomy. Everything is float32 on the fit's device; the grid is the mask's bounding box.
+
+The Gaussians of a fit stopped early (a cold start and a few steps) may not separate the classes
+yet while the network's output already does: when the relabelling would empty a class the network
+holds (its label count below ``deep.EMPTY_SHARE`` of the network's), the network's output stays.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import Sequence
 
 import torch
 
-from .deep import bounding_box
+from . import gmm
+from .deep import EMPTY_SHARE, bounding_box
 
 
 def neighbour_sum(grid: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
@@ -68,3 +73,27 @@ def potts_mean_field(log_unary: torch.Tensor, mask: torch.Tensor, strength: floa
         log_q = torch.log_softmax(log_unary + strength * field, dim=1)
     return log_q
 
+
+
+def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm.GaussianParameters,
+            x: torch.Tensor, mask: torch.Tensor, axes: Sequence[int], strength: float, network_weight: float,
+            n_iter: int, fixed_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
+    """(log responsibilities (V, K), note) of a deepsvg fit's final labels.
+
+    ``log_weights`` (V, K): the network's log weights; ``global_weights`` (K,); ``x`` (V, C) the
+    voxels. The prior of voxel v is global_weights * exp(network_weight * log_weights[v]). Returns
+    ``log_weights`` itself and a note saying why when the relabelling would empty a class.
+    """
+    unary = (network_weight * log_weights.float() + global_weights.float().clamp_min(1e-30).log()
+             + gmm.log_gaussian(x, params))
+    log_q = potts_mean_field(unary, mask, strength, n_iter, axes, fixed_labels)
+    n_classes = log_weights.shape[1]
+    before = torch.bincount(log_weights.argmax(1), minlength=n_classes)
+    after = torch.bincount(log_q.argmax(1), minlength=n_classes)
+    emptied = [k for k in range(n_classes) if after[k] < EMPTY_SHARE * before[k]]
+    if emptied:
+        names = ", ".join(str(k + 1) for k in emptied)
+        return log_weights, (f"The labels are the network's output: labelling by the fitted Gaussians (label_mrf) "
+                             f"would have emptied class(es) {names} (numbered as fitted), so the fit's Gaussians "
+                             "do not separate the classes yet (a short or cold-started fit).")
+    return log_q, None

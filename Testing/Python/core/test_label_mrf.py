@@ -6,7 +6,8 @@ import torch
 
 from DeepGMMSegmentLib import options, segment
 from DeepGMMSegmentLib.core.inputs import fine_axes, noise_level
-from DeepGMMSegmentLib.core.label_mrf import neighbour_sum, potts_mean_field
+from DeepGMMSegmentLib.core import gmm
+from DeepGMMSegmentLib.core.label_mrf import neighbour_sum, potts_mean_field, relabel
 
 FAST_DEEP = dict(max_iter=100, min_iter=40, depth=2, base_width=4, warm_start_iter=40, warm_start_learning_rate=None,
                  precision="float32", network="2d")
@@ -68,6 +69,21 @@ def test_seeded_voxels_keep_their_class():
     log_q = potts_mean_field(unary, torch.ones(20, 20, dtype=torch.bool), 0.5, 10, (0, 1), fixed)
     assert torch.allclose(log_q[:20].exp(), torch.tensor([0.0, 1.0]).expand(20, 2))
     assert torch.allclose(log_q.exp().sum(1), torch.ones(400))
+
+
+def test_the_network_output_stays_when_the_gaussians_would_empty_a_class():
+    """Gaussians that do not separate the classes yet (a short, cold-started fit) lose the middle class."""
+    torch.manual_seed(0)
+    truth = torch.arange(3).repeat_interleave(100)  # (300,) voxels, a confident network output
+    log_weights = torch.full((300, 3), -6.0).scatter_(1, truth[:, None], 0.0).log_softmax(1)
+    params = gmm.make_parameters(torch.tensor([[0.0], [0.01], [0.02]]), torch.ones(3, 1, 1), "full")
+    x = torch.randn(300, 1)
+    mask = torch.ones(300, dtype=torch.bool)
+    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, 0.0, 10)
+    assert log_q is log_weights and "emptied class(es) 2" in note
+    # the network's weights at full strength keep every class: the relabelling goes ahead
+    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, 1.0, 10)
+    assert note is None and torch.equal(log_q.argmax(1), truth)
 
 
 def test_the_network_weight_follows_the_noise():

@@ -23,7 +23,7 @@ from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, fine_axes, mask_values, noise_level, normalize_channels,
                           normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
 from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings, EMSettings,
-                      adaptive_smoothness, detects_bias_field, is_anchored, label_network_weight,
+                      adaptive_smoothness, detects_bias_field, is_anchored, label_prior_exponents,
                       resolve_bias_field_order, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
@@ -327,18 +327,17 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
                           warm_start_log_resp=warm, report=report,
                           fixed_labels=None if seed_grid is None else torch.from_numpy(seed_grid).long().to(dev))
     if method == "deepsvg" and settings.label_mrf != "off":
-        fit = _labels_under_mrf(fit, xv, mask_t, spacing, float(settings.label_mrf), label_network_weight(noise),
+        fit = _labels_under_mrf(fit, xv, mask_t, spacing, float(settings.label_mrf), label_prior_exponents(noise),
                                 fixed)
     return fit, centre, scale, bias
 
 
 def _labels_under_mrf(fit: em.MixtureFit, xv: torch.Tensor, mask: torch.Tensor, spacing, strength: float,
-                      network_weight: float, fixed: torch.Tensor | None) -> em.MixtureFit:
+                      exponents: tuple[float, float], fixed: torch.Tensor | None) -> em.MixtureFit:
     """deepsvg's fit with its responsibilities replaced by the fitted model's posterior under a Potts
     prior (core.label_mrf; options.LABEL_MRF has the measurements)."""
     log_q, note = label_mrf.relabel(fit.log_resp, fit.weights, fit.params, xv, mask,
-                                    fine_axes(tuple(mask.shape), spacing), strength, network_weight, LABEL_MRF_ITER,
-                                    fixed)
+                                    fine_axes(tuple(mask.shape), spacing), strength, exponents, LABEL_MRF_ITER, fixed)
     if note is not None:
         logger.info(note)
         return dataclasses.replace(fit, notes=[*fit.notes, note])

@@ -27,9 +27,9 @@ __all__ = [
     "BIAS_FIELD_CHOICES", "COVARIANCE_TYPES", "DEEP_METHODS", "DEFAULT_BIAS_FIELD", "DEFAULT_BIAS_FIELD_ORDER", "MAX_BIAS_FIELD_ORDER", "DEFAULT_METHOD", "DEFAULT_SMOOTHNESS", "DeepSettings", "EMSettings",
     "EM_METHODS", "METHODS", "NETWORKS", "PARAMETER_CONSTRAINTS", "PRECISIONS", "TrainingSettings", "WARM_STARTS",
     "COARSE_NETWORK_VOXELS", "FULL_RESOLUTION_LAYERS", "FULL_RESOLUTION_ITER", "WARM_START_SCHEDULE",
-    "LABEL_MRF", "LABEL_MRF_ITER", "LABEL_NOISE_FULL_NETWORK",
+    "LABEL_GLOBAL_WEIGHT_NOISY", "LABEL_MRF", "LABEL_MRF_ITER", "LABEL_NOISE_FULL_NETWORK",
     "adaptive_smoothness", "check_class_names", "check_value", "detects_bias_field", "is_anchored",
-    "label_network_weight",
+    "label_prior_exponents",
     "parse_prior_means", "resolve_bias_field_order", "resolve_options", "resolve_warm_start",
 ]
 
@@ -73,22 +73,23 @@ DEFAULT_SMOOTHNESS = {"deepsvg": 0.3, "deepg": 0.0}
 WARM_START_SCHEDULE = {"free": (40, 3e-2), "anchored": (100, None)}
 # label_mrf (DeepSettings): deepsvg's labels come from the fitted model's posterior under a Potts
 # prior of this strength per neighbour, LABEL_MRF_ITER mean-field steps (core.label_mrf). A voxel's
-# prior is w_k * pi_vk^a: the global weights w, times the network's weights pi raised to
-# label_network_weight(noise), which is 0 up to SMOOTHNESS_NOISE_FLOOR (clean images: the voxel's
-# own likelihood keeps thin structures) and 1 from LABEL_NOISE_FULL_NETWORK on (noisy images: the
-# network's spatial weights, as before). Measured on deepsvg fits (defaults, seed 0, engine
-# 5fd7592), relabelled offline, mean Dice: network output -> a = 0 / a = 1 / from the noise
-# (docs/thin-structures.md, "Labels from the fitted model"): 2 mm MNI clean 0.908 -> 0.939 / 0.925 /
-# 0.939; shifted grid 0.907 -> 0.935 / 0.923 / 0.935; noise 0.05 0.905 -> 0.920 / 0.919 / 0.920;
-# noise 0.10 0.880 -> 0.841 / 0.878 / 0.878; shifted noise 0.10 0.883 -> 0.852 / 0.876 / 0.876;
-# bias 20 % 0.889 -> 0.919 / 0.906 / 0.919; phantom 0.886 -> 0.915 / 0.902 / 0.915; 1 mm clean
-# 0.802 -> 0.848 / 0.824 / 0.848; 1 mm noise 0.10 0.875 -> 0.870 / 0.905 / 0.905; six cardiac
-# phantom cases 0.718 -> 0.692 / 0.730 / 0.732. Strength 1.0 instead of 0.5 (a = 1): 2 mm clean
-# 0.923, noise 0.10 0.863, cardiac 0.738. Without the global weights (prior pi_vk alone): 2 mm clean
-# 0.912, noise 0.10 0.896, 1 mm noise 0.10 0.878, cardiac 0.718.
+# prior is w_k^b * pi_vk^a, (a, b) = label_prior_exponents(noise): the global weights w alone (a = 0,
+# b = 1) up to SMOOTHNESS_NOISE_FLOOR (clean images: the voxel's own likelihood keeps thin
+# structures); from LABEL_NOISE_FULL_NETWORK on the network's weights pi (a = 1, noisy images need
+# its spatial weights) with the global ones at LABEL_GLOBAL_WEIGHT_NOISY; linear in between.
+# Measured on deepsvg fits (defaults, seed 0, engine 5fd7592) relabelled offline, mean Dice, network
+# output -> (a, b) = (0, 1) / (1, 1) / (1, 0.5) / (1, 0) (docs/thin-structures.md, "Labels from the
+# fitted model"): 2 mm MNI clean 0.908 -> 0.939 / 0.925; shifted grid 0.907 -> 0.935 / 0.923; bias
+# 20 % 0.889 -> 0.919 / 0.906; phantom 0.886 -> 0.915 / 0.902; 1 mm clean 0.802 -> 0.848 / 0.824;
+# noise 0.05 (noise level 0.36, a = 0) 0.905 -> 0.920 / 0.919; noisy images (a = 1): 2 mm noise 0.10
+# 0.880 -> 0.841 / 0.878 / 0.889 / 0.896 (seed 1: 0.879 -> - / 0.866 / 0.877 / 0.882), shifted 0.883
+# -> 0.852 / 0.876 / 0.881 / 0.883 (seed 1: 0.880 -> - / 0.870 / 0.878 / 0.884), noise 0.10 + bias 40 %
+# 0.804 -> - / 0.788 / 0.798 / 0.805, 1 mm noise 0.10 0.875 -> 0.870 / 0.905 / 0.895 / 0.878, six
+# cardiac phantom cases (noise 0.45-0.58) 0.718 -> 0.692 / 0.730 / 0.726 / 0.718.
 LABEL_MRF = 0.5
 LABEL_MRF_ITER = 10
 LABEL_NOISE_FULL_NETWORK = 0.54
+LABEL_GLOBAL_WEIGHT_NOISY = 0.5
 # full_resolution_iter="auto" (DeepSettings): steps of a coarse-to-fine fit's fine phase, by the grid the
 # network runs on there. Network pooled (a 1 mm brain, the network on 2 mm blocks), measured on the
 # 1 mm MNI T1 (deepsvg, one thread, seed 0; mean Dice clean / noise 0.10, CPU seconds) when the coarse
@@ -549,10 +550,12 @@ def adaptive_smoothness(noise: float) -> float:
     return min(DEFAULT_SMOOTHNESS["deepsvg"] + extra, MAX_ADAPTIVE_SMOOTHNESS)
 
 
-def label_network_weight(noise: float) -> float:
-    """The exponent of the network's weights in deepsvg's final labels for an image of ``noise`` (see LABEL_MRF)."""
+def label_prior_exponents(noise: float) -> tuple[float, float]:
+    """(exponent of the network's weights, exponent of the global weights) in deepsvg's final labels
+    for an image of ``noise`` (see LABEL_MRF)."""
     share = (float(noise) - SMOOTHNESS_NOISE_FLOOR) / (LABEL_NOISE_FULL_NETWORK - SMOOTHNESS_NOISE_FLOOR)
-    return min(1.0, max(0.0, share))
+    network = min(1.0, max(0.0, share))
+    return network, 1.0 - network * (1.0 - LABEL_GLOBAL_WEIGHT_NOISY)
 
 
 def resolve_options(method: str, **given: Any) -> dict[str, Any]:

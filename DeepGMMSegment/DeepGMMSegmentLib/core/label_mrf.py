@@ -1,19 +1,21 @@
 """Final labels of a fitted mixture under a Potts prior on the labels (mean field).
 
-A deepsvg fit ends with per-voxel weights pi_vk (the network's output) and Gaussians N_k. Its labels
-used to be argmax_k pi_vk: the network's output alone, which its U-Net and its spatial prior keep
-smooth, so structures one or two voxels wide (sulcal CSF) go to the class around them. Here the
-labels come from the fitted model's posterior, pi_vk N_k(x_v), together with a Potts prior that
-favours agreeing neighbours:
+A deepsvg fit ends with per-voxel weights pi_vk (the network's output), global weights w_k (their
+mean) and Gaussians N_k. Its labels used to be argmax_k pi_vk: the network's output alone, which its
+U-Net and its spatial prior keep smooth, so structures one or two voxels wide (sulcal CSF) go to the class around them. Here the
+labels come from the fitted model's posterior together with a Potts prior that favours agreeing
+neighbours:
 
-    q_vk  proportional to  pi_vk N_k(x_v) exp(strength * sum over the neighbours u of v of q_uk),
+    q_vk  proportional to  w_k^b pi_vk^a N_k(x_v) exp(strength * sum over the neighbours u of v of q_uk),
 
-solved by mean-field iterations (Zhang 1992; the Potts/MRF labelling of FSL FAST and ANTs Atropos).
+with (a, b) from the image's noise (options.label_prior_exponents: the global weights on clean
+images, the network's on noisy ones), solved by mean-field iterations (Zhang 1992; the Potts/MRF labelling of FSL FAST and ANTs Atropos).
 The voxel's own likelihood takes thin structures back where the image shows them; the network's
 weights and the neighbours keep the labels smooth where noise is the problem.
 
 Neighbours are the face neighbours along the image's fine axes (``inputs.fine_axes``, as for
-the noise estimate): across thick slices neighbours are different anatomy. Everything is float32 on the fit's device; the grid is the mask's bounding box.
+the noise estimate): across thick slices neighbours are different anatomy. Everything is float32 on
+the fit's device; the grid is the mask's bounding box.
 
 The Gaussians of a fit stopped early (a cold start and a few steps) may not separate the classes
 yet while the network's output already does: when the relabelling would empty a class the network
@@ -76,15 +78,17 @@ def potts_mean_field(log_unary: torch.Tensor, mask: torch.Tensor, strength: floa
 
 
 def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm.GaussianParameters,
-            x: torch.Tensor, mask: torch.Tensor, axes: Sequence[int], strength: float, network_weight: float,
-            n_iter: int, fixed_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
+            x: torch.Tensor, mask: torch.Tensor, axes: Sequence[int], strength: float,
+            exponents: tuple[float, float], n_iter: int,
+            fixed_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, str | None]:
     """(log responsibilities (V, K), note) of a deepsvg fit's final labels.
 
     ``log_weights`` (V, K): the network's log weights; ``global_weights`` (K,); ``x`` (V, C) the
-    voxels. The prior of voxel v is global_weights * exp(network_weight * log_weights[v]). Returns
+    voxels. With ``exponents`` (a, b) the prior of voxel v is global_weights^b * exp(a * log_weights[v]). Returns
     ``log_weights`` itself and a note saying why when the relabelling would empty a class.
     """
-    unary = (network_weight * log_weights.float() + global_weights.float().clamp_min(1e-30).log()
+    network, overall = exponents
+    unary = (network * log_weights.float() + overall * global_weights.float().clamp_min(1e-30).log()
              + gmm.log_gaussian(x, params))
     log_q = potts_mean_field(unary, mask, strength, n_iter, axes, fixed_labels)
     n_classes = log_weights.shape[1]

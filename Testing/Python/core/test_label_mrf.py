@@ -79,18 +79,20 @@ def test_the_network_output_stays_when_the_gaussians_would_empty_a_class():
     params = gmm.make_parameters(torch.tensor([[0.0], [0.01], [0.02]]), torch.ones(3, 1, 1), "full")
     x = torch.randn(300, 1)
     mask = torch.ones(300, dtype=torch.bool)
-    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, 0.0, 10)
+    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, (0.0, 1.0), 10)
     assert log_q is log_weights and "emptied class(es) 2" in note
     # the network's weights at full strength keep every class: the relabelling goes ahead
-    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, 1.0, 10)
+    log_q, note = relabel(log_weights, torch.tensor([0.45, 0.1, 0.45]), params, x, mask, (0,), 0.5, (1.0, 1.0), 10)
     assert note is None and torch.equal(log_q.argmax(1), truth)
 
 
-def test_the_network_weight_follows_the_noise():
+def test_the_prior_moves_from_the_global_weights_to_the_networks_with_the_noise():
     floor, full = options.SMOOTHNESS_NOISE_FLOOR, options.LABEL_NOISE_FULL_NETWORK
-    assert options.label_network_weight(0.0) == 0.0 and options.label_network_weight(floor) == 0.0
-    assert options.label_network_weight(full) == pytest.approx(1.0) and options.label_network_weight(2.0) == 1.0
-    assert 0 < options.label_network_weight((floor + full) / 2) < 1
+    assert options.label_prior_exponents(0.0) == options.label_prior_exponents(floor) == (0.0, 1.0)
+    noisy = (1.0, options.LABEL_GLOBAL_WEIGHT_NOISY)
+    assert options.label_prior_exponents(full) == pytest.approx(noisy) and options.label_prior_exponents(2.0) == noisy
+    network, overall = options.label_prior_exponents((floor + full) / 2)
+    assert 0 < network < 1 and options.LABEL_GLOBAL_WEIGHT_NOISY < overall < 1
 
 
 def thin_lines(noise: float, seed: int = 0):
@@ -119,10 +121,10 @@ def test_the_labels_are_the_fitted_models_posterior_under_the_potts_prior():
     assert not off.notes  # a genuine network fit, not its EM start
     assert np.allclose(on.means, off.means) and np.allclose(on.weights, off.weights)
     norm = (image - image.mean()) / image.std()
-    weight = options.label_network_weight(noise_level(norm[None], np.ones(image.shape, bool)))
-    assert 0 < weight < 1  # both parts of the prior count here
+    a, b = options.label_prior_exponents(noise_level(norm[None], np.ones(image.shape, bool)))
+    assert 0 < a < 1 and b < 1  # both parts of the prior count here
     network = np.log(np.maximum(off.probabilities.reshape(3, -1).T.astype(np.float64), 1e-30))
-    unary = weight * network + np.log(off.weights) + _log_gaussians(image, off.means, off.covariances)
+    unary = a * network + b * np.log(off.weights) + _log_gaussians(image, off.means, off.covariances)
     expected = potts_mean_field(torch.from_numpy(unary), torch.ones(image.shape, dtype=torch.bool),
                                 options.LABEL_MRF, options.LABEL_MRF_ITER, (0, 1)).exp()
     assert np.abs(on.probabilities.reshape(3, -1).T - expected.numpy()).max() < 1e-3

@@ -67,11 +67,12 @@ def potts_mean_field(log_unary: torch.Tensor, mask: torch.Tensor, strength: floa
     if strength <= 0 or n_iter <= 0 or not axes:
         return log_q
     box = bounding_box(mask, margin=0)
-    inside = mask[box]
-    grid = torch.zeros((log_unary.shape[1],) + tuple(inside.shape), dtype=log_q.dtype, device=log_q.device)
+    inside = mask[box].reshape(-1).nonzero().squeeze(1)  # the mask voxels' positions in the box, found once
+    shape = (log_unary.shape[1],) + tuple(mask[box].shape)
+    grid = torch.zeros(shape, dtype=log_q.dtype, device=log_q.device)
     for _ in range(n_iter):
-        grid[:, inside] = log_q.T.exp()
-        field = neighbour_sum(grid, axes)[:, inside].T
+        grid.view(shape[0], -1).index_copy_(1, inside, log_q.T.exp())
+        field = neighbour_sum(grid, axes).view(shape[0], -1).index_select(1, inside).T
         log_q = torch.log_softmax(log_unary + strength * field, dim=1)
     return log_q
 

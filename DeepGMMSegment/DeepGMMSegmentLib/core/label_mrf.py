@@ -2,16 +2,17 @@
 
 A deepsvg fit ends with per-voxel weights pi_vk (the network's output), global weights w_k (their
 mean) and Gaussians N_k. Its labels used to be argmax_k pi_vk: the network's output alone, which its
-U-Net and its spatial prior keep smooth, so structures one or two voxels wide (sulcal CSF) go to the class around them. Here the
-labels come from the fitted model's posterior together with a Potts prior that favours agreeing
-neighbours:
+U-Net and its spatial prior keep smooth, so structures one or two voxels wide (sulcal CSF) go to the
+class around them. Here the labels come from the fitted model's posterior together with a Potts
+prior that favours agreeing neighbours:
 
     q_vk  proportional to  w_k^b pi_vk^a N_k(x_v) exp(strength * sum over the neighbours u of v of q_uk),
 
 with (a, b) from the image's noise (options.label_prior_exponents: the global weights on clean
-images, the network's on noisy ones), solved by mean-field iterations (Zhang 1992; the Potts/MRF labelling of FSL FAST and ANTs Atropos).
-The voxel's own likelihood takes thin structures back where the image shows them; the network's
-weights and the neighbours keep the labels smooth where noise is the problem.
+images, the network's on noisy ones), solved by mean-field iterations (Zhang 1992; the Potts/MRF
+labelling of FSL FAST and ANTs Atropos). The voxel's own likelihood takes thin structures back where
+the image shows them; the network's weights and the neighbours keep the labels smooth where noise is
+the problem.
 
 Neighbours are the face neighbours along the image's fine axes (``inputs.fine_axes``, as for
 the noise estimate): across thick slices neighbours are different anatomy. Everything is float32 on

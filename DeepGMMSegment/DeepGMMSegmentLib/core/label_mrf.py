@@ -31,6 +31,7 @@ import torch
 
 from . import gmm
 from .deep import EMPTY_SHARE, bounding_box
+from .seeds import fix_responsibilities
 
 
 def neighbour_sum(grid: torch.Tensor, axes: Sequence[int]) -> torch.Tensor:
@@ -57,13 +58,7 @@ def potts_mean_field(log_unary: torch.Tensor, mask: torch.Tensor, strength: floa
     is the Potts weight per neighbour (0: the unary's own posterior); ``fixed_labels`` (V,) long,
     -1 where free, keeps seeded voxels in their class.
     """
-    log_unary = log_unary.float()
-    if fixed_labels is not None:
-        seeded = fixed_labels >= 0
-        pinned = torch.full_like(log_unary[seeded], float("-inf"))
-        pinned.scatter_(1, fixed_labels[seeded, None], 0.0)
-        log_unary = log_unary.clone()
-        log_unary[seeded] = pinned
+    log_unary = fix_responsibilities(log_unary.float(), fixed_labels)  # seeds: one-hot, whatever the neighbours
     log_q = torch.log_softmax(log_unary, dim=1)
     if strength <= 0 or n_iter <= 0 or not axes:
         return log_q
@@ -78,7 +73,6 @@ def potts_mean_field(log_unary: torch.Tensor, mask: torch.Tensor, strength: floa
     return log_q
 
 
-
 def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm.GaussianParameters,
             x: torch.Tensor, mask: torch.Tensor, axes: Sequence[int], strength: float,
             exponents: tuple[float, float], n_iter: int,
@@ -86,8 +80,8 @@ def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm
     """(log responsibilities (V, K), note) of a deepsvg fit's final labels.
 
     ``log_weights`` (V, K): the network's log weights; ``global_weights`` (K,); ``x`` (V, C) the
-    voxels. With ``exponents`` (a, b) the prior of voxel v is global_weights^b * exp(a * log_weights[v]). Returns
-    ``log_weights`` itself and a note saying why when the relabelling would empty a class.
+    voxels. With ``exponents`` (a, b) the prior of voxel v is global_weights^b * exp(a * log_weights[v]).
+    Returns ``log_weights`` itself and a note saying why when the relabelling would empty a class.
     """
     network, overall = exponents
     unary = (network * log_weights.float() + overall * global_weights.float().clamp_min(1e-30).log()
@@ -96,10 +90,8 @@ def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm
     n_classes = log_weights.shape[1]
     before = torch.bincount(log_weights.argmax(1), minlength=n_classes)
     after = torch.bincount(log_q.argmax(1), minlength=n_classes)
-    emptied = [k for k in range(n_classes) if after[k] < EMPTY_SHARE * before[k]]
-    if emptied:
-        names = ", ".join(str(k + 1) for k in emptied)
-        return log_weights, (f"The labels are the network's output: labelling by the fitted Gaussians (label_mrf) "
-                             f"would have emptied class(es) {names} (numbered as fitted), so the fit's Gaussians "
-                             "do not separate the classes yet (a short or cold-started fit).")
+    if any(after[k] < EMPTY_SHARE * before[k] for k in range(n_classes)):
+        return log_weights, ("The labels are the network's output: labelling by the fitted Gaussians (label_mrf) "
+                             "would have emptied a class, so the fit's Gaussians do not separate the classes yet "
+                             "(a short or cold-started fit).")
     return log_q, None

@@ -278,8 +278,8 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     noise = None
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
-        if method == "deepsvg" and opts["model"] is None:
-            noise = noise_level(norm, m, spacing)
+        if method == "deepsvg" and opts["model"] is None and (opts["smoothness"] is None or opts["label_mrf"] != "off"):
+            noise = noise_level(norm, m, spacing)  # chooses the default smoothness and the labels' prior
             logger.info("Noise level %.3f (least noisy channel, z-units).", noise)
         if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default
             opts["smoothness"] = _default_smoothness(noise, is_anchored(prior, seed_grid))

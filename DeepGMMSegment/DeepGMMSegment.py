@@ -122,6 +122,8 @@ class DeepGMMSegmentParameterNode:
     order; maxIterations/tolerance 0 = method default; priorMeans "10,20;30,40" = one row per
     class, one value per channel; outputSegmentation None = create a new segmentation;
     smoothness: deepSVG's spatial prior (0 = the published loss; AUTOMATIC_SMOOTHNESS = from the image's noise);
+    labelSmoothing: deepSVG's label_mrf, the Potts strength of its labels from the fitted model
+    (LABEL_MRF_OFF = the network's output; 0 = the posterior without neighbours);
     useTrainedModel: segment with the model file trainedModelPath (its method and classes),
     fineTuneSteps 0 = one forward pass; correctBiasField: estimate a bias field with the classes
     (biasFieldOrder 0 = when the image shows one, the default; 1..6 = always, of that order);
@@ -143,6 +145,7 @@ class DeepGMMSegmentParameterNode:
     covarianceType: CovarianceType = CovarianceType.FULL
     priorMeans: str = ""
     smoothness: Annotated[float, WithinRange(panel.AUTOMATIC_SMOOTHNESS, 10.0)] = panel.AUTOMATIC_SMOOTHNESS
+    labelSmoothing: Annotated[float, WithinRange(panel.LABEL_MRF_OFF, 5.0)] = options.LABEL_MRF
     roi: Optional[vtkMRMLMarkupsROINode]
     maskSegmentation: Optional[vtkMRMLSegmentationNode]
     maskSegmentId: str = ""
@@ -345,6 +348,7 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
             widget.enabled = not use  # the model decides these
         ui.smoothnessSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
+        ui.labelSmoothingSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
         # Reference segments give the class means (so no prior means) and a model fixes its classes.
         ui.priorMeansLineEdit.enabled = not use and parameters.seedSegmentation is None
         ui.seedSegmentationSelector.enabled = not use
@@ -437,7 +441,8 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             engineOptions = panel.engineOptions(parameters.maxIterations, parameters.tolerance,
                                                 parameters.covarianceType.value,
                                                 None if priorMeans is None else priorMeans.tolist(),
-                                                panel.smoothnessFor(parameters.method.value, parameters.smoothness))
+                                                panel.smoothnessFor(parameters.method.value, parameters.smoothness),
+                                                panel.labelMrfFor(parameters.method.value, parameters.labelSmoothing))
         output = parameters.outputSegmentation
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
             answer = self.askReplaceOrNew(output.GetName(), parameters.roi is not None)

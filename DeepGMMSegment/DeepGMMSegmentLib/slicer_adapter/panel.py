@@ -106,13 +106,31 @@ def smoothnessFor(method: str, smoothness: float) -> Optional[float]:
     return float(smoothness) if method == "deepsvg" and smoothness >= 0 else None
 
 
+# The label smoothing spin box's lowest value, shown as "off": deepSVG's labels and probability maps
+# are then the network's output (label_mrf="off"). 0 stays a choice of its own (the fitted model's
+# posterior without neighbours); the box's default is the engine's, options.LABEL_MRF.
+LABEL_MRF_OFF = -0.1
+
+
+def labelMrfFor(method: str, labelSmoothing: float) -> Optional[float | str]:
+    """The panel's label smoothing as deepSVG's ``label_mrf`` option: the Potts strength under which
+    the labels are computed from the fitted model, "off" for ``LABEL_MRF_OFF`` (any negative value:
+    the network's output). deepSVG only (the other methods have no such step), else None."""
+    if method != "deepsvg":
+        return None
+    return "off" if labelSmoothing < 0 else float(labelSmoothing)
+
+
 def engineOptions(maxIterations: int = 0, tolerance: float = 0.0, covarianceType: str = "full",
-                  priorMeans: Optional[list[list[float]]] = None, smoothness: Optional[float] = None) -> dict:
+                  priorMeans: Optional[list[list[float]]] = None, smoothness: Optional[float] = None,
+                  labelMrf: Optional[float | str] = None) -> dict:
     """Engine options from the advanced settings; 0 means "the method's default" and is left out
-    (except ``smoothness``, where 0 is a choice: None leaves it out)."""
+    (except ``smoothness`` and ``labelMrf``, where 0 is a choice: None leaves them out)."""
     options: dict = {"covariance_type": covarianceType}
     if smoothness is not None:
         options["smoothness"] = float(smoothness)
+    if labelMrf is not None:
+        options["label_mrf"] = labelMrf if isinstance(labelMrf, str) else float(labelMrf)
     if maxIterations and maxIterations > 0:
         options["max_iter"] = int(maxIterations)
     if tolerance and tolerance > 0:

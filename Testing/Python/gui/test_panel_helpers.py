@@ -105,6 +105,10 @@ def test_engine_options_leave_defaults_to_the_engine():
     assert options == {"covariance_type": "diag", "max_iter": 40, "tol": 1e-6, "prior_means": [[1.0], [2.0]]}
     # smoothness 0 is a choice (the published loss), not "default": it is passed on
     assert panel.engineOptions(smoothness=0.0) == {"covariance_type": "full", "smoothness": 0.0}
+    # label_mrf too: 0 is the posterior without neighbours, "off" the network's output
+    assert panel.engineOptions(labelMrf=0.0) == {"covariance_type": "full", "label_mrf": 0.0}
+    assert panel.engineOptions(labelMrf="off") == {"covariance_type": "full", "label_mrf": "off"}
+    assert panel.engineOptions(None, None, "full", None, None, 1.5)["label_mrf"] == 1.5  # the widget's order
 
 
 def test_smoothness_goes_to_deepsvg_only():
@@ -113,6 +117,20 @@ def test_smoothness_goes_to_deepsvg_only():
     assert panel.smoothnessFor("deepsvg", panel.AUTOMATIC_SMOOTHNESS) is None  # the engine's choice from the noise
     assert [panel.smoothnessFor(m, 0.5) for m in ("deepg", "em-gmm", "em-svgmm")] == [None] * 3
     assert "smoothness" in options.resolve_options("deepsvg")  # the name the engine takes
+
+
+def test_label_smoothing_goes_to_deepsvg_only():
+    assert panel.labelMrfFor("deepsvg", 0.5) == 0.5
+    assert panel.labelMrfFor("deepsvg", 0.0) == 0.0  # the posterior without neighbours, not "off"
+    assert panel.labelMrfFor("deepsvg", panel.LABEL_MRF_OFF) == "off"  # the network's output
+    assert [panel.labelMrfFor(m, 0.5) for m in ("deepg", "em-gmm", "em-svgmm")] == [None] * 3
+    assert [panel.labelMrfFor(m, panel.LABEL_MRF_OFF) for m in ("deepg", "em-gmm", "em-svgmm")] == [None] * 3
+    assert panel.LABEL_MRF_OFF < 0 <= options.LABEL_MRF  # "off" is below every strength, the default above it
+    # The engine takes what the panel sends, under that name (options.PARAMETER_CONSTRAINTS).
+    for value in (panel.labelMrfFor("deepsvg", panel.LABEL_MRF_OFF), panel.labelMrfFor("deepsvg", 0.0),
+                  panel.labelMrfFor("deepsvg", options.LABEL_MRF)):
+        given = panel.engineOptions(labelMrf=value)
+        assert options.resolve_options("deepsvg", **given)["label_mrf"] == value
 
 
 def test_engine_options_and_enum_values_are_the_engines_names():

@@ -86,9 +86,9 @@ def test_every_parameter_binding_is_a_parameter_node_field(moduleSource):
     assert checks.parameterNameProblems(tree, moduleSource, PARAMETER_NODE_CLASS) == []
     bindings = set(checks.parameterBindings(tree).values())
     expected = {"inputVolume1", "inputVolume2", "inputVolume3", "inputVolume4", "numberOfClasses", "method",
-                "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "smoothness", "roi",
-                "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps", "seedSegmentation",
-                "correctBiasField", "biasFieldOrder"}
+                "device", "seed", "maxIterations", "tolerance", "covarianceType", "priorMeans", "smoothness",
+                "labelSmoothing", "roi", "outputSegmentation", "probabilityMaps", "useTrainedModel", "fineTuneSteps",
+                "seedSegmentation", "correctBiasField", "biasFieldOrder"}
     assert bindings == expected
 
 
@@ -113,6 +113,12 @@ def test_parameter_node_fields_have_the_specified_types(moduleSource):
     assert annotations["seedSegmentation"] == "Optional[vtkMRMLSegmentationNode]"
     assert annotations["correctBiasField"] == "bool"
     assert annotations["biasFieldOrder"] == "Annotated[int, WithinRange(0, options.MAX_BIAS_FIELD_ORDER)]"
+    # The lowest value means "automatic" / "off"; label smoothing's default is the engine's label_mrf.
+    assert annotations["smoothness"] == "Annotated[float, WithinRange(panel.AUTOMATIC_SMOOTHNESS, 10.0)]"
+    assert annotations["labelSmoothing"] == "Annotated[float, WithinRange(panel.LABEL_MRF_OFF, 5.0)]"
+    defaults = {statement.target.id: ast.unparse(statement.value)
+                for statement in classNode.body if isinstance(statement, ast.AnnAssign) and statement.value}
+    assert defaults["labelSmoothing"] == "options.LABEL_MRF"
     # No GUI-only annotation (Decimals) on fields with a default: it is logged as unused at every start.
     assert "Decimals" not in "".join(annotations.values())
 
@@ -123,7 +129,7 @@ def test_parameter_node_fields_avoid_the_wrappers_reserved_names(moduleSource):
                 "connectParametersToGui", "disconnectGui", "StartModify", "EndModify", "AddObserver",
                 "RemoveObserver", "Modified", "parameterNode"}
     fields = checks.parameterNodeFields(moduleSource, PARAMETER_NODE_CLASS)
-    assert len(fields) == 24 and not reserved & set(fields)
+    assert len(fields) == 25 and not reserved & set(fields)
 
 
 def test_combo_box_items_match_the_enum_labels(moduleSource):
@@ -146,6 +152,24 @@ def test_combo_box_items_match_the_enum_labels(moduleSource):
     assert items("deviceComboBox") == [panel.DEVICE_LABELS[v] for v in enumValues["ComputeDevice"]]
     assert items("covarianceTypeComboBox") == [panel.COVARIANCE_LABELS[v] for v in enumValues["CovarianceType"]]
     assert enumValues["SegmentationMethod"][0] == "deepsvg"  # deepSVG is the default (first item)
+
+
+def test_spin_boxes_with_a_special_lowest_value_match_the_panel():
+    """smoothness' "automatic" and label smoothing's "off" are the lowest values panel.py maps."""
+    from DeepGMMSegmentLib.slicer_adapter import panel
+
+    tree = checks.parseUi(UI_PATH)
+    bindings = checks.parameterBindings(tree)
+    advanced = next(element for element in tree.iter("widget") if element.get("name") == "advancedCollapsibleButton")
+    inAdvanced = {element.get("name") for element in advanced.iter("widget")}
+    for name, field, lowest, text in (("smoothnessSpinBox", "smoothness", panel.AUTOMATIC_SMOOTHNESS, "automatic"),
+                                      ("labelSmoothingSpinBox", "labelSmoothing", panel.LABEL_MRF_OFF, "off")):
+        spinBox = next((element for element in tree.iter("widget") if element.get("name") == name), None)
+        assert spinBox is not None and spinBox.get("class") == "QDoubleSpinBox", name
+        assert bindings[name] == field and name in inAdvanced
+        properties = {prop.get("name"): prop[0].text for prop in spinBox.findall("property")}
+        assert float(properties["minimum"]) == lowest and properties["specialValueText"] == text, name
+        assert properties["toolTip"].startswith("deepSVG only"), name
 
 
 def test_results_table_columns_match_panel_rows():

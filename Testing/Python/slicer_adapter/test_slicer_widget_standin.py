@@ -79,6 +79,7 @@ def test_method_enum_and_defaults_come_from_options(harness, volumes):
     parameters = harness.createWidget()._parameterNode
     assert parameters.method.value == options.DEFAULT_METHOD
     assert parameters.smoothness == harness.module.panel.AUTOMATIC_SMOOTHNESS  # "automatic": from the noise
+    assert parameters.labelSmoothing == options.LABEL_MRF  # the engine's default Potts strength
     assert [methods.EM_GMM.label(), methods.EM_GMM.shortName()] == ["EM-GMM (classic, fast)", "EM-GMM"]
 
 
@@ -156,10 +157,12 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     assert [row[1:3] for row in rows] == [("EM-GMM", f"Class {k}") for k in (1, 2, 3)]
     assert all(row[0] == first.GetName() and len(row[4].split(" / ")) == 2 for row in rows)  # two channels
     assert t1.GetImageData().GetMTime() == inputBefore
-    assert "smoothness" not in json.loads(first.GetAttribute("DeepGMMSegment.Options"))  # deepSVG only
-    assert not ui.smoothnessSpinBox.enabled
+    given = json.loads(first.GetAttribute("DeepGMMSegment.Options"))
+    assert "smoothness" not in given and "label_mrf" not in given  # deepSVG only
+    assert not ui.smoothnessSpinBox.enabled and not ui.labelSmoothingSpinBox.enabled
     parameters.method = harness.module.SegmentationMethod.DEEP_SVG
     assert ui.smoothnessSpinBox.enabled and parameters.smoothness == harness.module.panel.AUTOMATIC_SMOOTHNESS
+    assert ui.labelSmoothingSpinBox.enabled
 
     # Another method, "Create new (keep both)": a second output and a second block of rows.
     questions = []
@@ -195,6 +198,28 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     ui.clearResultsButton.click()
     assert ui.resultsTableWidget.rowCount == 0 and segmentationCount(mrmlScene) == 2
     assert harness.slotErrors == [] and harness.errorMessages == []
+
+
+def test_label_smoothing_reaches_the_job_as_deepsvgs_label_mrf(harness, volumes):
+    widget = harness.createWidget()
+    ui, parameters, panel = widget.ui, widget._parameterNode, harness.module.panel
+    recorded = []
+
+    def recordOptions(**job):  # the job the logic would start: its options, then stop
+        recorded.append(job["options"])
+        raise RuntimeError("options recorded")
+
+    widget.logic.runnerFactory = recordOptions
+    parameters.method = harness.module.SegmentationMethod.DEEP_SVG
+    for value, expected in ((panel.LABEL_MRF_OFF, "off"), (0.0, 0.0), (1.5, 1.5)):
+        parameters.labelSmoothing = value
+        ui.segmentButton.click()
+        assert recorded[-1]["label_mrf"] == expected and not widget.isProcessing()
+    parameters.method = harness.module.SegmentationMethod.DEEP_G
+    assert not ui.labelSmoothingSpinBox.enabled
+    ui.segmentButton.click()
+    assert "label_mrf" not in recorded[-1] and len(recorded) == 4
+    assert harness.errorMessages and all("options recorded" in text for text in harness.errorMessages)
 
 
 def test_bad_prior_means_show_an_error_and_start_nothing(harness, volumes, mrmlScene):
@@ -272,7 +297,7 @@ def test_trained_model_is_shown_checked_and_passed_to_the_logic(harness, volumes
     assert ui.trainedModelPathLineEdit.enabled and ui.fineTuneStepsSpinBox.enabled
     assert not ui.methodComboBox.enabled and not ui.numberOfClassesSpinBox.enabled  # the model decides these
     assert not ui.maxIterationsSpinBox.enabled and not ui.priorMeansLineEdit.enabled
-    assert not ui.smoothnessSpinBox.enabled
+    assert not ui.smoothnessSpinBox.enabled and not ui.labelSmoothingSpinBox.enabled
     assert not ui.segmentButton.enabled and ui.segmentButton.toolTip == ui.trainedModelInfoLabel.text == (
         "Choose a trained model file (.pt, written by deepgmm-train) or uncheck 'Use trained model'.")
 

@@ -24,7 +24,7 @@ from .core.inputs import (check_prior_means, check_spacing, fine_axes, mask_valu
                           normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
 from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings, EMSettings,
                       adaptive_smoothness, detects_bias_field, is_anchored, label_prior_exponents,
-                      resolve_bias_field_order, resolve_options)
+                      resolve_bias_field_order, resolve_loss_grid, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
 logger = logging.getLogger(__name__)
@@ -278,9 +278,12 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     noise = None
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
-        if method == "deepsvg" and opts["model"] is None and (opts["smoothness"] is None or opts["label_mrf"] != "off"):
-            noise = noise_level(norm, m, spacing)  # chooses the default smoothness and the labels' prior
+        if method == "deepsvg" and opts["model"] is None and (opts["smoothness"] is None or opts["label_mrf"] != "off"
+                                                              or opts["loss_grid"] == "auto"):
+            # chooses the default smoothness, the labels' prior and the loss grid of a pooled network
+            noise = noise_level(norm, m, spacing)
             logger.info("Noise level %.3f (least noisy channel, z-units).", noise)
+            opts["loss_grid"] = resolve_loss_grid(opts["loss_grid"], method, noise)
         if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default
             opts["smoothness"] = _default_smoothness(noise, is_anchored(prior, seed_grid))
         x_all = torch.from_numpy(norm).to(dev)

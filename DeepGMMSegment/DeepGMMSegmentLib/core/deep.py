@@ -24,7 +24,8 @@ import torch
 from torch.nn import functional as F
 
 from ..options import (COARSE_NETWORK_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, FULL_RESOLUTION_ITER,
-                       FULL_RESOLUTION_LAYERS, GRADIENT_CLIP, DeepSettings, is_anchored, resolve_warm_start)
+                       FULL_RESOLUTION_LAYERS, GRADIENT_CLIP, DeepSettings, is_anchored, resolve_loss_grid,
+                       resolve_warm_start)
 from . import gmm
 from .em import MixtureFit
 from .networks import UNet, fall_back_to_float32, guarded_step, last_level_logits, resolve_precision
@@ -449,7 +450,11 @@ def fit_deep(
     itself when it fits), its logits interpolated to every voxel. The network is fully
     convolutional, so the weights of the coarse phase run on the finer grid as they are. With
     ``full_resolution_layers`` "last" (:func:`grid_plan`) the fine steps train only the network's
-    last decoder block and head (:class:`LastLevel`) on that block's input, computed once.
+    last decoder block and head (:class:`LastLevel`) on that block's input, computed once. When
+    even the fine phase's network grid is pooled (a crop above ``max_network_voxels``),
+    ``loss_grid`` "network" (:func:`options.resolve_loss_grid`) fits the crop averaged on that
+    grid instead, as an image of its own, and lifts the fit to the voxels
+    (:func:`_fit_on_network_grid`); "voxels" keeps the fine phase's loss on every voxel.
 
     With a start the fit never returns a result whose objective (NLL plus priors) is worse than the
     start's, and a class that empties is recovered (see :class:`_Guard`); ``fit.notes`` says what
@@ -466,6 +471,9 @@ def fit_deep(
     fresh = network is None
     factors, fine_factors, fine_iter, fine_layers = grid_plan(tuple(mc.shape), dims, in_plane_only, settings, method,
                                                               fresh)
+    if fresh and max(fine_factors) > 1 and resolve_loss_grid(settings.loss_grid, method) == "network":
+        return _fit_on_network_grid(xc, mc, fine_factors, n_classes, method, settings, spacing, prior_means,
+                                    warm_start_log_resp, report, fixed_crop)
     if fresh:
         network = UNet(dims, x.shape[0], n_classes, settings.base_width, settings.depth, in_plane_only)
         network = network.to(x.device)
@@ -512,6 +520,56 @@ def fit_deep(
     # phase's stopping rule (otherwise every coarse-to-fine fit would report "not converged").
     fit.converged = first.converged
     return fit, network
+
+
+def _fit_on_network_grid(xc, mc, factors, n_classes, method, settings, spacing, prior_means, start, report,
+                         fixed_crop) -> tuple[MixtureFit, torch.nn.Module]:
+    """``loss_grid="network"``: fit the crop averaged over blocks of ``factors`` (the finest grid the
+    network may run on) as an image of its own, then lift the fit to the crop's voxels.
+
+    The class probabilities are interpolated to every voxel (:func:`lift_probabilities`), and the
+    Gaussians and weights follow from them over the voxels in closed form, as in every deep fit: the
+    block fit's own Gaussians describe block means, whose noise and partial volume differ from the
+    voxels'. The NLL history ends with the lifted fit's NLL over the voxels.
+    """
+    pooled_x, pooled_mask = pool_in_mask(xc, mc, factors)
+    pooled_spacing = None if spacing is None else tuple(s * f for s, f in zip(spacing, factors))
+    pooled_start = None if start is None else _pool_start(start, mc, factors, pooled_mask)
+    pooled_fixed = None if fixed_crop is None else _pool_labels(fixed_crop, n_classes, factors)
+    fit, network = fit_deep(pooled_x, pooled_mask, n_classes, method, settings, spacing=pooled_spacing,
+                            prior_means=prior_means, warm_start_log_resp=pooled_start, report=report,
+                            fixed_labels=pooled_fixed)
+    log_resp = lift_probabilities(fit.log_resp, pooled_mask, mc, factors)
+    if fixed_crop is not None:
+        log_resp = fix_responsibilities(log_resp, fixed_crop[mc])
+    with torch.no_grad():
+        nll, _, weights, params = voxel_nll(xc[:, mc].T, log_resp, method, settings.covariance_type,
+                                            settings.reg_covar)
+    return dataclasses.replace(fit, log_resp=log_resp, params=params, weights=weights,
+                               nll_history=[*fit.nll_history, float(nll)]), network
+
+
+def lift_probabilities(log_resp: torch.Tensor, pooled_mask: torch.Tensor, mask: torch.Tensor,
+                       factors: tuple[int, ...]) -> torch.Tensor:
+    """(V', K) log responsibilities over ``pooled_mask`` (blocks of ``factors``) -> (V, K) over ``mask``.
+
+    Linear interpolation between block centres, normalised by the interpolated share of blocks inside
+    the pooled mask, so blocks outside it take no part. Every mask voxel lies in a block of the pooled
+    mask, so the share is positive there.
+    """
+    k = log_resp.shape[1]
+    grid = torch.zeros((k + 1,) + tuple(pooled_mask.shape), dtype=torch.float32, device=mask.device)
+    grid[:k, pooled_mask] = log_resp.T.float().exp()
+    grid[k] = pooled_mask.float()
+    # Upsample by exactly ``factors`` and crop: interpolating to the crop's own size would stretch the
+    # grid when a size is not a multiple of its factor (ceil_mode pooling).
+    size = tuple(n * f for n, f in zip(pooled_mask.shape, factors))
+    up = F.interpolate(grid[None], size=size, mode="trilinear" if mask.ndim == 3 else "bilinear",
+                       align_corners=False)[0]
+    up = up[(slice(None),) + tuple(slice(0, n) for n in mask.shape)]
+    inside = up[:, mask]
+    prob = inside[:k] / inside[k].clamp_min(1e-12)
+    return torch.log_softmax(prob.clamp_min(1e-30).log().T, dim=1).to(log_resp.dtype).contiguous()
 
 
 class LastLevel(torch.nn.Module):

@@ -105,7 +105,8 @@ def test_pooled_start_keeps_probabilities_and_seeds_keep_their_class():
 def test_coarse_to_fine_fit_runs_on_the_pooled_grid_then_steps_at_full_resolution():
     channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
     steps = []
-    common = dict(method="deepsvg", seed=0, max_network_voxels=2**13, **FAST)
+    # loss_grid="voxels": the fine phase's loss on every voxel ("network" is tested in test_loss_grid.py)
+    common = dict(method="deepsvg", seed=0, max_network_voxels=2**13, loss_grid="voxels", **FAST)
     result = segment(channels, 3, warm_start_iter=10, full_resolution_iter=5,
                      progress=lambda i, n, *_: steps.append((i, n)), **common)
     assert steps[-1] == (result.n_iter, 10 + 25 + 5) and result.n_iter >= 25 + 5
@@ -153,11 +154,11 @@ def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_a
     # both budgets below the crop: the network stays on the pooled grid of max_network_voxels for
     # the fine phase, and the coarse phase is coarser still
     segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,
-            warm_start_iter=3, full_resolution_iter=4, **fast)
+            loss_grid="voxels", warm_start_iter=3, full_resolution_iter=4, **fast)
     assert grids[0] == coarse and grids[-1] == (24, 32, 32)  # 24,576 voxels: within 2**15, not 2**13
     # em-head adds the start's logits: on the network's new grid too
     head = segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13, max_network_voxels=2**15,
-                   warm_start="em-head", full_resolution_iter=4, **fast)
+                   loss_grid="voxels", warm_start="em-head", full_resolution_iter=4, **fast)
     assert matched_dice(head.labels, truth, 3) > 0.85
 
 
@@ -204,7 +205,8 @@ def test_the_fine_phase_is_short_when_the_network_reaches_full_resolution_and_lo
 
         with pytest.raises(SegmentationCancelled):
             segment(channels, 3, method="deepsvg", seed=0, coarse_network_voxels=2**13,
-                    max_network_voxels=max_network_voxels, progress=stop_at_once, **{**FAST, "max_iter": 5})
+                    max_network_voxels=max_network_voxels, loss_grid="voxels", progress=stop_at_once,
+                    **{**FAST, "max_iter": 5})
         assert totals[0] == WARM_START_SCHEDULE["free"][0] + 5 + FULL_RESOLUTION_ITER[grid], (grid, totals)
 
 
@@ -223,8 +225,9 @@ def test_only_the_full_resolution_phase_chooses_and_reports_the_result():
     # a coarse phase too short to beat its start: its result is discarded, so it must not say it
     # returned the start; only the full-resolution phase chooses (and notes) what is returned
     channels, _, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
-    result = segment(channels, 3, method="deepsvg", seed=0, max_network_voxels=2**13, warm_start_iter=2,
-                     full_resolution_iter=2, depth=2, base_width=4, precision="float32", max_iter=1, min_iter=1)
+    result = segment(channels, 3, method="deepsvg", seed=0, max_network_voxels=2**13, loss_grid="voxels",
+                     warm_start_iter=2, full_resolution_iter=2, depth=2, base_width=4, precision="float32", max_iter=1,
+                     min_iter=1)
     assert sum("returning" in note for note in result.notes) <= 1, result.notes
 
 

@@ -238,10 +238,11 @@ def _timed_segment(inp: DeepInput, device: str, labels_out: str | None, **option
 
 
 def worker_fit(spec: dict) -> dict:
-    """A per-image deepSVG fit with the engine's defaults (``quick``: a few iterations)."""
+    """A per-image deepSVG fit with the engine's defaults (``quick``: a few iterations; ``options``:
+    engine options over them, to time a choice against the default in one run)."""
     inp = load_input(spec["input"], spec.get("quick", False))
     return _timed_segment(inp, spec.get("device", "cpu"), spec.get("labels_out"),
-                          **(QUICK_FIT if spec.get("quick") else {}))
+                          **{**(QUICK_FIT if spec.get("quick") else {}), **spec.get("options", {})})
 
 
 def worker_train(spec: dict) -> dict:

@@ -241,7 +241,8 @@ def main(argv=None) -> int:
                         help="comma-separated methods: run just these jobs of the plan (with "
                              "--resume, to split one run over several processes)")
     parser.add_argument("--cases", default=None,
-                        help="run only the cases whose name contains this text (with --only/--resume)")
+                        help="run only the cases whose resolution and name ('1 mm clean') contain this text "
+                             "(with --only/--resume)")
     parser.add_argument("--collect", action="store_true",
                         help="run nothing: gather the finished jobs of the plan into the report "
                              "(the others are listed as not run)")
@@ -290,7 +291,8 @@ def main(argv=None) -> int:
                 parser.error(f"unknown method(s) in --only: {', '.join(unknown)}")
             jobs = [job for job in jobs if job[1] in args.only]
         if args.cases:
-            jobs = [job for job in jobs if args.cases.lower() in plan[job[0]][2].name.lower()]
+            jobs = [job for job in jobs
+                    if args.cases.lower() in f"{plan[job[0]][1]} {plan[job[0]][2].name}".lower()]
         info["split"] = bool(args.only or args.cases) or args.collect
         labels_by_case = [dict() for _ in plan]
         for done, (index, method) in enumerate(jobs, start=1):

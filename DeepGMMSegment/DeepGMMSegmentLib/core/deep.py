@@ -530,7 +530,7 @@ def _fit_on_network_grid(xc, mc, factors, n_classes, method, settings, spacing, 
     The class probabilities are interpolated to every voxel (:func:`lift_probabilities`), and the
     Gaussians and weights follow from them over the voxels in closed form, as in every deep fit: the
     block fit's own Gaussians describe block means, whose noise and partial volume differ from the
-    voxels'. The NLL history ends with the lifted fit's NLL over the voxels.
+    voxels'. The NLL history's final entry is the lifted fit's NLL over the voxels.
     """
     pooled_x, pooled_mask = pool_in_mask(xc, mc, factors)
     pooled_spacing = None if spacing is None else tuple(s * f for s, f in zip(spacing, factors))
@@ -546,7 +546,7 @@ def _fit_on_network_grid(xc, mc, factors, n_classes, method, settings, spacing, 
         nll, _, weights, params = voxel_nll(xc[:, mc].T, log_resp, method, settings.covariance_type,
                                             settings.reg_covar)
     return dataclasses.replace(fit, log_resp=log_resp, params=params, weights=weights,
-                               nll_history=[*fit.nll_history, float(nll)]), network
+                               nll_history=[*fit.nll_history[:-1], float(nll)]), network
 
 
 def lift_probabilities(log_resp: torch.Tensor, pooled_mask: torch.Tensor, mask: torch.Tensor,

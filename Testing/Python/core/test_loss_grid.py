@@ -44,7 +44,9 @@ def test_lifting_ignores_blocks_outside_the_pooled_mask():
     assert torch.allclose(lifted[:, 0], torch.full((32,), 0.7), atol=1e-5)
 
 
-def test_a_crop_above_the_budget_is_fitted_on_the_pooled_grid_and_its_gaussians_follow_on_the_voxels(monkeypatch):
+@pytest.mark.cuda
+def test_a_crop_above_the_budget_is_fitted_on_the_pooled_grid_and_its_gaussians_follow_on_the_voxels(monkeypatch,
+                                                                                                      compute_device):
     from DeepGMMSegmentLib.core.networks import UNet
     channels, truth, _ = blob_phantom((24, 64, 64), n_classes=3, n_channels=1, noise=0.15, seed=4)
     grids = []
@@ -56,8 +58,10 @@ def test_a_crop_above_the_budget_is_fitted_on_the_pooled_grid_and_its_gaussians_
 
     monkeypatch.setattr(UNet, "forward", spy)
     assert resolve_loss_grid("auto", "deepsvg") == LOSS_GRID["deepsvg"] == "network"
-    result = segment(channels, 3, method="deepsvg", seed=0, max_network_voxels=2**15, label_mrf="off", **FAST)
+    result = segment(channels, 3, method="deepsvg", seed=0, max_network_voxels=2**15, label_mrf="off",
+                     device=compute_device, **FAST)
     assert grids and truth.shape not in grids  # the network never ran on the voxels' own grid
+    assert len(result.nll_history) == result.n_iter + 1  # one per step, then the lifted fit's over the voxels
     assert max(np.prod(g) for g in grids) <= 2**15
     assert result.labels.shape == truth.shape and matched_dice(result.labels, truth, 3) > 0.85
     # the Gaussians and weights are the closed form of the lifted probabilities over the voxels

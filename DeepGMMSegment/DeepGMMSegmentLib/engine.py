@@ -94,7 +94,9 @@ def segment(
         ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels for deepsvg; None /
         "auto": options.COARSE_NETWORK_VOXELS / FULL_RESOLUTION_ITER), ``full_resolution_layers``
         (what the fine steps train, "last" / "all"; "auto": options.FULL_RESOLUTION_LAYERS),
-        ``smoothness`` (weight of the spatial prior; deepsvg's
+        ``loss_grid`` (a crop above ``max_network_voxels``: "network" fits it averaged on the
+        network's grid and lifts the fit to the voxels, "voxels" computes the fine phase's loss on
+        every voxel; "auto": options.resolve_loss_grid), ``smoothness`` (weight of the spatial prior; deepsvg's
         default comes from the image's noise, 0.3 to 0.8, deepg's is 0; 0 = the paper's loss),
         ``edge_contrast`` (the prior's edge weighting; 0 = every pair alike), ``label_mrf`` (deepsvg's
         labels: the fitted model's posterior under a Potts prior of this strength, default 0.5;

@@ -280,9 +280,9 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
     noise = None
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
-        if method == "deepsvg" and opts["model"] is None and (opts["smoothness"] is None or opts["label_mrf"] != "off"
-                                                              or opts["loss_grid"] == "auto"):
+        if method == "deepsvg" and opts["model"] is None:
             # chooses the default smoothness, the labels' prior and the loss grid of a pooled network
+            # (0.14 s on the 1 mm brain: cheaper than deciding whether an explicit option makes it unneeded)
             noise = noise_level(norm, m, spacing)
             logger.info("Noise level %.3f (least noisy channel, z-units).", noise)
             opts["loss_grid"] = resolve_loss_grid(opts["loss_grid"], method, noise)

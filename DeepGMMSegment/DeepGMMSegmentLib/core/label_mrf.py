@@ -90,7 +90,7 @@ def relabel(log_weights: torch.Tensor, global_weights: torch.Tensor, params: gmm
     n_classes = log_weights.shape[1]
     before = torch.bincount(log_weights.argmax(1), minlength=n_classes)
     after = torch.bincount(log_q.argmax(1), minlength=n_classes)
-    if any(after[k] < EMPTY_SHARE * before[k] for k in range(n_classes)):
+    if bool((after < EMPTY_SHARE * before).any()):
         return log_weights, ("The labels are the network's output: labelling by the fitted Gaussians (label_mrf) "
                              "would have emptied a class, so the fit's Gaussians do not separate the classes yet "
                              "(a short or cold-started fit).")

@@ -473,6 +473,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-ref", default=bench_deep.DEFAULT_BASELINE_REF, metavar="REF",
                         help="git commit whose engine is run beside this tree's in (b) and (c) "
                              f"(default: {bench_deep.DEFAULT_BASELINE_REF}, before issue 10; 'none': no baseline)")
+    parser.add_argument("--baseline-skip", default="", metavar="INPUTS",
+                        help="comma-separated inputs of (b) that only this tree's engine fits, e.g. mni-1mm "
+                             f"(choices: {', '.join(bench_deep.DEEP_INPUTS)})")
     parser.add_argument("--quick", action="store_true",
                         help="tiny inputs and few iterations: every code path in one to two minutes, figures "
                              f"meaningless; writes into {QUICK_OUTPUT.relative_to(REPO)}/, never docs/")
@@ -490,6 +493,11 @@ def main(argv=None) -> int:
     if args.from_results:
         return write_page(json.loads(Path(args.from_results).read_text()), args.output)
     baseline = None if args.baseline_ref.lower() == "none" else args.baseline_ref
+    baseline_skip = tuple(name for name in args.baseline_skip.split(",") if name)
+    unknown = sorted(set(baseline_skip) - set(bench_deep.DEEP_INPUTS))
+    if unknown:
+        parser.error(f"--baseline-skip: unknown input(s) {', '.join(unknown)}; "
+                     f"choose from {', '.join(bench_deep.DEEP_INPUTS)}")
     if baseline:
         try:
             bench_deep.resolve_commit(baseline)  # a bad ref fails now, not after the EM part
@@ -509,7 +517,7 @@ def main(argv=None) -> int:
                 print(f"running {case} ...", file=sys.stderr, flush=True)
                 em[case] = run_worker(case, directory, args.tol)
         if not args.skip_deep:
-            deep = bench_deep.run_all(args.quick, baseline, scaling=not args.skip_scaling,
+            deep = bench_deep.run_all(args.quick, baseline, scaling=not args.skip_scaling, baseline_skip=baseline_skip,
                                       trained=not args.skip_trained)
             print("running compute ...", file=sys.stderr, flush=True)
             compute = run_worker("compute", directory, args.tol)

@@ -80,7 +80,8 @@ def test_quick_workers_feed_the_page_with_goals_and_plot(tmp_path):
     results = {"quick": True, "after_version": "test", "before_version": "HEAD (test)",
                "fits": {"cardiac": {"after": fit, "before": dict(fit, seconds=2 * fit["seconds"])},
                         "mni-1mm": {"after": {"error": "boom"}}},
-               "trained": {"after": {"training": training, "inference": inference}}, "scaling": scaling}
+               "trained": {"after": {"training": training, "inference": inference}}, "scaling": scaling,
+               "baseline_skipped": ["mni-1mm"]}
     page = tmp_path / "benchmarks.md"
     image = tmp_path / "images" / "benchmark-scaling.png"
     console, markdown = bench_engine.build_report({}, None, results, None, bench_engine.machine_description(),
@@ -92,6 +93,7 @@ def test_quick_workers_feed_the_page_with_goals_and_plot(tmp_path):
     assert "2.0× faster than before in wall time" in markdown
     assert "goal ≤ 1.5 s (" in markdown and "mni-1mm: no result of this tree's engine" in markdown
     assert "after failed: boom" in markdown
+    assert "The before engine was not run on mni-1mm in this run (`--baseline-skip`)" in markdown
     assert "Goal (issue 10): trained-model inference at MNI 1 mm ≤ 2 s" in markdown
     assert markdown.count("fitted log-log slope") == 2
     cardiac = next(line for line in markdown.splitlines() if line.startswith("* cardiac:"))
@@ -141,3 +143,9 @@ def test_compute_use_takes_the_workers_own_full_resolution_timing_and_falls_back
     assert "an 8- and a 3-iteration fit in this worker) | 0.500 s" in page and "**50.0%**" in page
     _, md = bench_engine.compute_report(compute, deep)  # results saved before the worker timed itself
     assert "the 2 mm fit of (b), after) | 0.100 s" in "\n".join(md)
+
+
+def test_an_unknown_baseline_skip_input_fails_before_any_case_runs(tmp_path):
+    with pytest.raises(SystemExit):
+        bench_engine.main(["--quick", "--baseline-skip", "mni-3mm", "--output", str(tmp_path / "x.md")])
+    assert not (tmp_path / "x.md").exists()

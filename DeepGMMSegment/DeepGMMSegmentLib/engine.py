@@ -22,7 +22,8 @@ from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
 from .core.inputs import (check_prior_means, check_spacing, fine_axes, mask_values, noise_level, normalize_channels,
                           normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
-from .options import (DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings, EMSettings,
+from .options import (BIAS_FIELD_FIT_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings,
+                      EMSettings,
                       adaptive_smoothness, detects_bias_field, is_anchored, label_prior_exponents,
                       resolve_bias_field_order, resolve_loss_grid, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
@@ -207,28 +208,46 @@ class BiasEstimate:
     detection: bias_field.FieldDetection | None = None  # bias_field="detect": why the field was corrected
 
 
-def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, report, steps) -> BiasEstimate:
+def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, seed, report,
+                   steps) -> BiasEstimate:
     """GMM + smooth bias field (core/bias_field.py) on the mask voxels, in the corrected image's units.
 
-    ``steps``: the channels' intensity steps (:func:`quantization_steps`) in input units.
+    ``steps``: the channels' intensity steps (:func:`quantization_steps`) in input units. A mask of
+    more than BIAS_FIELD_FIT_VOXELS voxels has its field estimated on that many of them, drawn at
+    random from ``seed``; the mixture is then fitted on every corrected voxel, started from the sample's.
     """
     inside = mask_values(data, m)
     bias_field.check_positive_channels(inside)
-    voxels, centre, scale = normalize_voxels(data, m)
+    _, centre, scale = normalize_voxels(data, m)
     basis = torch.from_numpy(bias_field.bias_basis(m, order, spacing)).to(dev)
+    intensities = torch.from_numpy(np.ascontiguousarray(inside.T)).to(dev)
+    pick = bias_field.voxel_sample(basis.shape[0], BIAS_FIELD_FIT_VOXELS, seed)
+    sample = None if pick is None else torch.from_numpy(pick).to(dev)
     prior_norm = None if prior is None else torch.as_tensor((prior - centre) / scale, dtype=torch.float32, device=dev)
+    centre_t, scale_t = torch.as_tensor(centre, device=dev), torch.as_tensor(scale, device=dev)
+    reg_covar = gmm.covariance_floor(opts["reg_covar"], steps / scale)
     joint = bias_field.fit_mixture_with_bias(
-        torch.from_numpy(np.ascontiguousarray(inside.T)).to(dev), basis, n_classes,
-        centre=torch.as_tensor(centre, device=dev), scale=torch.as_tensor(scale, device=dev), generator=generator,
-        covariance_type=opts["covariance_type"], reg_covar=gmm.covariance_floor(opts["reg_covar"], steps / scale),
+        intensities if sample is None else intensities[sample], basis if sample is None else basis[sample],
+        n_classes, centre=centre_t, scale=scale_t, generator=generator,
+        covariance_type=opts["covariance_type"], reg_covar=reg_covar,
         tol=float(opts["tol"]), means_init=prior_norm, n_init=int(opts["n_init"]), report=report)
-    log_bias = bias_field.log_field(basis, joint.coefficients).cpu().numpy()
+    log_bias_t = bias_field.log_field(basis, joint.coefficients)
+    fit = dataclasses.replace(joint.mixture, nll_history=list(joint.nll_history), n_iter=max(joint.n_outer, 1),
+                              converged=joint.converged)
+    if sample is not None:  # the mixture of every corrected voxel, from the sample's
+        z = bias_field.corrected_voxels(intensities, log_bias_t, centre_t, scale_t)
+        full = em.fit_gmm(z, n_classes, covariance_type=opts["covariance_type"], reg_covar=reg_covar,
+                          tol=float(opts["tol"]), max_iter=EMSettings().max_iter, generator=generator,
+                          init=(torch.log(joint.mixture.weights), joint.mixture.params), compress=False,
+                          report=lambda i, total, nll: report(fit.n_iter + i, fit.n_iter + total, nll))
+        fit = dataclasses.replace(full, nll_history=fit.nll_history + full.nll_history,
+                                  n_iter=fit.n_iter + full.n_iter, converged=joint.converged and full.converged,
+                                  notes=fit.notes + full.notes)
+    log_bias = log_bias_t.cpu().numpy()
     field = bias_field.field_image(m, log_bias)
     # The mixture models I * exp(-log_bias); the corrected image is I / field = that times the
     # field's mean gain in the mask, so the same gain turns the mixture into corrected-image units.
     gain = np.exp(log_bias).mean(0)
-    fit = dataclasses.replace(joint.mixture, nll_history=list(joint.nll_history), n_iter=max(joint.n_outer, 1),
-                              converged=joint.converged)
     return BiasEstimate(field, bias_field.apply_bias(data, m, field), fit, centre * gain, scale * gain)
 
 
@@ -271,7 +290,7 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         check_cancel()
         order = order if detection.detected else 0
     if order > 0:
-        bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator,
+        bias = _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generator, int(seed),
                               report if method == "em-gmm" else lambda *_: check_cancel(), steps)
         bias.detection = detection
         if method == "em-gmm" and seed_grid is None:

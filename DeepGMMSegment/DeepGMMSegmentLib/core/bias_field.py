@@ -333,6 +333,14 @@ def fit_mixture_with_bias(
     return BiasMixtureFit(fit, coefficients, history, n_outer, converged)
 
 
+def voxel_sample(n_total: int, n_voxels: int, seed: int) -> np.ndarray | None:
+    """Sorted positions of ``n_voxels`` of ``n_total`` voxels drawn at random without replacement from
+    ``seed`` (None when there are no more than that): the field is smooth, so a sample fixes it."""
+    if n_total <= n_voxels:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_total, n_voxels, replace=False))
+
+
 # ----------------------------------------------------------------------------- detection
 
 
@@ -392,8 +400,8 @@ def detect_bias_field(
     if not (channel_medians(inside) > 0).all():
         return FieldDetection(False, float("nan"), "no bias field looked for: a channel is not positive")
     index = np.flatnonzero(mask)
-    if index.size > n_voxels:
-        pick = np.sort(np.random.default_rng(seed).choice(index.size, n_voxels, replace=False))
+    pick = voxel_sample(index.size, n_voxels, seed)
+    if pick is not None:
         index, inside = index[pick], inside[:, pick]
     # flat indices in C order, so the sample keeps the mask's voxel order; no full-grid scans from here on
     basis = torch.from_numpy(index_basis(np.unravel_index(index, mask.shape), order, spacing))

@@ -68,3 +68,30 @@ def test_a_signed_image_is_refused_with_the_fix(phantom):
     _, biased, _, mask, _ = phantom
     with pytest.raises(ValueError, match="bias_field='none'"):
         segment(biased - biased[mask].mean() - 1, 3, method="em-svgmm", mask=mask, bias_field="auto")
+
+
+def test_a_large_mask_has_its_field_estimated_on_a_sample_and_its_mixture_on_every_voxel(phantom, monkeypatch):
+    from DeepGMMSegmentLib import engine
+    from DeepGMMSegmentLib.core import bias_field
+
+    clean, biased, true_field, mask, reference = phantom
+    everything = segment(biased, 3, method="em-gmm", mask=mask, bias_field="auto", device="cpu")
+    sizes = []
+    joint_fit = bias_field.fit_mixture_with_bias
+
+    def spy(intensities, basis, *args, **kwargs):
+        sizes.append((intensities.shape[0], basis.shape[0]))
+        return joint_fit(intensities, basis, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "BIAS_FIELD_FIT_VOXELS", int(mask.sum()) // 3)
+    monkeypatch.setattr(bias_field, "fit_mixture_with_bias", spy)
+    result = segment(biased, 3, method="em-gmm", mask=mask, bias_field="auto", device="cpu")
+    assert sizes == [(int(mask.sum()) // 3,) * 2]  # the joint fit saw the sample only
+    r, error = field_agreement(result.bias_field[0], true_field, mask)
+    assert r > 0.9, (r, error)
+    assert matched_dice(result.labels, reference, 3) > matched_dice(everything.labels, reference, 3) - 0.02
+    # the mixture is the one of every corrected voxel: its means are the class means of the corrected image
+    np.testing.assert_allclose(result.means[:, 0], [result.corrected[0][result.labels == k].mean() for k in (1, 2, 3)],
+                               rtol=0.05)
+    probabilities = result.probabilities[:, mask]
+    np.testing.assert_allclose(result.weights, probabilities.mean(1), atol=2e-3)

@@ -43,8 +43,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..options import (BIAS_FIELD_DETECTION_MIN_EXTENT_MM, BIAS_FIELD_DETECTION_THRESHOLD, BIAS_FIELD_DETECTION_VOXELS,
-                       DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order)
+from ..options import (BIAS_FIELD_DETECTION_MIN_EXTENT_MM, BIAS_FIELD_DETECTION_THRESHOLD, BIAS_FIELD_DETECTION_TOL,
+                       BIAS_FIELD_DETECTION_VOXELS, DEFAULT_BIAS_FIELD_ORDER, resolve_bias_field_order)
 from . import em, gmm
 from .inputs import channel_statistics, mask_values, set_mask_values
 
@@ -384,8 +384,8 @@ def detect_bias_field(
 ) -> FieldDetection:
     """Does (C, *spatial) ``data`` inside ``mask`` show a smooth multiplicative field?
 
-    The joint fit (:func:`fit_mixture_with_bias`, order ``order``) runs on ``n_voxels`` mask voxels
-    drawn at random (its own generators from ``seed``; nothing else's random state moves), and the
+    The joint fit (:func:`fit_mixture_with_bias`, order ``order``, stopping at BIAS_FIELD_DETECTION_TOL)
+    runs on ``n_voxels`` mask voxels drawn at random (its own generators from ``seed``; nothing else's random state moves), and the
     field counts when the SD of its log inside the mask reaches ``threshold`` in some channel.
     Only masks at least ``min_extent_mm`` long along two axes or more are looked at (in a smaller
     region a smooth field can follow the anatomy), and only positive channels (a multiplicative
@@ -410,7 +410,7 @@ def detect_bias_field(
         torch.from_numpy(np.ascontiguousarray(inside.T, dtype=np.float32)), basis, n_classes,
         centre=torch.as_tensor(centre), scale=torch.as_tensor(scale),
         generator=torch.Generator().manual_seed(int(seed)),
-        covariance_type=covariance_type, reg_covar=reg_covar)
+        covariance_type=covariance_type, reg_covar=reg_covar, tol=BIAS_FIELD_DETECTION_TOL)
     strength = float(log_field(basis, joint.coefficients).std(dim=0).max()) if basis.shape[1] else 0.0
     if strength >= threshold:
         return FieldDetection(True, strength, f"a bias field was detected (SD of its log {strength:.3f} >= "

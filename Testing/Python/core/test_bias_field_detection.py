@@ -95,3 +95,18 @@ def test_detect_is_accepted_and_resolves_to_the_default_order():
     assert options.resolve_bias_field_order("detect") == options.DEFAULT_BIAS_FIELD_ORDER
     assert options.detects_bias_field("Detect ") and not options.detects_bias_field("auto")
     assert not options.detects_bias_field(3)
+
+
+def test_the_detection_stops_its_joint_fit_at_its_own_tolerance(images, monkeypatch):
+    # the detection's fit only estimates a strength, so it stops earlier than a fit whose field is used
+    _, biased, _, mask, _ = images
+    seen = []
+    joint_fit = bf.fit_mixture_with_bias
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("tol"))
+        return joint_fit(*args, **kwargs)
+
+    monkeypatch.setattr(bf, "fit_mixture_with_bias", spy)
+    assert bf.detect_bias_field(biased[None], mask, 3, spacing=LARGE).detected
+    assert seen == [options.BIAS_FIELD_DETECTION_TOL] and options.BIAS_FIELD_DETECTION_TOL > 1e-5

@@ -22,3 +22,19 @@ def test_issue11_goals_name_the_larger_shortfall_and_the_best_peer():
     assert rows["noise 0.05"].endswith("| > best peer | met |")
     assert "N4 + scikit-learn GMM 0.850" in rows["bias 40%"] and rows["bias 40%"].endswith("missed by 0.050 |")
     assert len([r for r in report._issue11_goals(data) if r.endswith("not measured |")]) == 1
+
+
+def test_the_page_says_where_the_jobs_time_goes_against_the_budget():
+    def timed(resolution, **seconds):
+        return {"resolution": resolution,
+                "results": [{"method": m.replace("_", "-"), "process_seconds": s} for m, s in seconds.items()]}
+
+    data = {"info": {}, "cases": [timed("1 mm", deepsvg=600.0, atropos_mrf=300.0, em_gmm=60.0),
+                                  timed("2 mm", deepg=240.0, n4_atropos_mrf=60.0)]}
+    text = report._budget_text(data)
+    assert "add up to 21.0 min before the cardiac section, within the budget of about 30 min" in text
+    assert "the 1 mm cases take 16.0 min of it (our deep fits 10.0 min)" in text
+    assert "Atropos with its N4 and MRF variants 6.0 min" in text
+    data["cases"][1]["results"].append({"method": "deepg", "process_seconds": 900.0})
+    assert "36.0 min before the cardiac section, over the budget" in report._budget_text(data)
+    assert report._budget_text({"info": {"quick": True}, "cases": data["cases"]}) == ""

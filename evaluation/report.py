@@ -370,7 +370,7 @@ def _agreement_table(case) -> list[str]:
     return lines
 
 
-WHY_NOT_DEEP_AT_1MM = (
+PLAN_BUDGET = (
     "Budget: at 1 mm every condition runs with our em-gmm, deepsvg (the default) and deepg, every peer "
     "but Atropos without its MRF (which runs on clean, noise 0.10 and bias 40% only: where both ran, "
     "it was never more than 0.001 ahead of Atropos + MRF), "
@@ -443,6 +443,11 @@ def _stale_engine_warning(data) -> list[str]:
 EVALUATION_BUDGET_MIN = 30  # issue 11: `make evaluate` regenerates the page in about this many minutes
 
 
+def job_seconds(result: dict) -> float:
+    """The seconds one job's process took (jobs run before that was recorded: their measured runs)."""
+    return result.get("process_seconds", sum(result.get("all_seconds", [])))
+
+
 def _budget_text(data) -> str:
     """Where the brain jobs' time goes, against the evaluation's budget (empty for a quick run)."""
     if data["info"].get("quick"):
@@ -450,7 +455,7 @@ def _budget_text(data) -> str:
     total, one_mm, deep_1mm, atropos = 0.0, 0.0, 0.0, 0.0
     for case in data["cases"]:
         for result in case["results"]:
-            seconds = result.get("process_seconds", result.get("seconds", 0.0)) or 0.0
+            seconds = job_seconds(result)
             total += seconds
             if case["resolution"] == "1 mm":
                 one_mm += seconds
@@ -484,9 +489,8 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
         "wall times noisier)."
         + (" **These figures were gathered with `--collect` from more than one invocation** "
            "(`--only`/`--cases`/`--resume`), so the time above is the span from the first job's start "
-           "to the last one's end, pauses included; the jobs' own wall times add up to "
-           f"{info.get('job_seconds', 0) / 60:.1f} min. `make evaluate` runs every job in one process."
-           if info.get("split") else "")
+           "to the last one's end, pauses included (the jobs' own time follows). `make evaluate` runs every "
+           "job in one process." if info.get("split") else "")
         + _budget_text(data),
         "",
         "## How to read this",
@@ -539,7 +543,7 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
                    + (f" **Planned but not run (the run was cut short): "
                       f"{', '.join(_label(m) for m in missing)}.**" if missing else ""))
     out.append("")
-    out.append(WHY_NOT_DEEP_AT_1MM)
+    out.append(PLAN_BUDGET)
     out += ["", f"![mean Dice per condition and method]({figures['dice']})", ""]
 
     out += ["## Which method should I use, and what does it cost?", ""]

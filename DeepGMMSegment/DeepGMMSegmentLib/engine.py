@@ -20,11 +20,10 @@ import torch
 from .core import bias_field, em, gmm, label_mrf, seeds as seeding
 from .core.deep import fit_deep
 from .core.gmm import GaussianParameters
-from .core.inputs import (check_prior_means, check_spacing, fine_axes, mask_values, noise_level, normalize_channels,
-                          normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
+from .core.inputs import (channel_statistics, check_prior_means, check_spacing, fine_axes, mask_values, noise_level,
+                          normalize_channels, normalize_voxels, quantization_steps, resolve_device, validate_seeded_inputs)
 from .options import (BIAS_FIELD_FIT_VOXELS, DEEP_METHODS, DEFAULT_SMOOTHNESS, LABEL_MRF_ITER, DeepSettings,
-                      EMSettings,
-                      adaptive_smoothness, detects_bias_field, is_anchored, label_prior_exponents,
+                      EMSettings, adaptive_smoothness, detects_bias_field, is_anchored, label_prior_exponents,
                       resolve_bias_field_order, resolve_loss_grid, resolve_options)
 from .result import ProgressCallback, SegmentationCancelled, SegmentationResult
 
@@ -218,7 +217,7 @@ def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generat
     """
     inside = mask_values(data, m)
     bias_field.check_positive_channels(inside)
-    _, centre, scale = normalize_voxels(data, m)
+    centre, scale = channel_statistics(inside)  # normalize_voxels' z-scores, without the copy
     basis = torch.from_numpy(bias_field.bias_basis(m, order, spacing)).to(dev)
     intensities = torch.from_numpy(np.ascontiguousarray(inside.T)).to(dev)
     pick = bias_field.voxel_sample(basis.shape[0], BIAS_FIELD_FIT_VOXELS, seed)
@@ -235,13 +234,14 @@ def _estimate_bias(data, m, n_classes, order, opts, spacing, prior, dev, generat
     fit = dataclasses.replace(joint.mixture, nll_history=list(joint.nll_history), n_iter=max(joint.n_outer, 1),
                               converged=joint.converged)
     if sample is not None:  # the mixture of every corrected voxel, from the sample's
+        rounds = fit.n_iter  # progress continues after the sample's rounds
         z = bias_field.corrected_voxels(intensities, log_bias_t, centre_t, scale_t)
         full = em.fit_gmm(z, n_classes, covariance_type=opts["covariance_type"], reg_covar=reg_covar,
                           tol=float(opts["tol"]), max_iter=EMSettings().max_iter, generator=generator,
                           init=(torch.log(joint.mixture.weights), joint.mixture.params), compress=False,
-                          report=lambda i, total, nll: report(fit.n_iter + i, fit.n_iter + total, nll))
+                          report=lambda i, total, nll: report(rounds + i, rounds + total, nll))
         fit = dataclasses.replace(full, nll_history=fit.nll_history + full.nll_history,
-                                  n_iter=fit.n_iter + full.n_iter, converged=joint.converged and full.converged,
+                                  n_iter=rounds + full.n_iter, converged=joint.converged and full.converged,
                                   notes=fit.notes + full.notes)
     log_bias = log_bias_t.cpu().numpy()
     field = bias_field.field_image(m, log_bias)

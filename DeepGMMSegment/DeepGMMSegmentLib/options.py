@@ -128,7 +128,7 @@ COARSE_NETWORK_VOXELS = {"deepsvg": 2**17, "deepg": 0}
 # The block fit's own Gaussians instead of those over the voxels: clean 0.872, noise 0.05 0.846.
 # Not adopted for the noisy images: the "network" fit continued for 15 or 30 steps with the loss on
 # every voxel (the network still on the blocks). Noise 0.10: 0.880 / 0.885 (seed 0), 0.891 with 30
-# (seed 1), against "voxels" 0.891 / 0.892, in 0.65-0.7x its time (85-97 s against 130-141 s, so
+# (seed 1), against "voxels" 0.891 / 0.892, in about 0.65x its time (85 s quiet against 130-141 s, so
 # still above a minute). On the clean template 15 such steps fall to 0.835 (the voxel loss's CSF).
 # deepg keeps "voxels": with "network" (seed 0) clean 0.683 against 0.827, noise 0.10 0.729 against
 # 0.734, +-40 % field 0.699 against 0.812.

@@ -384,9 +384,9 @@ def detect_bias_field(
 ) -> FieldDetection:
     """Does (C, *spatial) ``data`` inside ``mask`` show a smooth multiplicative field?
 
-    The joint fit (:func:`fit_mixture_with_bias`, order ``order``, stopping at BIAS_FIELD_DETECTION_TOL)
-    runs on ``n_voxels`` mask voxels drawn at random (its own generators from ``seed``; nothing else's random state moves), and the
-    field counts when the SD of its log inside the mask reaches ``threshold`` in some channel.
+    The joint fit (:func:`fit_mixture_with_bias`, order ``order``, stopping at
+    BIAS_FIELD_DETECTION_TOL) runs on ``n_voxels`` mask voxels drawn at random (its own generators
+    from ``seed``; nothing else's random state moves), and the field counts when the SD of its log inside the mask reaches ``threshold`` in some channel.
     Only masks at least ``min_extent_mm`` long along two axes or more are looked at (in a smaller
     region a smooth field can follow the anatomy), and only positive channels (a multiplicative
     field means nothing for signed images). The thresholds and their measurements: options.py.

@@ -372,11 +372,11 @@ def _agreement_table(case) -> list[str]:
 
 PLAN_BUDGET = (
     "Budget: at 1 mm every condition runs with our em-gmm, deepsvg (the default) and deepg, every peer "
-    "but Atropos without its MRF (which runs on clean, noise 0.10 and bias 40% only: where both ran, "
-    "it was never more than 0.001 ahead of Atropos + MRF), "
-    "and the N4 pipelines wherever a field is (at 2 mm too). em-svgmm and deepsvg run on every 2 mm "
-    "condition; deepg and deepsvg with β = 0 on the two conditions the goals name (clean, noise 0.10) "
-    "and the multi-channel cases. Our methods' defaults correct a "
+    "but Atropos without its MRF (where both ran at 1 mm, it was never more than 0.0014 ahead of "
+    "Atropos + MRF), and the N4 pipelines wherever a field is (at 2 mm too). At 2 mm em-gmm and "
+    "deepsvg run on every condition; deepg, em-svgmm, deepsvg with β = 0 and Atropos without its MRF "
+    "on the two conditions the goals name (clean, noise 0.10), where the report reads what each "
+    "spatial coupling adds, and on the multi-channel cases. Our methods' defaults correct a "
     "field where they detect one (`bias_field=\"detect\"`), so the rows with the field always on "
     "(`\"auto\"`) run on clean and noise 0.10 at 2 mm, where there is none. The shifted 2 mm grid "
     "runs our em-gmm and deepsvg against scikit-learn and "
@@ -521,10 +521,12 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
         "median of 3 runs when the first run took under 10 s, otherwise one run (column *runs*); "
         "in brackets the process's CPU time (all threads; less sensitive to other load, recorded "
         "for the jobs run after it was added). "
-        "**Peak MB**: each method runs in a fresh process; peak resident memory during the runs "
-        "minus the resident memory once the imports and the input were loaded (the peak, `VmHWM` = "
-        "`ru_maxrss`, is reset after the imports through `/proc/self/clear_refs`, so an import-time "
-        "peak cannot hide the method's own).",
+        "**Peak MB**: each job runs in a process of its own, forked from a server that has imported "
+        "only that method's libraries (`evaluation/job_server.py`); peak resident memory during the runs "
+        "minus the resident memory once the input was loaded (the peak, `VmHWM` = "
+        "`ru_maxrss`, is reset then through `/proc/self/clear_refs`, so an import-time "
+        "peak cannot hide the method's own; library pages the fork had not mapped yet count as the "
+        "method's, a few MB: 3-10 MB more than in a fresh interpreter on the 2 mm image).",
         "* All methods get the same input array and the same brain mask; K = 3. SimpleITK's filters "
         "take no mask, so they get the brain voxels only (as a 1-row image) — equivalent for these "
         "voxel-wise methods.",

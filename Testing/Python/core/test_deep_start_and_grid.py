@@ -10,7 +10,7 @@ from phantoms import blob_phantom, matched_dice
 
 from DeepGMMSegmentLib import segment
 from DeepGMMSegmentLib.core import deep
-from DeepGMMSegmentLib.core.deep import _stalled, network_grid_factors, pool_in_mask, smooth_in_mask, start_logits
+from DeepGMMSegmentLib.core.deep import _cannot_catch_up, _stalled, network_grid_factors, pool_in_mask, smooth_in_mask, start_logits
 from DeepGMMSegmentLib.options import DeepSettings, TrainingSettings
 
 FAST = dict(depth=2, base_width=4, precision="float32", max_iter=25, min_iter=25)
@@ -58,6 +58,18 @@ def test_stopping_rule_needs_a_whole_window_without_progress():
     assert _stalled(flat, 1e-4)
     # one flat step inside a falling run does not stop an em-head fit (a one-step rule would)
     assert not _stalled(falling[:20] + [falling[19]] + falling[20:], 1e-4)
+
+
+def test_a_fit_is_given_up_only_when_its_recent_pace_cannot_reach_the_start_in_the_steps_left():
+    slow = [1.10 - 0.001 * i for i in range(30)]  # 0.071 behind the start at 1.0, 0.001 per step
+    assert _cannot_catch_up(slow, 1.0, steps_left=50)
+    assert not _cannot_catch_up(slow, 1.0, steps_left=100)  # at this pace 71 steps would do
+    assert not _cannot_catch_up(slow, 1.2, steps_left=1)  # already ahead of the start
+    assert not _cannot_catch_up(slow[:10], 1.0, steps_left=1)  # not a whole window yet
+    # Adam's ups and downs: the pace is the best value's, so a bad last step changes nothing
+    assert _cannot_catch_up(slow + [1.5], 1.0, steps_left=50) == _cannot_catch_up(slow, 1.0, steps_left=50)
+    flat = slow + [slow[-1] + 0.01] * 10  # no new best in a whole window: nothing left to wait for
+    assert _cannot_catch_up(flat, 1.0, steps_left=10_000)
 
 
 def test_em_head_starts_at_the_em_solution_without_distillation():

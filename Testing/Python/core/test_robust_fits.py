@@ -158,6 +158,25 @@ def test_deepg_never_returns_worse_than_its_em_start():
     assert any("returning the EM start itself" in str(w.message) for w in caught)
 
 
+def test_a_fine_phase_that_cannot_catch_up_with_its_em_start_ends_early_and_returns_the_start():
+    channels, _, _ = blob_phantom((32, 32), n_classes=3, n_channels=2, seed=5)
+    reference = segment(channels, 3, method="em-gmm")
+    options = dict(method="deepg", base_width=4, max_iter=20, min_iter=20, warm_start_iter=5, learning_rate=3.0,
+                   coarse_network_voxels=2**8, full_resolution_iter=200)  # coarse 16 x 16, then 200 fine steps
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # wrecked by its learning rate, the network stays far behind the start: no need for 200 steps
+        result = segment(channels, 3, **options)
+        unstopped = segment(channels, 3, **{**options, "full_resolution_iter": 10})
+    stopped = [note for note in result.notes if note.startswith("Stopped at step")]
+    assert stopped and "could not reach the EM start's" in stopped[0]
+    assert result.n_iter <= 5 + 20 + 200 // 2 + 1  # stopped once half the fine phase had run
+    assert result.nll <= reference.nll + 1e-6
+    np.testing.assert_array_equal(result.labels, reference.labels)
+    # a fine phase shorter than the rule's window runs every step
+    assert not any(note.startswith("Stopped at step") for note in unstopped.notes)
+
+
 def test_an_emptied_class_is_recovered():
     torch.manual_seed(0)
     channels, _, _ = blob_phantom((32, 32), n_classes=3, n_channels=2, seed=6)

@@ -52,8 +52,8 @@ STOP_WINDOW = 10
 # deepg at 1 mm approaches the EM optimum from above and returned the start on the clean, noise
 # 0.10 and +-40 % MNI images after 60 fine steps; the rule stopped them 21-31 steps early (25-37 s
 # of 92-103 s) with the same result, and fired in none of the deepsvg fits at 1 and 2 mm. Not for
-# single-phase fits: an em-head fit's objective can fall late (deepsvg on the benchmark's cardiac
-# stack was 0.13 behind its start at step 24 of 100 and ended ahead of it).
+# single-phase fits, whose objective can fall late after the distillation (deepsvg on the
+# benchmark's cardiac stack was 0.13 behind its start at step 24 of 100 and ended ahead of it).
 CATCH_UP_WINDOW = 10
 # warm_start="em-head": the EM posterior is smoothed (Gaussian, sigma in voxels) before it becomes the
 # output's starting point, a denoised start the network then sharpens where the likelihood asks.

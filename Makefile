@@ -75,7 +75,7 @@ $(EVAL_STAMP): pyproject.toml | $(PY)
 	$(PIP) install --quiet -e ".[eval]"
 	@touch $@ $(BASE_STAMP)
 
-# Every method on every condition, each in a fresh process, then the cardiac phantom section
+# Every method on every condition, each in a process of its own (evaluation/job_server.py), then the cardiac phantom section
 # (evaluation/cardiac_run.py); regenerates docs/evaluation.md and docs/images/evaluation-*.png.
 # QUICK=1: 2 mm, two conditions, 2 cardiac cases (trained rows: 3 patients, 1 test, 2 epochs), into out/evaluation-quick/.
 evaluate: $(EVAL_STAMP)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from evaluation import methods, metrics
+from evaluation import methods, metrics, worker
 
 
 def slug(text: str) -> str:
@@ -518,7 +518,8 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
         "is lower by construction and not comparable with the global-weight models. † = on the "
         "N4-corrected image. Atropos and SimpleITK expose no likelihood (—).",
         "* **Time**: wall clock of the method call only (data already in memory; imports excluded); "
-        "median of 3 runs when the first run took under 10 s, otherwise one run (column *runs*); "
+        f"median of 3 runs when the first run took under {worker.FAST_SECONDS:g} s, otherwise one run "
+        "(column *runs*); "
         "in brackets the process's CPU time (all threads; less sensitive to other load, recorded "
         "for the jobs run after it was added). "
         "**Peak MB**: each job runs in a process of its own, forked from a server that has imported "

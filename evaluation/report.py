@@ -448,6 +448,14 @@ def job_seconds(result: dict) -> float:
     return result.get("process_seconds", sum(result.get("all_seconds", [])))
 
 
+def _run_time_text(info) -> str:
+    """How long the run took: the brain jobs, and the cardiac section when this run made it."""
+    if "cardiac_seconds" not in info:
+        return f"The brain jobs took {info['seconds'] / 60:.1f} min"
+    return (f"The whole run took {(info['seconds'] + info['cardiac_seconds']) / 60:.1f} min: the brain jobs "
+            f"{info['seconds'] / 60:.1f} min, then the cardiac section {info['cardiac_seconds'] / 60:.1f} min")
+
+
 def _budget_text(data) -> str:
     """Where the brain jobs' time goes, against the evaluation's budget (empty for a quick run)."""
     if data["info"].get("quick"):
@@ -480,8 +488,9 @@ def write_markdown(data, path: Path, figures: dict, cardiac: str | None = None) 
            if info.get("resumed") else "one run ")
         + f"started {info['started']} on this machine ({info['machine']}, Python {info['python']}; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-        + f"; engine at commit {_engine_revisions(data, info)}). The whole run took "
-        f"{info['seconds'] / 60:.1f} min" + (f" ({info['jobs_done']} of {info['jobs_planned']} planned "
+        + f"; engine at commit {_engine_revisions(data, info)}). "
+        + _run_time_text(info)
+        + (f" ({info['jobs_done']} of {info['jobs_planned']} planned "
         "method runs)" if info.get("jobs_done", 0) < info.get("jobs_planned", 0) else "")
         + (" (resumed: the jobs an earlier run had finished were kept with their figures and times; every "
            "job of our methods records the engine it ran, above)" if info.get("resumed") else "")

@@ -38,3 +38,9 @@ def test_the_page_says_where_the_jobs_time_goes_against_the_budget():
     data["cases"][1]["results"].append({"method": "deepg", "process_seconds": 900.0})
     assert "36.0 min before the cardiac section, over the budget" in report._budget_text(data)
     assert report._budget_text({"info": {"quick": True}, "cases": data["cases"]}) == ""
+
+
+def test_the_run_time_counts_the_cardiac_section_only_when_this_run_made_it():
+    assert report._run_time_text({"seconds": 2454.0}) == "The brain jobs took 40.9 min"
+    assert report._run_time_text({"seconds": 2454.0, "cardiac_seconds": 600.0}) == (
+        "The whole run took 50.9 min: the brain jobs 40.9 min, then the cardiac section 10.0 min")

@@ -77,6 +77,10 @@ class JobTimeout(Exception):
     pass
 
 
+class ServerLost(Exception):
+    pass
+
+
 class JobServers:
     """One server per library set, started on first use; ``run`` returns a job's exit code."""
 
@@ -85,16 +89,24 @@ class JobServers:
         self._pending: dict[int, bytes] = {}  # bytes a server sent past the last full line
 
     def run(self, modules: tuple, argv: list[str], log_path: Path, timeout: float) -> int:
-        server = self._server(tuple(m for m in modules if m not in NOT_PRELOADED))
-        server.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
-        server.stdin.flush()
-        pid = self._receive(server, timeout)["pid"]
+        """The job's exit code; JobTimeout (the job killed) or ServerLost (a new server serves the next job)."""
+        key = tuple(m for m in modules if m not in NOT_PRELOADED)
+        server = self._server(key)
         try:
-            return self._receive(server, timeout)["exit"]
-        except JobTimeout:
-            os.kill(pid, 9)
-            self._receive(server, 60)
-            raise
+            server.stdin.write((json.dumps({"argv": argv, "log": str(log_path)}) + "\n").encode())
+            server.stdin.flush()
+            pid = self._receive(server, timeout)["pid"]
+            try:
+                return self._receive(server, timeout)["exit"]
+            except JobTimeout:
+                os.kill(pid, 9)
+                self._receive(server, 60)
+                raise
+        except (ServerLost, BrokenPipeError) as lost:
+            self._servers.pop(key, None)
+            server.kill()
+            server.wait()
+            raise ServerLost(f"the job server for {','.join(key)} ended ({lost})") from lost
 
     def close(self) -> None:
         for server in self._servers.values():
@@ -126,7 +138,7 @@ class JobServers:
                 raise JobTimeout(f"no answer within {timeout:.0f} s")
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise RuntimeError(f"the job server for {server.args[-1]!r} ended (exit code {server.wait()})")
+                raise ServerLost(f"exit code {server.wait()}")
             buffer += chunk
         line, _, rest = buffer.partition(b"\n")
         self._pending[fd] = rest

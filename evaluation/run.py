@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 from evaluation import conditions, methods, metrics  # noqa: E402
-from evaluation.job_server import JobServers, JobTimeout  # noqa: E402
+from evaluation.job_server import JobServers, JobTimeout, ServerLost  # noqa: E402
 from evaluation.report import job_seconds, slug, write_report  # noqa: E402
 
 PEERS_1D = ("sklearn-gmm", "atropos", "atropos-mrf", "sitk-kmeans", "sitk-otsu")
@@ -177,6 +177,8 @@ def run_job(servers: JobServers, case_path: Path, method: str, result_path: Path
     except JobTimeout:
         return _failed(result_path, {"method": method, "error": f"timed out after {timeout:.0f} s",
                                      "options": options or {}})
+    except ServerLost as lost:
+        return _failed(result_path, {"method": method, "error": str(lost), "options": options or {}})
     if exit_code != 0:
         lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.exists() else []
         tail = lines[-1:] or [f"exit code {exit_code}, no output"]

@@ -53,6 +53,21 @@ def test_a_failing_job_is_reported_with_the_last_line_of_its_log(tmp_path):
     assert not os.path.exists(tmp_path / "otsu.npz")
 
 
+def test_a_lost_server_fails_its_job_and_a_new_one_serves_the_next(tmp_path):
+    case, reference = _case(tmp_path)
+    with JobServers() as servers:
+        run.run_job(servers, case, "sitk-otsu", tmp_path / "first.npz", 3, timeout=120)
+        lost = next(iter(servers._servers.values()))
+        lost.kill()
+        lost.wait()
+        summary = run.run_job(servers, case, "sitk-otsu", tmp_path / "second.npz", 3, timeout=120)
+        assert "job server for SimpleITK ended" in summary["error"]
+        summary = run.run_job(servers, case, "sitk-otsu", tmp_path / "third.npz", 3, timeout=120)
+        assert "error" not in summary and next(iter(servers._servers.values())) is not lost
+    with np.load(tmp_path / "third.npz") as stored:
+        np.testing.assert_array_equal(stored["labels"], reference)
+
+
 def test_the_full_plan_runs_every_deep_method_at_1mm_and_the_n4_pipelines_wherever_a_field_is():
     plan, info = run.build_plan(quick=False)
     assert info == {"quick": False}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -105,6 +106,15 @@ def engine_on_path() -> None:
     """Put this tree's engine first on the import path (not whatever copy is installed)."""
     if str(ENGINE_DIR) not in sys.path:
         sys.path.insert(0, str(ENGINE_DIR))
+
+
+def engine_revision() -> str:
+    """Commit of the tree the engine was imported from, and whether the engine had local edits."""
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", *ENGINE_FILES)
+    return commit + (" with uncommitted engine edits" if dirty else "")
 
 
 def prepare(name: str) -> None:

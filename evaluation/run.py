@@ -155,7 +155,7 @@ def run_cardiac(work: Path, quick: bool, timeout: float) -> Path:
         tail = (completed.stderr or completed.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"cardiac: failed ({tail[0][:300]}); the page keeps the last cardiac section", flush=True)
         return path
-    header = (f"Run started {started}, engine at commit {engine_revision()}, {os.cpu_count()} CPU cores, "
+    header = (f"Run started {started}, engine at commit {methods.engine_revision()}, {os.cpu_count()} CPU cores, "
               f"one process (`python -m evaluation.cardiac_run {shlex.join(arguments)}`"
               + (", deep fits and training cut short: a smoke run" if quick else "") + ").")
     path.write_text(header + "\n\n" + partial.read_text())
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
                      "python": platform.python_version(), "load_before": os.getloadavg(),
                      "resumed": bool(args.resume)})
         info["versions"] = versions()
-        info["engine"] = engine_revision()
+        info["engine"] = methods.engine_revision()
         records, case_paths = [], []
         for group, resolution, case, n_classes, names in plan:
             case_dir = work / slug(f"{resolution}-{case.name}")
@@ -369,15 +369,6 @@ def collected_wall_time(records):
     if not ends:
         return 0.0, None
     return max(ends) - min(starts), min(starts)
-
-
-def engine_revision() -> str:
-    """Commit of the tree the engine was imported from, and whether the engine had local edits."""
-    def git(*command):
-        return subprocess.run(["git", *command], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--", *methods.ENGINE_FILES)
-    return commit + (" with uncommitted engine edits" if dirty else "")
 
 
 def versions() -> dict:

@@ -82,8 +82,7 @@ def main(argv=None) -> int:
     methods.prepare(args.method)
     engine = None
     if args.method in methods.ALL_OURS:
-        from evaluation.run import engine_revision  # the engine may change between jobs
-        engine = engine_revision()
+        engine = methods.engine_revision()  # the engine may change between jobs
     baseline_mb, peak_source = _start_memory_baseline()
 
     load_at_start = os.getloadavg()[0]

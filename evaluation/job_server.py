@@ -10,6 +10,9 @@ this, importing afresh cost each job about 3 s, 6.6 of the 57 job-minutes of ``m
 The engine (DeepGMMSegmentLib) is imported by each job, so a job runs the tree as it is when it
 starts, as the report's engine revisions assume.
 
+POSIX only (``os.fork``, ``select`` on pipes), as the evaluation's peers are (ANTsPy has no
+Windows build).
+
 Protocol, one JSON line each way: ``{"argv": [...], "log": path}`` in; ``{"pid": N}`` once the
 child runs, then ``{"exit": code}`` when it ends.
 

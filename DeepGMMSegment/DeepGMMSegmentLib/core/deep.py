@@ -807,8 +807,9 @@ def _converged(mode: str, history: list[float], objectives: list[float], tol: fl
 
 def _cannot_catch_up(objectives: list[float], start_objective: float, steps_left: int,
                      window: int = CATCH_UP_WINDOW) -> bool:
-    """True when the best objective is behind the start's and its recent rate cannot close the gap in time."""
-    if len(objectives) <= window:
+    """True when the best objective is behind the start's and its recent rate cannot close the gap in time
+    (never on the last step: the fit ends there anyway)."""
+    if len(objectives) <= window or steps_left <= 0:
         return False
     best = min(objectives)
     gap = best - start_objective

@@ -66,6 +66,7 @@ def test_a_fit_is_given_up_only_when_its_recent_pace_cannot_reach_the_start_in_t
     assert not _cannot_catch_up(slow, 1.0, steps_left=100)  # at this pace 71 steps would do
     assert not _cannot_catch_up(slow, 1.2, steps_left=1)  # already ahead of the start
     assert not _cannot_catch_up(slow[:10], 1.0, steps_left=1)  # not a whole window yet
+    assert not _cannot_catch_up(slow, 1.0, steps_left=0)  # the last step: nothing to stop early
     # Adam's ups and downs: the pace is the best value's, so a bad last step changes nothing
     assert _cannot_catch_up(slow + [1.5], 1.0, steps_left=50) == _cannot_catch_up(slow, 1.0, steps_left=50)
     flat = slow + [slow[-1] + 0.01] * 10  # no new best in a whole window: nothing left to wait for

@@ -38,6 +38,10 @@ def test_the_page_says_where_the_jobs_time_goes_against_the_budget():
     data["cases"][1]["results"].append({"method": "deepg", "process_seconds": 900.0})
     assert "36.0 min before the cardiac section, over the budget" in report._budget_text(data)
     assert report._budget_text({"info": {"quick": True}, "cases": data["cases"]}) == ""
+    # 21 min of brain jobs, but the cardiac section this run made puts the whole run over the budget
+    data["cases"][1]["results"].pop()
+    data["info"]["cardiac_seconds"] = 600.0
+    assert "add up to 21.0 min before the cardiac section, over the budget" in report._budget_text(data)
 
 
 def test_the_run_time_counts_the_cardiac_section_only_when_this_run_made_it():

@@ -109,10 +109,13 @@ FULL_RESOLUTION_ITER = {"network at full resolution": 30, "network pooled": 60}
 # only 0.87x, since the loss on every 1 mm voxel is most of a step there.
 FULL_RESOLUTION_LAYERS = {"network at full resolution": "last", "network pooled": "all"}
 # coarse_network_voxels when the caller gives none (DeepSettings, where deepsvg's figures are). deepg
-# keeps 0 (coarse to fine only above max_network_voxels, as before): with 2^17 its 2 mm clean fit in
-# make evaluate fell from 0.872 to 0.807 (its per-slice network, no spatial prior: it left the EM start
-# for another optimum); its noisy fit stayed at 0.764.
-COARSE_NETWORK_VOXELS = {"deepsvg": 2**17, "deepg": 0}
+# too in engines after 88dd074 (docs/speed.md, "deepg fitted coarse to fine"): on eleven fits (2 mm MNI
+# clean with seeds 0 and 1, noise 0.05, noise 0.10, +-40 % field, the shifted grid clean and noisy, the
+# three-channel phantom with seeds 0 and 1; 1 mm clean, noise 0.10, +-40 % field) every mean Dice was
+# the same to three decimals, and the 2 mm fits took 13-23 s instead of 26-86 s. Before that deepg kept
+# 0: with 2^17 and the whole network trained in the fine phase its clean 2 mm fit in make evaluate had
+# fallen from 0.872 to 0.807 (it left the EM start for another optimum).
+COARSE_NETWORK_VOXELS = {"deepsvg": 2**17, "deepg": 2**17}
 # loss_grid="auto" (DeepSettings): where a fit whose network cannot run on the crop itself (a 1 mm
 # brain: more than max_network_voxels) computes its loss. "voxels": the fine phase's loss on every
 # voxel, the network's logits interpolated; "network": the whole fit on the network's own grid (the

@@ -159,9 +159,10 @@ def test_a_crop_above_the_coarse_budget_is_fitted_coarse_then_with_the_network_a
             full_resolution_iter=4, **fast)
     assert set(grids) == {full}  # 0: no coarse phase below max_network_voxels, as before the option
     grids.clear()
-    segment(channels, 3, method="deepg", seed=0, max_network_voxels=2**20, warm_start_iter=3,
+    segment(channels, 3, method="deepg", seed=0, coarse_network_voxels=2**13, warm_start_iter=3,
             full_resolution_iter=4, **fast)
-    assert set(grids) == {full[1:]}  # deepg's default is 0 (its per-slice network sees whole slices)
+    slices = grids[0]  # deepg's per-slice network: pooled in-plane only, then the slices themselves
+    assert slices[0] < full[1] and slices[1] < full[2] and grids[-1] == full[1:]
     assert DeepSettings().coarse_network_voxels is None
     grids.clear()
     # both budgets below the crop: the network stays on the pooled grid of max_network_voxels for
@@ -347,8 +348,11 @@ def test_grid_plan_of_a_2_mm_and_a_1_mm_brain_and_of_deepg():
     assert grid_plan((80, 96, 80), 3, False, dataclasses.replace(settings, full_resolution_iter=7), "deepsvg")[2] == 7
     assert grid_plan((160, 200, 140), 3, False, dataclasses.replace(settings, full_resolution_layers="last"),
                      "deepsvg").fine_layers == "last"
-    # deepg's default 0: one phase below max_network_voxels; a given (trained) network: its crop, one phase
-    assert grid_plan((80, 96, 80), 2, False, settings, "deepg") == ((1, 1, 1), (1, 1, 1), 0, "all")
+    # deepg's per-slice network pools in-plane only: 2 mm slices in blocks of 4 x 4, then the slices
+    # themselves (30 steps of the last level); a 1 mm brain: 8 x 8, then 4 x 4 with the whole network
+    assert grid_plan((80, 96, 80), 2, False, settings, "deepg") == ((1, 4, 4), (1, 1, 1), 30, "last")
+    assert grid_plan((160, 200, 140), 2, False, settings, "deepg") == ((1, 8, 8), (1, 4, 4), 60, "all")
+    # a given (trained) network: its crop, one phase
     assert grid_plan((160, 200, 140), 3, False, settings, "deepsvg", fresh=False) == ((1, 1, 1), (1, 1, 1), 0, "all")
     # a crop below the coarse budget: one phase, no fine steps
     assert grid_plan((8, 50, 50), 3, True, settings, "deepsvg") == ((1, 1, 1), (1, 1, 1), 0, "all")

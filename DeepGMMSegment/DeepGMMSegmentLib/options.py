@@ -109,7 +109,7 @@ FULL_RESOLUTION_ITER = {"network at full resolution": 30, "network pooled": 60}
 # only 0.87x, since the loss on every 1 mm voxel is most of a step there.
 FULL_RESOLUTION_LAYERS = {"network at full resolution": "last", "network pooled": "all"}
 # coarse_network_voxels when the caller gives none (DeepSettings, where deepsvg's figures are). deepg
-# too in engines after 88dd074 (docs/speed.md, "deepg fitted coarse to fine"): on eleven fits (2 mm MNI
+# too in engines after 88dd074 (docs/speed.md, "deepg fitted coarse to fine"): on twelve fits (2 mm MNI
 # clean with seeds 0 and 1, noise 0.05, noise 0.10, +-40 % field, the shifted grid clean and noisy, the
 # three-channel phantom with seeds 0 and 1; 1 mm clean, noise 0.10, +-40 % field) every mean Dice was
 # the same to three decimals, and the 2 mm fits took 13-23 s instead of 26-86 s. Before that deepg kept

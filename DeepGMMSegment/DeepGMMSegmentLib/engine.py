@@ -91,7 +91,7 @@ def segment(
         ``depth``, ``learning_rate``, ``min_iter``, ``warm_start`` ("em"/"em-head"/"none"),
         ``warm_start_iter`` and ``warm_start_learning_rate`` (the distillation of the EM start;
         "auto": options.WARM_START_SCHEDULE), ``coarse_network_voxels``, ``max_network_voxels`` and
-        ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels for deepsvg; None /
+        ``full_resolution_iter`` (coarse-to-fine fits of crops above 2^17 voxels; None /
         "auto": options.COARSE_NETWORK_VOXELS / FULL_RESOLUTION_ITER), ``full_resolution_layers``
         (what the fine steps train, "last" / "all"; "auto": options.FULL_RESOLUTION_LAYERS),
         ``loss_grid`` (a crop above ``max_network_voxels``: "network" fits it averaged on the

@@ -99,8 +99,15 @@ LABEL_GLOBAL_WEIGHT_NOISY = 0.5
 # under noise. With the coarse phase on 4 mm blocks (coarse_network_voxels 2^17): clean 0.786 with 30,
 # 0.801 with 60. Network at full resolution (the 2 mm MNI): 30 and 60 steps give the same mean Dice
 # over six fits (clean, noise 0.05 with two seeds, noise 0.10, phantom with two seeds: 0.8924 against
-# 0.8926), so 30, at about 0.6x the CPU time of 60.
-FULL_RESOLUTION_ITER = {"network at full resolution": 30, "network pooled": 60}
+# 0.8926), so 30, at about 0.6x the CPU time of 60. Those are deepsvg's. deepg keeps its EM start on a
+# 1 mm brain, and its 60 pooled steps (the loss on every voxel, about 1.4 s each) were most of its fit:
+# with 30, mean Dice on the 1 mm MNI (seed 0, engine a9d91d1; docs/speed.md, "deepg fitted coarse to
+# fine") clean 0.8266, noise 0.05 0.8206, noise 0.10 0.7343, +-20 % field 0.8141, +-40 % 0.8139 (each the
+# same as with 60), noise 0.10 + 40 % 0.6725 against 0.6549, in 32-58 s against 46-96 s.
+FULL_RESOLUTION_ITER = {
+    "deepsvg": {"network at full resolution": 30, "network pooled": 60},
+    "deepg": {"network at full resolution": 30, "network pooled": 30},
+}
 # full_resolution_layers="auto" (DeepSettings): what the fine phase trains, by the same grid. "last": the
 # last decoder block and the output layer on features computed once; "all": the whole network every
 # step. deepsvg, one thread, seeds 0 / 1 (docs/speed.md, "The fine phase trains the last level"):
@@ -320,9 +327,9 @@ class DeepSettings:
     # clean 0.796 -> 0.801, noise 0.10 0.876 / 0.872 -> 0.868 / 0.880 in about 0.55x. Crops below 2^17
     # (cardiac ROIs, the stress phantoms) are fitted as before. None: COARSE_NETWORK_VOXELS of the method.
     coarse_network_voxels: int | None = None
-    # Steps of the fine phase (above). "auto": FULL_RESOLUTION_ITER["network at full resolution"] when
-    # the network runs on the crop itself there, FULL_RESOLUTION_ITER["network pooled"] when it stays
-    # on a pooled grid (a 1 mm brain: the network on 2 mm blocks, its logits interpolated).
+    # Steps of the fine phase (above). "auto": the method's FULL_RESOLUTION_ITER["network at full
+    # resolution"] when the network runs on the crop itself there, ["network pooled"] when it stays on
+    # a pooled grid (a 1 mm brain: the network on 2 mm blocks, its logits interpolated).
     full_resolution_iter: int | str = "auto"
     # What the fine phase trains: "last" (the last decoder block and the output layer, on that block's
     # input computed once; the rest stays as the coarse phase left it) or "all" (the whole network,

@@ -302,7 +302,7 @@ def grid_plan(shape: tuple[int, ...], dims: int, in_plane_only: bool, settings: 
     the fine phase's network until it holds at most ``max_network_voxels``. A crop the coarse phase
     does not pool is fitted in one phase (0 fine steps); a given network (``fresh`` False) runs on
     the crop itself. ``full_resolution_iter`` and ``full_resolution_layers`` "auto":
-    FULL_RESOLUTION_ITER and FULL_RESOLUTION_LAYERS by the fine network's grid.
+    the method's FULL_RESOLUTION_ITER and FULL_RESOLUTION_LAYERS by the fine network's grid.
     """
     ones = (1,) * len(shape)
     if not fresh:
@@ -315,7 +315,7 @@ def grid_plan(shape: tuple[int, ...], dims: int, in_plane_only: bool, settings: 
         return GridPlan(factors, fine_factors, 0, "all")
     grid = "network pooled" if max(fine_factors) > 1 else "network at full resolution"
     steps, layers = settings.full_resolution_iter, settings.full_resolution_layers
-    return GridPlan(factors, fine_factors, FULL_RESOLUTION_ITER[grid] if steps == "auto" else steps,
+    return GridPlan(factors, fine_factors, FULL_RESOLUTION_ITER[method][grid] if steps == "auto" else steps,
                     FULL_RESOLUTION_LAYERS[grid] if layers == "auto" else layers)
 
 
@@ -455,7 +455,7 @@ def fit_deep(
     voxels is first fitted on the crop averaged over blocks until it holds at most that many
     (:func:`network_grid_factors`, :func:`pool_in_mask`): start, NLL and spatial prior of the block
     means. It then continues for ``settings.full_resolution_iter`` steps ("auto":
-    ``options.FULL_RESOLUTION_ITER`` by the network's grid) with the loss on every voxel
+    ``options.FULL_RESOLUTION_ITER`` by the method and the network's grid) with the loss on every voxel
     and the network on the finest grid of at most ``settings.max_network_voxels`` voxels (the crop
     itself when it fits), its logits interpolated to every voxel. The network is fully
     convolutional, so the weights of the coarse phase run on the finer grid as they are. With

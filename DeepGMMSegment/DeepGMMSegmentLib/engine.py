@@ -297,13 +297,16 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
             return bias.fit, bias.centre, bias.scale, bias
         data = bias.corrected
     noise = None
+    labels_by_posterior = _labels_by_posterior(method, opts)
     if method in DEEP_METHODS:  # the network needs the image grid
         norm, centre, scale = normalize_channels(data, m)
-        if method == "deepsvg" and opts["model"] is None:
+        per_image_deepsvg = method == "deepsvg" and opts["model"] is None
+        if per_image_deepsvg or labels_by_posterior:
             # chooses the default smoothness, the labels' prior and the loss grid of a pooled network
             # (0.14 s on the 1 mm brain: cheaper than deciding whether an explicit option makes it unneeded)
             noise = noise_level(norm, m, spacing)
             logger.info("Noise level %.3f (least noisy channel, z-units).", noise)
+        if per_image_deepsvg:
             opts["loss_grid"] = resolve_loss_grid(opts["loss_grid"], method, noise)
         if opts["smoothness"] is None and opts["model"] is None:  # deepsvg's default
             opts["smoothness"] = _default_smoothness(noise, is_anchored(prior, seed_grid))
@@ -338,22 +341,35 @@ def _run(data, m, n_classes, method, opts, spacing, prior, dev, seed, progress, 
         if opts["model"] is not None:
             from .trained.inference import fit_with_model  # trained models are optional
 
-            fit = fit_with_model(x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed), report)
-            return fit, centre, scale, bias
-        warm = None
-        if settings.warm_start != "none":
-            # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
-            em_defaults = EMSettings()
-            warm_fit = em.fit_gmm(xv, n_classes, max_iter=em_defaults.max_iter, tol=em_defaults.tol,
-                                  report=lambda *_: check_cancel(), **em_kwargs)
-            warm = warm_fit.log_resp
-        fit, _ = fit_deep(x_all, mask_t, n_classes, method, settings, spacing=spacing, prior_means=prior_norm,
-                          warm_start_log_resp=warm, report=report,
-                          fixed_labels=None if seed_grid is None else torch.from_numpy(seed_grid).long().to(dev))
-    if method == "deepsvg" and settings.label_mrf != "off":
+            fit = fit_with_model(x_all, mask_t, opts["model"], int(opts["fine_tune"]), dev, int(seed), report,
+                                 spacing=spacing)
+        else:
+            warm = None
+            if settings.warm_start != "none":
+                # em-gmm's own fit (same starts, same winner), so the deep fit can be held to its NLL
+                em_defaults = EMSettings()
+                warm_fit = em.fit_gmm(xv, n_classes, max_iter=em_defaults.max_iter, tol=em_defaults.tol,
+                                      report=lambda *_: check_cancel(), **em_kwargs)
+                warm = warm_fit.log_resp
+            fit, _ = fit_deep(x_all, mask_t, n_classes, method, settings, spacing=spacing, prior_means=prior_norm,
+                              warm_start_log_resp=warm, report=report,
+                              fixed_labels=None if seed_grid is None else torch.from_numpy(seed_grid).long().to(dev))
+    if labels_by_posterior:
         fit = _labels_under_mrf(fit, xv, mask_t, spacing, float(settings.label_mrf), label_prior_exponents(noise),
                                 fixed)
     return fit, centre, scale, bias
+
+
+def _labels_by_posterior(method: str, opts: dict[str, Any]) -> bool:
+    """Whether the labels come from the fitted deepsvg model's posterior (``label_mrf``), per-image or trained:
+    the model file's method decides for a trained model."""
+    if opts.get("label_mrf", "off") == "off":  # the EM methods have no such option
+        return False
+    if opts["model"] is not None:
+        from .trained.inference import load_trained_model  # trained models are optional
+
+        return load_trained_model(opts["model"])[1]["method"] == "deepsvg"
+    return method == "deepsvg"
 
 
 def _labels_under_mrf(fit: em.MixtureFit, xv: torch.Tensor, mask: torch.Tensor, spacing, strength: float,

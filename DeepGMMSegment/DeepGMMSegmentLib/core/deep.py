@@ -578,8 +578,9 @@ def lift_probabilities(log_resp: torch.Tensor, pooled_mask: torch.Tensor, mask: 
                        align_corners=False)[0]
     up = up[(slice(None),) + tuple(slice(0, n) for n in mask.shape)]
     inside = up[:, mask]
-    prob = inside[:k] / inside[k].clamp_min(1e-12)
-    return torch.log_softmax(prob.clamp_min(1e-30).log().T, dim=1).to(log_resp.dtype).contiguous()
+    prob = (inside[:k] / inside[k].clamp_min(1e-12)).clamp_min_(1e-30)
+    # normalised along the class axis while it is outermost (K, V): a log-softmax over rows of K is slow
+    return prob.div_(prob.sum(0)).log_().T.contiguous().to(log_resp.dtype)
 
 
 class LastLevel(torch.nn.Module):

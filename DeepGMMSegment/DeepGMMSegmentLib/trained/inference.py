@@ -5,6 +5,12 @@ the model file once (cached while the file is unchanged), runs one forward pass 
 per-image steps (:func:`.deep.fit_deep` from the trained weights), and fits the model's own mixture
 (its method, covariance type and variance floor) in closed form to the predicted
 responsibilities. :func:`predict_with_model` returns the responsibilities alone.
+
+A network sees its training images' voxel size: the single forward pass on an image finer than
+that (a model trained at 2 mm, an image at 1 mm) runs on the image averaged over blocks of the
+training voxel size (:func:`model_grid_factors`), and its probabilities are interpolated back to
+the voxels (:func:`.deep.lift_probabilities`), as the per-image fit of a large crop does
+(docs/speed.md, "Trained-model inference on the model's grid").
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from . import model_file
-from ..core.deep import DeepSettings, fit_deep, voxel_nll
+from ..core.deep import DeepSettings, fit_deep, lift_probabilities, pool_in_mask, voxel_nll
 from ..core.em import MixtureFit
 from ..core.inputs import crop_box
 from ..core.networks import UNet, resolve_precision
@@ -30,7 +36,7 @@ from ..result import SegmentationCancelled
 __all__ = [
     "FINE_TUNE_LEARNING_RATE", "build_network", "check_model_request", "fit_with_model", "forward_log_resp",
     "forward_logits",
-    "load_trained_model", "mixture_from_log_resp", "predict_with_model",
+    "load_trained_model", "mixture_from_log_resp", "model_grid_factors", "predict_with_model",
 ]
 
 Reporter = Callable[[int, int, float], Any]
@@ -106,17 +112,39 @@ def _mask_voxels(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)[:, mask.reshape(-1)].T
 
 
-def _forward_once(x, mask, network, meta) -> torch.Tensor:
-    """Log responsibilities (V, K) of the mask's voxels after one forward pass on the mask's bounding box."""
+def model_grid_factors(meta: dict, spacing, spatial_dims: int) -> tuple[int, ...]:
+    """Block size per axis that brings an image of voxel size ``spacing`` to the model's training voxel size.
+
+    1 on every axis when either size is unknown (``spacing`` None, a model file without ``spacing``)
+    or the image is not finer; otherwise the nearest whole ratio. A 2D network on a 3D volume keeps
+    every slice (it sees them one at a time).
+    """
+    trained = meta.get("spacing")
+    if spacing is None or trained is None or len(trained) != spatial_dims or len(spacing) != spatial_dims:
+        return (1,) * spatial_dims
+    factors = [max(1, math.floor(float(t) / float(s) + 0.5)) for t, s in zip(trained, spacing)]
+    if int(meta["network"]["spatial_dims"]) == 2 and spatial_dims == 3:
+        factors[0] = 1
+    return tuple(factors)
+
+
+def _forward_once(x, mask, network, meta, factors: tuple[int, ...]) -> torch.Tensor:
+    """Log responsibilities (V, K) of the mask's voxels after one forward pass on the mask's bounding box
+    (averaged over blocks of ``factors`` when any is above 1, the probabilities then lifted to the voxels)."""
     box = crop_box(mask)
     xc, mc = x[(slice(None),) + box] * mask[box], mask[box]
+    pooled = any(f > 1 for f in factors)
+    if pooled:
+        xc, pooled_mask = pool_in_mask(xc, mc, factors)
     network.eval()
     with torch.inference_mode():
+        grid_mask = pooled_mask if pooled else mc
         logits = forward_logits(network, xc, int(meta["network"]["spatial_dims"]))
         # (voxels, K) is a view of the network's channels-last output; only the mask's voxels are
         # gathered and normalised
         per_voxel = logits.movedim(0, -1).reshape(-1, logits.shape[0])
-        return F.log_softmax(per_voxel.index_select(0, mc.reshape(-1).nonzero().squeeze(1)), dim=1)
+        log_resp = F.log_softmax(per_voxel.index_select(0, grid_mask.reshape(-1).nonzero().squeeze(1)), dim=1)
+        return lift_probabilities(log_resp, pooled_mask, mc, factors) if pooled else log_resp
 
 
 def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
@@ -131,16 +159,17 @@ def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:
     )
 
 
-def _predict(x, mask, state, meta, fine_tune: int, device, seed: int, report: Reporter):
+def _predict(x, mask, state, meta, fine_tune: int, device, seed: int, report: Reporter, spacing=None):
     """(log_resp (V, K) of the mask's voxels, NLL after each fine-tuning step) of a loaded model.
 
     A single forward pass (``fine_tune`` = 0) reports nothing and returns no history: its one NLL
-    is the mixture's, which the caller fits next (:func:`mixture_from_log_resp`).
+    is the mixture's, which the caller fits next (:func:`mixture_from_log_resp`). It runs on the
+    model's grid (:func:`model_grid_factors` of ``spacing``); fine-tuning runs on the image's own.
     """
     network = build_network(meta, state).to(device)
     network.autocast_dtype = resolve_precision("auto", device)
     if fine_tune == 0:
-        return _forward_once(x, mask, network, meta), []
+        return _forward_once(x, mask, network, meta, model_grid_factors(meta, spacing, x.ndim - 1)), []
     prior = meta.get("prior_means")
     torch.manual_seed(int(seed))
     network.train()
@@ -161,12 +190,14 @@ def predict_with_model(
     seed: int,
     progress: Reporter | None = None,
     cancel: Any = None,
+    spacing=None,
 ) -> tuple[torch.Tensor, list[float]]:
     """Log responsibilities (K, *spatial) of a trained model for one normalised image.
 
     x: (C, *spatial) float32 normalised as in training (``inputs.normalize_channels``) on
-    ``device``; mask: bool (*spatial). ``fine_tune`` = 0: one forward pass; N > 0: N per-image
-    steps from the trained weights (the model's own method, covariance type and prior). Returns
+    ``device``; mask: bool (*spatial). ``fine_tune`` = 0: one forward pass (on the model's grid when
+    ``spacing``, the voxel size, is finer than the model's); N > 0: N per-image steps from the
+    trained weights (the model's own method, covariance type and prior). Returns
     (log_resp, nll_history) where the history holds the NLL after every step (one value for a
     single forward pass). Voxels outside the mask get uniform probabilities (the engine ignores them).
     """
@@ -174,7 +205,7 @@ def predict_with_model(
     state, meta = load_trained_model(model_path)
     model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
     report = _reporter(progress, cancel)
-    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, report)
+    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, report, spacing)
     if fine_tune == 0:
         history = mixture_from_log_resp(_mask_voxels(x, mask), voxel_log_resp, meta, [], 1).nll_history
         report(1, 1, history[0])
@@ -194,11 +225,12 @@ def mixture_from_log_resp(xv: torch.Tensor, log_resp: torch.Tensor, meta: dict, 
 
 
 def fit_with_model(x: torch.Tensor, mask: torch.Tensor, model: str | os.PathLike, fine_tune: int,
-                   device: torch.device, seed: int, report: Reporter | None = None) -> MixtureFit:
+                   device: torch.device, seed: int, report: Reporter | None = None, spacing=None) -> MixtureFit:
     """The whole trained-model branch of ``segment``: predict, then fit the model's mixture once.
 
     x: (C, *spatial) normalised channels on ``device``; mask: bool (*spatial). ``report(i, n, nll)``
-    is called after every step and cancels by raising (or by returning False). The model's method,
+    is called after every step and cancels by raising (or by returning False); ``spacing``: the voxel
+    size (see :func:`predict_with_model`). The model's method,
     covariance type and variance floor apply, whatever the request's defaults; ``n_iter`` counts a
     single forward pass as one iteration. Returns the fit over the mask voxels (normalised units).
     """
@@ -206,7 +238,7 @@ def fit_with_model(x: torch.Tensor, mask: torch.Tensor, model: str | os.PathLike
     state, meta = load_trained_model(model)
     model_file.check_compatible(meta, n_channels=int(x.shape[0]), spatial_dims=x.ndim - 1)
     reporter = _reporter(report, None)
-    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, reporter)
+    voxel_log_resp, history = _predict(x, mask, state, meta, fine_tune, device, seed, reporter, spacing)
     fit = mixture_from_log_resp(_mask_voxels(x, mask), voxel_log_resp, meta, history, max(fine_tune, 1))
     if fine_tune == 0:
         reporter(1, 1, fit.nll_history[-1])

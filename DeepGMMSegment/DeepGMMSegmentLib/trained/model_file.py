@@ -13,7 +13,8 @@ metadata is JSON text, parsed with ``json.loads``; nothing in it is evaluated.
 
 Metadata keys (see ``docs/training.md``): ``n_classes``, ``n_channels``, ``channel_names``,
 ``spatial_dims``, ``method``, ``covariance_type``, ``normalization``, ``network`` (the U-Net
-configuration), ``prior_means``, ``prior_weight``, ``class_names`` (one per class, or None; older
+configuration), ``spacing`` (the voxel size (z, y, x) of the training images, or None; older files
+lack it), ``prior_means``, ``prior_weight``, ``class_names`` (one per class, or None; older
 files lack it), ``package_version``, ``created``,
 ``training`` (summary: cases, epochs, best epoch, NLL curves, seconds, seed, world size).
 """

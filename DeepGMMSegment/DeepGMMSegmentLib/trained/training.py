@@ -603,6 +603,8 @@ class _TrainingRun:
             n_classes=data.n_classes, method=s.method, covariance_type=s.covariance_type, reg_covar=s.reg_covar,
             smoothness=float(s.smoothness), channel_names=data.channel_names, n_channels=data.n_channels,
             spatial_dims=data.spatial_dims, class_names=data.class_names,
+            # the voxel size (z, y, x) it was trained at: inference on a finer grid runs on blocks of it
+            spacing=None if data.spacing is None else [float(v) for v in data.spacing],
             format=model_file.FORMAT_NAME, format_version=model_file.FORMAT_VERSION,
             package_version=model_file.package_version(), torch_version=torch.__version__,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -25,6 +25,11 @@ def test_the_neighbour_sum_adds_the_face_neighbours_along_the_given_axes_only():
                     if 0 <= z + dz < 4 and 0 <= x + dx < 6:
                         expected[:, z, y, x] += grid[:, z + dz, y, x + dx]
     assert torch.allclose(total, expected, atol=1e-6)
+    # a reused buffer is overwritten, whatever it held
+    assert torch.allclose(neighbour_sum(grid, (0, 2), out=torch.full_like(grid, 7.0)), expected, atol=1e-6)
+    # no axis with neighbours: nothing to add
+    flat = torch.rand(2, 1, 5, 6)
+    assert torch.equal(neighbour_sum(flat, (0,), out=torch.full_like(flat, 7.0)), torch.zeros_like(flat))
 
 
 def test_thick_slices_are_not_fine_axes():

@@ -96,7 +96,9 @@ def test_class_identity_comes_from_the_prior_not_from_matching(cohort):
         name = f"{method} trained on 3, λ = 1"
         wrong, good = _row(evaluation.markdown, name), _row(right.markdown, name)
         assert wrong[9] == "0/1" and float(wrong[2]) < 0.2  # blood Dice as given: the myocardium was called blood
-        assert good[9] == "1/1" and float(good[2]) > 0.7
+        # trained with the rows as they are: blood and myocardium where they belong (a one-epoch model leaves
+        # edema and scar (nearly) empty, so the all-classes identity column says little about it)
+        assert float(good[2]) > 0.7 and float(good[3]) > 0.5
         labels = next(runs for v, runs in evaluation.results.items() if v.name == name)[0][1]
         matched = cardiac_run.score(labels, test[0], matched=True)
         assert matched.dice[BLOOD - 1] > 0.7  # matching would have hidden the swap

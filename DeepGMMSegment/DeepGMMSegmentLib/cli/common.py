@@ -68,6 +68,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def label_mrf_value(text: str) -> float | str:
+    """argparse type of --label-mrf: 'off' or a number >= 0."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return non_negative_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'off' or a number >= 0, got {text!r}") from None
+
+
 def non_negative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     try:
@@ -110,6 +120,11 @@ SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
              f"for deepsvg chosen from the image's noise, {options.DEFAULT_SMOOTHNESS['deepsvg']:g} on clean images "
              f"and up to {options.MAX_ADAPTIVE_SMOOTHNESS:g} on noisy ones; {options.DEFAULT_SMOOTHNESS['deepg']:g} "
              "for deepg; 0 = the paper's loss, noisier labels; a trained model keeps its own for fine-tuning)")),
+    "label_mrf": (("--label-mrf",), dict(
+        type=label_mrf_value, metavar="STRENGTH",
+        help="deepsvg (per image or a trained model): the labels and probability maps are the fitted model's "
+             f"posterior under a Potts prior of this strength per neighbour (default: {options.LABEL_MRF:g}); "
+             "'off' = the network's output (docs/thin-structures.md)")),
     "precision": (("--precision",), dict(
         choices=options.PRECISIONS, help="deep methods: the network's arithmetic ('auto': bfloat16 where the "
                                          "hardware computes it natively, about 2x faster; default: "

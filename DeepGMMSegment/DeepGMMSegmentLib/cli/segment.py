@@ -100,16 +100,7 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
                              "(e.g. --prior-means '30,200; 80,120; 110,60'). Fixes which class is "
                              "which. The old spelling, one word per class (30:200 80:120 110:60), "
                              "still works for this release")
-    add_shared_options(parser, "covariance", "prior_weight", "warm_start", "smoothness", "precision")
-    parser.add_argument("--label-mrf", type=_label_mrf, metavar="STRENGTH",
-                        help="deepsvg: the labels and probability maps are the fitted model's posterior under a "
-                             "Potts prior of this strength per neighbour (default: "
-                             f"{options.LABEL_MRF:g}); 'off' = the network's output (docs/thin-structures.md)")
-
-
-def _label_mrf(text: str):
-    """argparse type of --label-mrf: 'off' or a number >= 0."""
-    return "off" if text.strip().lower() == "off" else non_negative_float(text)
+    add_shared_options(parser, "covariance", "prior_weight", "warm_start", "smoothness", "label_mrf", "precision")
 
 
 def _check_output_paths(args: argparse.Namespace) -> list[tuple[str, str]]:

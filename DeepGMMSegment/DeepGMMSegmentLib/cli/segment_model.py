@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_shared_options(parser, classes=dict(help="number of classes; optional, must equal the model's"))
     parser.add_argument("--fine-tune", type=int, default=0, metavar="N",
                         help="per-image optimisation steps after the forward pass (default 0)")
+    add_shared_options(parser, "label_mrf")
     add_shared_options(parser, "channels", "mask_name", channels=dict(
         help="comma-separated channel names to pick in case folders (default: the model's)"))
     parser.add_argument("--overwrite", action="store_true", help="segment cases whose outputs already exist")
@@ -83,6 +84,7 @@ class ModelRequest:
     seed: int = 0
     n_classes: int | None = None  # None: the model's; otherwise it must equal the model's
     bias_field: str | int | None = None  # the engine's bias_field option; None: its default
+    label_mrf: float | str | None = None  # the engine's label_mrf option; None: its default
 
 
 @dataclass(frozen=True)
@@ -134,10 +136,12 @@ def segment_case(case, request: ModelRequest, files: images.ResultFiles) -> Case
     _, meta = load_trained_model(request.model)
     loaded = load_case(case)
     model_file.check_compatible(meta, len(loaded.channels), loaded.channels[0].ndim, n_classes=request.n_classes)
-    bias = {} if request.bias_field is None else {"bias_field": request.bias_field}
+    extra = {} if request.bias_field is None else {"bias_field": request.bias_field}
+    if request.label_mrf is not None:
+        extra["label_mrf"] = request.label_mrf
     result = segment(loaded.channels, int(meta["n_classes"]), method=meta["method"], mask=loaded.mask,
                      spacing=loaded.spacing, device=request.device, seed=request.seed, model=str(request.model),
-                     fine_tune=int(request.fine_tune), covariance_type=meta.get("covariance_type", "full"), **bias)
+                     fine_tune=int(request.fine_tune), covariance_type=meta.get("covariance_type", "full"), **extra)
     for path in files.paths():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     with images.StagedOutputs() as staging:
@@ -231,7 +235,8 @@ def _request(args: argparse.Namespace) -> ModelRequest:
     """The engine request of a parsed command line; ``CliError`` for a bad value."""
     if args.fine_tune < 0 or args.workers < 1:
         raise CliError("--fine-tune must be >= 0 and --workers >= 1")
-    return ModelRequest(args.model, args.fine_tune, args.device, args.seed, args.classes, bias_field_option(args))
+    return ModelRequest(args.model, args.fine_tune, args.device, args.seed, args.classes, bias_field_option(args),
+                        args.label_mrf)
 
 
 def _run_cohort(args, request: ModelRequest, info: dict, say, say_error) -> int:

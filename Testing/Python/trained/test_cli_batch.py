@@ -122,6 +122,31 @@ def test_single_case_with_model_and_mismatch_message(tmp_path, cli_model, capsys
     assert status == 2
 
 
+def test_label_mrf_reaches_a_model_run(tmp_path, cli_model, capsys):
+    """--label-mrf off: the network's own labels (segment(label_mrf="off")); the default relabels them."""
+    from DeepGMMSegmentLib import segment
+    from DeepGMMSegmentLib.cli import segment as segment_cli
+
+    write_case_folders(tmp_path, 1, first_seed=81)
+    case = tmp_path / "case00"
+    files = [str(case / "T1.nii.gz"), str(case / "T2.nii.gz"), "--mask", str(case / "mask.nii.gz")]
+    image, mask, _ = synthetic_case(81, n_channels=2)
+    labels = {}
+    for value in ("off", None):
+        out = tmp_path / f"labels-{value}.nii.gz"
+        extra = [] if value is None else ["--label-mrf", value]
+        assert segment_cli.main(["--model", str(cli_model), *files, "-o", str(out), "--device", "cpu", *extra]) == 0
+        labels[value] = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+        expected = segment(list(image), 3, method="deepsvg", mask=mask, spacing=(1.0, 1.0), device="cpu", seed=0,
+                           model=str(cli_model), **({} if value is None else {"label_mrf": value}))
+        np.testing.assert_array_equal(labels[value], expected.labels)
+    assert (labels["off"] != labels[None]).any()
+    with pytest.raises(SystemExit) as stopped:
+        segment_cli.main(["--model", str(cli_model), *files, "-o", str(tmp_path / "x.nii.gz"), "--label-mrf", "strong"])
+    assert stopped.value.code == 2
+    assert "--label-mrf: expected 'off' or a number >= 0, got 'strong'" in capsys.readouterr().err
+
+
 def test_cohort_layouts(tmp_path):
     from DeepGMMSegmentLib.cli.cohort import discover_cases
 

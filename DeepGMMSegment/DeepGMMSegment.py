@@ -348,7 +348,6 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                        ui.covarianceTypeComboBox, ui.priorMeansLineEdit):
             widget.enabled = not use  # the model decides these
         ui.smoothnessSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
-        ui.labelSmoothingSpinBox.enabled = not use and parameters.method == SegmentationMethod.DEEP_SVG
         # Reference segments give the class means (so no prior means) and a model fixes its classes.
         ui.priorMeansLineEdit.enabled = not use and parameters.seedSegmentation is None
         ui.seedSegmentationSelector.enabled = not use
@@ -356,6 +355,9 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.trainedModelInfoLabel.text = panel.trainedModelSummary(path, modelIo, self._trainedModels) if use else ""
         settings = panel.trainedModelSettings(panel.describeTrainedModel(path, modelIo, self._trainedModels)[0]
                                               if use else None)
+        # deepSVG's labels from its fitted model: a per-image fit's, and a deepSVG model's pass or fine-tuning
+        ui.labelSmoothingSpinBox.enabled = (settings is not None and settings[0] == SegmentationMethod.DEEP_SVG.value
+                                            if use else parameters.method == SegmentationMethod.DEEP_SVG)
         if settings and (parameters.method.value, parameters.numberOfClasses) != settings:
             with slicer.util.NodeModify(parameters):
                 parameters.method, parameters.numberOfClasses = SegmentationMethod(settings[0]), settings[1]
@@ -434,7 +436,9 @@ class DeepGMMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             raise ValueError(problem)
         channels = panel.chosenChannels(self._channelVolumes())
         if parameters.useTrainedModel:
-            engineOptions = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps)
+            engineOptions = panel.trainedModelOptions(parameters.trainedModelPath, parameters.fineTuneSteps,
+                                                      panel.labelMrfFor(parameters.method.value,
+                                                                        parameters.labelSmoothing))
         else:
             priorMeansText = parameters.priorMeans if parameters.seedSegmentation is None else ""
             priorMeans = options.parse_prior_means(priorMeansText, parameters.numberOfClasses, len(channels))

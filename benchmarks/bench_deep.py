@@ -461,8 +461,11 @@ def _trained_section(results: dict) -> tuple[list, list]:
           f"benchmarks/bench_trained.py: patches {' × '.join(map(str, TRAINING['patch_size']))}, at most "
           f"{TRAINING['max_epochs']} epochs, prior means 'auto'), applied with `segment(..., model=...)` (one "
           "forward pass, no fine-tuning) to the 1 mm template. Each engine trains its own model with the same "
-          "settings and seed. Dice as in (b); a model trained on 2 mm volumes sees a finer grid here, so its "
-          "Dice says little about a model trained at 1 mm.", "",
+          "settings and seed. Dice as in (b). Engines after a26b637 record the training voxel size in the model "
+          "file and run the forward pass on the model's grid (2 mm blocks of the 1 mm image, the probabilities "
+          "lifted back to the voxels), and a deepSVG model's labels are its fitted posterior under the Potts "
+          "prior (docs/training.md, \"Inference and fine-tuning\"); the engines before ran the network on "
+          "every 1 mm voxel and took its output as the labels.", "",
           "| engine | training (s) | epochs | inference wall time (s) | CPU time (s) | mean Dice | peak memory (MiB) |",
           "|---|---:|---:|---:|---:|---:|---:|"]
     console = ["Trained model, inference at 1 mm"]

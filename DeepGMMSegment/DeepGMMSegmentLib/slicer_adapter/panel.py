@@ -270,9 +270,13 @@ def trainedModelFix(info: dict) -> str:
     return f"Choose {count} input volume{'s' if count != 1 else ''} in the order {names}, {UNCHECK_HINT}."
 
 
-def trainedModelOptions(path: Any, fineTuneSteps: int = 0) -> dict:
-    """Engine options for a run with a trained model: the model file and the fine-tuning steps (0 = one pass)."""
-    return {"model": os.path.abspath(str(path).strip()), "fine_tune": max(0, int(fineTuneSteps))}
+def trainedModelOptions(path: Any, fineTuneSteps: int = 0, labelMrf: Optional[float | str] = None) -> dict:
+    """Engine options for a run with a trained model: the model file, the fine-tuning steps (0 = one pass) and,
+    for a deepSVG model, the label smoothing (``labelMrfFor``; None leaves the engine's default)."""
+    options = {"model": os.path.abspath(str(path).strip()), "fine_tune": max(0, int(fineTuneSteps))}
+    if labelMrf is not None:
+        options["label_mrf"] = labelMrf if isinstance(labelMrf, str) else float(labelMrf)
+    return options
 
 
 def formatDuration(seconds: Optional[float]) -> str:

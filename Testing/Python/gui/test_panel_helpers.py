@@ -353,6 +353,10 @@ def test_trained_model_options_are_what_the_logic_forwards(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     assert panel.trainedModelOptions("brain.pt", 20) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 20}
     assert panel.trainedModelOptions(tmp_path / "brain.pt", 0) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 0}
+    assert panel.trainedModelOptions("brain.pt", 0, "off") == {"model": str(tmp_path / "brain.pt"), "fine_tune": 0,
+                                                              "label_mrf": "off"}
+    assert panel.trainedModelOptions("brain.pt", 0, 1) == {"model": str(tmp_path / "brain.pt"), "fine_tune": 0,
+                                                          "label_mrf": 1.0}
 
 
 def test_bias_field_option_from_the_check_box_and_the_order():

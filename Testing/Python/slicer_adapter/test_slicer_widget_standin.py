@@ -222,6 +222,33 @@ def test_label_smoothing_reaches_the_job_as_deepsvgs_label_mrf(harness, volumes)
     assert harness.errorMessages and all("options recorded" in text for text in harness.errorMessages)
 
 
+def test_a_deepsvg_models_label_smoothing_reaches_the_job(harness, volumes, trainedModelFile):
+    """A deepSVG model's labels come from its fitted mixture too: the box is live and its value is passed on."""
+    t1, t2 = volumes
+    model = trainedModelFile(("T1", "T2"), method="deepsvg")
+    widget = harness.createWidget()
+    ui, parameters, panel = widget.ui, widget._parameterNode, harness.module.panel
+    recorded = []
+
+    def recordOptions(**job):  # the job the logic would start: its options, then stop
+        recorded.append(job["options"])
+        raise RuntimeError("options recorded")
+
+    widget.logic.runnerFactory = recordOptions
+    parameters.inputVolume1, parameters.inputVolume2 = t1, t2
+    parameters.useTrainedModel = True
+    assert not ui.labelSmoothingSpinBox.enabled  # no model file yet
+    ui.trainedModelPathLineEdit.setCurrentPath(str(model))
+    assert parameters.method == harness.module.SegmentationMethod.DEEP_SVG  # taken over from the model
+    assert ui.labelSmoothingSpinBox.enabled and not ui.smoothnessSpinBox.enabled  # the model keeps its own prior
+    for value, expected in ((panel.LABEL_MRF_OFF, "off"), (1.5, 1.5)):
+        parameters.labelSmoothing = value
+        ui.segmentButton.click()
+        assert {k: recorded[-1][k] for k in ("model", "fine_tune", "label_mrf")} == {
+            "model": str(model), "fine_tune": 0, "label_mrf": expected}
+    assert len(recorded) == 2 and all("options recorded" in text for text in harness.errorMessages)
+
+
 def test_bad_prior_means_show_an_error_and_start_nothing(harness, volumes, mrmlScene):
     widget = harness.createWidget()
     widget._parameterNode.priorMeans = "10;20"  # 2 rows for 3 classes

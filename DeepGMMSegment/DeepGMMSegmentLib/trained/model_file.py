@@ -166,6 +166,8 @@ def format_description(info: Mapping[str, Any]) -> str:
         f"classes: {info.get('n_classes')}   method: {info.get('method')}   covariance: {info.get('covariance_type')}",
         f"channels ({info.get('n_channels')}): {names}",
         f"image dimension: {info.get('spatial_dims')}D   normalisation: {(info.get('normalization') or {}).get('kind')}",
+        *([f"training voxel size: {' x '.join(f'{v:g}' for v in info['spacing'])} (finer images are segmented "
+           "on this grid)"] if info.get("spacing") else []),
         f"prior means: {'yes (weight ' + str(info.get('prior_weight')) + ')' if info.get('prior_means') else 'no'}",
         f"class names: {', '.join(info.get('class_names') or []) or 'none (class 1..K)'}",
         f"trained on {training.get('n_train', '?')} cases (+{training.get('n_val', '?')} held out), "

@@ -200,16 +200,22 @@ def test_segment_compare_replace_and_results_table(harness, volumes, mrmlScene):
     assert harness.slotErrors == [] and harness.errorMessages == []
 
 
-def test_label_smoothing_reaches_the_job_as_deepsvgs_label_mrf(harness, volumes):
-    widget = harness.createWidget()
-    ui, parameters, panel = widget.ui, widget._parameterNode, harness.module.panel
+def recordJobOptions(widget) -> list:
+    """The options of every job the widget's logic would start (each start is then stopped with an error)."""
     recorded = []
 
-    def recordOptions(**job):  # the job the logic would start: its options, then stop
+    def recordOptions(**job):
         recorded.append(job["options"])
         raise RuntimeError("options recorded")
 
     widget.logic.runnerFactory = recordOptions
+    return recorded
+
+
+def test_label_smoothing_reaches_the_job_as_deepsvgs_label_mrf(harness, volumes):
+    widget = harness.createWidget()
+    ui, parameters, panel = widget.ui, widget._parameterNode, harness.module.panel
+    recorded = recordJobOptions(widget)
     parameters.method = harness.module.SegmentationMethod.DEEP_SVG
     for value, expected in ((panel.LABEL_MRF_OFF, "off"), (0.0, 0.0), (1.5, 1.5)):
         parameters.labelSmoothing = value
@@ -228,13 +234,7 @@ def test_a_deepsvg_models_label_smoothing_reaches_the_job(harness, volumes, trai
     model = trainedModelFile(("T1", "T2"), method="deepsvg")
     widget = harness.createWidget()
     ui, parameters, panel = widget.ui, widget._parameterNode, harness.module.panel
-    recorded = []
-
-    def recordOptions(**job):  # the job the logic would start: its options, then stop
-        recorded.append(job["options"])
-        raise RuntimeError("options recorded")
-
-    widget.logic.runnerFactory = recordOptions
+    recorded = recordJobOptions(widget)
     parameters.inputVolume1, parameters.inputVolume2 = t1, t2
     parameters.useTrainedModel = True
     assert not ui.labelSmoothingSpinBox.enabled  # no model file yet

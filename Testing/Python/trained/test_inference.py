@@ -100,6 +100,9 @@ def test_the_model_file_records_the_training_voxel_size(model_at_2mm, trained_mo
     assert model_file.load_model(model_at_2mm)[1]["spacing"] == [2.0, 2.0]
     assert model_file.load_model(trained_model[0])[1]["spacing"] is None  # trained without a voxel size
     assert "spacing" not in model_file.load_model(OLD_MODEL)[1]  # files of earlier versions lack it
+    described = model_file.format_description(model_file.describe_model(model_at_2mm))
+    assert "training voxel size: 2 x 2 (finer images are segmented on this grid)" in described
+    assert "training voxel size" not in model_file.format_description(model_file.describe_model(OLD_MODEL))
 
 
 def test_model_grid_factors_bring_a_finer_image_to_the_training_voxel_size():

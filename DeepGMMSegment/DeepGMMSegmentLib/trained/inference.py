@@ -132,19 +132,17 @@ def _forward_once(x, mask, network, meta, factors: tuple[int, ...]) -> torch.Ten
     """Log responsibilities (V, K) of the mask's voxels after one forward pass on the mask's bounding box
     (averaged over blocks of ``factors`` when any is above 1, the probabilities then lifted to the voxels)."""
     box = crop_box(mask)
-    xc, mc = x[(slice(None),) + box] * mask[box], mask[box]
+    xc, mc = x[(slice(None),) + box], mask[box]
     pooled = any(f > 1 for f in factors)
-    if pooled:
-        xc, pooled_mask = pool_in_mask(xc, mc, factors)
+    grid_x, grid_mask = pool_in_mask(xc, mc, factors) if pooled else (xc * mc, mc)  # zero outside the mask
     network.eval()
     with torch.inference_mode():
-        grid_mask = pooled_mask if pooled else mc
-        logits = forward_logits(network, xc, int(meta["network"]["spatial_dims"]))
+        logits = forward_logits(network, grid_x, int(meta["network"]["spatial_dims"]))
         # (voxels, K) is a view of the network's channels-last output; only the mask's voxels are
         # gathered and normalised
         per_voxel = logits.movedim(0, -1).reshape(-1, logits.shape[0])
         log_resp = F.log_softmax(per_voxel.index_select(0, grid_mask.reshape(-1).nonzero().squeeze(1)), dim=1)
-        return lift_probabilities(log_resp, pooled_mask, mc, factors) if pooled else log_resp
+        return lift_probabilities(log_resp, grid_mask, mc, factors) if pooled else log_resp
 
 
 def _fine_tune_settings(meta: dict, fine_tune: int) -> DeepSettings:

@@ -78,11 +78,14 @@ def build_plan(quick: bool):
     # 1 mm: every condition with our em-gmm, both deep methods, the peers and the N4 pipelines where a
     # field is. Atropos without its MRF runs where the MRF's share is read (2 mm clean and noise 0.10,
     # the multi-channel cases): where both ran at 1 mm, it was never more than 0.0014 ahead of
-    # Atropos + MRF, for up to 40 s per image.
+    # Atropos + MRF, for up to 40 s per image. Where a field is, Atropos + MRF runs at 1 mm only after
+    # N4 (the ANTs pipeline): in each of the four full runs before (engines up to b594d2a) N4 + Atropos +
+    # MRF was 0.047-0.27 ahead of Atropos + MRF on the uncorrected 1 mm image (0.019-0.19 at 2 mm, where
+    # both still run), and the uncorrected runs took 50-54 s each.
     for case in conditions.t1_cases(volume_1mm):
         names = [p for p in PEERS_1D if p != "atropos"] + ["em-gmm", "deepsvg", "deepg"]
         if "bias" in case.name:
-            names += list(BIAS_PEERS)
+            names = [p for p in names if p != "atropos-mrf"] + list(BIAS_PEERS)
         plan.append(("T1", "1 mm", case, 3, names))
     # 2 mm: every peer, our EM and deepsvg on every condition; deepg, em-svgmm, Atropos without its MRF
     # and deepsvg without the spatial prior (the paper's loss) on the two conditions the goals name,

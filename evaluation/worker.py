@@ -29,8 +29,9 @@ from evaluation import methods  # noqa: E402
 
 # A first run shorter than this is repeated twice more and the median reported: a scheduler hiccup
 # matters most to the fastest methods. From 10 s down to 3 s (engine ea19981): the repeats of the
-# runs of 3-10 s were 6.7 of the 57 job-minutes of make evaluate.
-FAST_SECONDS = 3.0
+# runs of 3-10 s were 6.7 of the 57 job-minutes of make evaluate. From 3 s down to 1 s (engine
+# b594d2a's run): the repeats of the runs of 1-3 s were 1.2 of its 28.9 job-minutes.
+FAST_SECONDS = 1.0
 
 
 def _max_rss_mb() -> float:

@@ -29,7 +29,7 @@ help:
 	@echo "make test       create .venv with the test extras and run the whole pytest suite"
 	@echo "make benchmark  engine benchmark (EM vs scikit-learn, deep fits before/after, scaling) -> docs/benchmarks.md (QUICK=1: smoke run)"
 	@echo "make stress     randomized stress benchmark: 320 phantoms, our 4 methods vs scikit-learn -> docs/robustness.md (long; QUICK=1: 12 cases)"
-	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152, then the cardiac phantom -> docs/evaluation.md (~29-39 min + ~6-8 cardiac on 2 float32 cores; QUICK=1 smoke run)"
+	@echo "make evaluate   ours vs scikit-learn, ANTs Atropos, SimpleITK on MNI152, then the cardiac phantom -> docs/evaluation.md (~31-39 min in all on 2 float32 cores, ~6-8 of it the cardiac section; QUICK=1 smoke run)"
 	@echo "make clean      remove $(OUT)/, build artefacts and caches (keeps .venv)"
 	@echo "make distclean  clean, and remove .venv"
 
